@@ -1,0 +1,3 @@
+"""scvi_fast: a fast, drop-in backend for scVI."""
+
+__version__ = "0.1.0"

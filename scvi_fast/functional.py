@@ -1,0 +1,101 @@
+"""The stable op API: every fused op with an explicit ``impl=`` dispatch.
+
+``impl="auto"`` picks the fastest available back-end for the tensors' device
+(Triton on CUDA, the compiled native extension on CPU) and falls back to the
+pure-PyTorch reference; ``"triton"``, ``"native"`` and ``"torch"`` force one
+(and raise a clear error when it is unavailable).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from scvi_fast import reference
+
+Impl = Literal["auto", "triton", "native", "torch"]
+IMPLS = ("auto", "triton", "native", "torch")
+
+
+def _check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The concrete back-end ``impl="auto"`` means on ``device``."""
+    _check_impl(impl)
+    if impl != "auto":
+        return impl
+    return "torch"
+
+
+def sparse_linear(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    cov: torch.Tensor | None = None,
+    W_cov: torch.Tensor | None = None,
+    transform: Literal["log1p", "identity"] = "log1p",
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """``y = f(X) @ W + b (+ W_cov[cov])`` for a CSR minibatch ``X`` of shape ``(B, G)``.
+
+    Parameters
+    ----------
+    indptr, indices, values
+        The CSR minibatch (row pointer of length ``B + 1``, gene ids, counts).
+    W
+        ``(G, H)`` weight, gene-major (the transpose of ``nn.Linear.weight``).
+    b
+        ``(H,)`` bias or None.
+    cov, W_cov
+        Optional ``(B,)`` category codes and ``(K, H)`` weights; adds ``W_cov[cov]``.
+    transform
+        Applied to the stored values on the fly: ``"log1p"`` (scVI's encoder) or ``"identity"``.
+    impl
+        Back-end, see module docstring.
+
+    Returns
+    -------
+    ``(B, H)`` tensor. Gradients flow to ``W``, ``b`` and ``W_cov`` only.
+    """
+    which = resolve_impl(impl, W.device)
+    if which == "torch":
+        return reference.sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform)
+    raise RuntimeError(f"sparse_linear: impl={which!r} is not available in this build")
+
+
+def nb_softmax_loglik(
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    px_r: torch.Tensor,
+    X_csr,
+    eps: float = 1e-8,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Per-cell NB log-likelihood of CSR counts under ``mu = exp(l) softmax(logits)``.
+
+    See :func:`scvi_fast.reference.nb_softmax_loglik`; gradients flow to
+    ``logits`` and ``px_r``.
+    """
+    which = resolve_impl(impl, logits.device)
+    if which == "torch":
+        return reference.nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
+    raise RuntimeError(f"nb_softmax_loglik: impl={which!r} is not available in this build")
+
+
+def reparam_kl(
+    q_m: torch.Tensor,
+    q_v_raw: torch.Tensor,
+    eps_noise: torch.Tensor,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise`` and the per-cell KL to N(0, I)."""
+    which = resolve_impl(impl, q_m.device)
+    if which == "torch":
+        return reference.reparam_kl(q_m, q_v_raw, eps_noise)
+    raise RuntimeError(f"reparam_kl: impl={which!r} is not available in this build")
