@@ -8,6 +8,8 @@ pure-PyTorch reference; ``"triton"``, ``"native"`` and ``"torch"`` force one
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -23,11 +25,40 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The concrete back-end ``impl="auto"`` means on ``device``."""
+def backend(name: Literal["native", "triton"]) -> ModuleType:
+    """The kernel package of a back-end, raising ImportError with a fix if unavailable.
+
+    Each back-end package (``scvi_fast.kernels.native``, ``scvi_fast.kernels.triton``)
+    exposes ``is_available()``, ``unavailable_reason()`` and the three ops with the
+    reference signatures.
+    """
+    mod = importlib.import_module(f"scvi_fast.kernels.{name}")
+    if not mod.is_available():
+        raise ImportError(f"impl={name!r} is unavailable: {mod.unavailable_reason()}")
+    return mod
+
+
+def _is_available(name: str) -> bool:
+    try:
+        return importlib.import_module(f"scvi_fast.kernels.{name}").is_available()
+    except ImportError:
+        return False
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """The concrete back-end that ``impl`` means for tensors on ``device``.
+
+    ``"auto"`` is Triton on CUDA and the native extension on CPU when they are
+    available, else the PyTorch reference.
+    """
     _check_impl(impl)
     if impl != "auto":
         return impl
+    device = torch.device(device)
+    if device.type == "cuda" and _is_available("triton"):
+        return "triton"
+    if device.type == "cpu" and _is_available("native"):
+        return "native"
     return "torch"
 
 
@@ -66,7 +97,7 @@ def sparse_linear(
     which = resolve_impl(impl, W.device)
     if which == "torch":
         return reference.sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform)
-    raise RuntimeError(f"sparse_linear: impl={which!r} is not available in this build")
+    return backend(which).sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform)
 
 
 def nb_softmax_loglik(
@@ -85,7 +116,7 @@ def nb_softmax_loglik(
     which = resolve_impl(impl, logits.device)
     if which == "torch":
         return reference.nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
-    raise RuntimeError(f"nb_softmax_loglik: impl={which!r} is not available in this build")
+    return backend(which).nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
 
 
 def reparam_kl(
@@ -98,4 +129,4 @@ def reparam_kl(
     which = resolve_impl(impl, q_m.device)
     if which == "torch":
         return reference.reparam_kl(q_m, q_v_raw, eps_noise)
-    raise RuntimeError(f"reparam_kl: impl={which!r} is not available in this build")
+    return backend(which).reparam_kl(q_m, q_v_raw, eps_noise)
