@@ -1,0 +1,92 @@
+"""Layers of the scVI networks, with the weight layouts the fused ops want.
+
+scvi-tools builds every hidden layer as ``Linear -> BatchNorm1d(eps=1e-3,
+momentum=0.01) -> ReLU -> Dropout`` and injects the batch as a one-hot
+concatenated after the layer input. Here the first encoder layer reads the CSR
+counts directly (gene-major weight, ``(G, H)``) and the batch columns of a
+decoder layer are a separate ``(K, H)`` table that is gathered, not multiplied.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scvi_fast import functional as F_ops
+
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+
+
+def _linear_init_(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
+    # nn.Linear's default initialisation (kaiming_uniform with a=sqrt(5)) written
+    # against the true fan-in, so that split layouts start like scvi-tools' layers.
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(weight, -bound, bound)
+    if bias is not None:
+        nn.init.uniform_(bias, -bound, bound)
+
+
+class SparseInputLinear(nn.Module):
+    """``y = f(X_csr) @ weight + bias`` with ``weight`` stored gene-major ``(n_in, n_out)``.
+
+    Equivalent to ``nn.Linear(n_in, n_out)`` applied to ``f(X)`` with
+    ``weight = linear.weight.T``; ``f`` is ``log1p`` for scVI's encoder.
+    """
+
+    def __init__(self, n_in: int, n_out: int, transform: str = "log1p", impl: str = "auto"):
+        super().__init__()
+        self.n_in, self.n_out, self.transform, self.impl = n_in, n_out, transform, impl
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.empty(n_out))
+        _linear_init_(self.weight, self.bias, n_in)
+
+    def forward(self, x) -> torch.Tensor:
+        return F_ops.sparse_linear(
+            x.indptr, x.indices, x.values, self.weight, self.bias,
+            transform=self.transform, impl=self.impl,
+        )
+
+
+class CovariateLinear(nn.Module):
+    """``y = h @ weight.T + bias + weight_cov[cov]``: a Linear on ``[h, onehot(cov)]``.
+
+    ``weight`` is ``(n_out, n_in)`` as in ``nn.Linear``; ``weight_cov`` is
+    ``(n_cov, n_out)`` (the one-hot columns of scvi-tools' weight, transposed so
+    each category's vector is contiguous). With ``n_cov == 0`` it is a plain Linear.
+    """
+
+    def __init__(self, n_in: int, n_out: int, n_cov: int = 0):
+        super().__init__()
+        self.n_in, self.n_out, self.n_cov = n_in, n_out, n_cov
+        self.weight = nn.Parameter(torch.empty(n_out, n_in))
+        self.bias = nn.Parameter(torch.empty(n_out))
+        _linear_init_(self.weight, self.bias, n_in + n_cov)
+        if n_cov > 0:
+            self.weight_cov = nn.Parameter(torch.empty(n_cov, n_out))
+            _linear_init_(self.weight_cov, None, n_in + n_cov)
+        else:
+            self.register_parameter("weight_cov", None)
+
+    def forward(self, h: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.nn.functional.linear(h, self.weight, self.bias)
+        if self.weight_cov is not None:
+            if cov is None:
+                raise ValueError("this layer was built with covariates; pass their codes")
+            y = y + self.weight_cov.index_select(0, cov.reshape(-1))
+        return y
+
+
+class DenseBlock(nn.Module):
+    """``BatchNorm1d -> ReLU -> Dropout`` after a linear map (scvi-tools' FCLayers tail)."""
+
+    def __init__(self, n_out: int, dropout_rate: float = 0.0):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(n_out, eps=BN_EPS, momentum=BN_MOMENTUM)
+        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else None
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.norm(y))
+        return self.dropout(y) if self.dropout is not None else y
