@@ -1,0 +1,270 @@
+"""The training loop: Adam, KL warm-up, validation ELBO, early stopping, resumable checkpoints.
+
+The trainer knows a module (``inference -> generative -> loss``) and two
+loaders; it does not know the user-facing model class or where data comes from.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scvi_fast.module import kl_weight as kl_weight_fn
+from scvi_fast.train._checkpoint import atomic_torch_save, load_checkpoint
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS = ("elbo", "reconstruction_loss", "kl_local")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is the first CUDA device when one is present, else the CPU."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Trainer:
+    """Trains a :class:`~scvi_fast.module.VAE` on CSR minibatch loaders.
+
+    Parameters
+    ----------
+    module
+        The VAE.
+    train_loader, val_loader
+        Iterables of minibatches with ``.to(device)``; optional ``set_epoch(epoch)``
+        is called before each epoch so that shuffling depends on the epoch only.
+    lr, weight_decay, adam_eps
+        ``torch.optim.Adam`` settings (scvi-tools: 1e-3, 1e-6, 0.01).
+    n_epochs_kl_warmup, max_kl_weight, min_kl_weight
+        KL warm-up, see :func:`scvi_fast.module.kl_weight`.
+    early_stopping, early_stopping_patience, early_stopping_min_delta, early_stopping_monitor
+        Stop when the monitored metric has not improved by ``min_delta`` for
+        ``patience`` epochs (scvi-tools defaults: ``elbo_validation``, 45, 0.0).
+    checkpoint_dir
+        Where ``checkpoint.pt`` is written atomically after every epoch (and every
+        ``checkpoint_every_n_steps`` steps if set); ``fit(resume=True)`` continues from it.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``...
+    seed
+        Seeds torch's RNG (sampling noise, dropout) at the start of a fresh fit.
+    progress_bar
+        Show a tqdm bar over epochs.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        train_loader,
+        val_loader=None,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        adam_eps: float = 0.01,
+        n_epochs_kl_warmup: int | None = 400,
+        max_kl_weight: float = 1.0,
+        min_kl_weight: float = 0.0,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 45,
+        early_stopping_min_delta: float = 0.0,
+        early_stopping_monitor: str = "elbo_validation",
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every_n_steps: int | None = None,
+        device: str | torch.device = "auto",
+        seed: int = 0,
+        progress_bar: bool = True,
+    ):
+        self.device = resolve_device(device)
+        self.module = module.to(self.device)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.n_epochs_kl_warmup = n_epochs_kl_warmup
+        self.max_kl_weight, self.min_kl_weight = max_kl_weight, min_kl_weight
+        self.early_stopping = early_stopping
+        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
+        self.monitor = early_stopping_monitor
+        if early_stopping and self.monitor.endswith("_validation") and val_loader is None:
+            raise ValueError(
+                f"early stopping monitors {self.monitor!r} but there is no validation set; "
+                "use train_size < 1 or early_stopping_monitor='elbo_train'"
+            )
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.seed = seed
+        self.progress_bar = progress_bar
+        self.optimizer = torch.optim.Adam(
+            [p for p in module.parameters() if p.requires_grad],
+            lr=lr,
+            eps=adam_eps,
+            weight_decay=weight_decay,
+        )
+        self.history: dict[str, list[float]] = {}
+        self.epoch = 0  # completed epochs
+        self.global_step = 0
+        self._step_in_epoch = 0
+        self._best = math.inf
+        self._wait = 0
+        self.stopped_early = False
+        self.train_time_s = 0.0
+        self.cells_trained = 0
+
+    # ---- checkpoints -----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.checkpoint_dir / CHECKPOINT_NAME if self.checkpoint_dir else None
+
+    def state_dict(self) -> dict:
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "step_in_epoch": self._step_in_epoch,
+            "history": self.history,
+            "best": self._best,
+            "wait": self._wait,
+            "stopped_early": self.stopped_early,
+            "partial_sums": self._partial[0] if self._partial else torch.zeros(3, dtype=torch.float64),
+            "partial_n_obs": self._partial[1] if self._partial else 0,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
+        self._step_in_epoch = int(state.get("step_in_epoch", 0))
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self._best, self._wait = float(state["best"]), int(state["wait"])
+        self.stopped_early = bool(state.get("stopped_early", False))
+        self._partial = (state["partial_sums"], int(state["partial_n_obs"])) if self._step_in_epoch else None
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            atomic_torch_save(self.state_dict(), self.checkpoint_path)
+
+    # ---- one pass ------------------------------------------------------------------
+    def _run_epoch(self, loader, train: bool, kl_w: float, skip: int = 0) -> dict[str, float]:
+        self.module.train(train)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        n_obs = 0
+        if skip and self._partial is not None:
+            sums += self._partial[0].to(self.device)
+            n_obs = int(self._partial[1])
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(self.epoch)
+        it = iter(loader)
+        if skip:
+            # Resuming mid-epoch: the loader order depends on the epoch only, so
+            # skipping the batches already trained continues exactly where it stopped.
+            it = itertools.islice(it, skip, None)
+        ctx = torch.enable_grad() if train else torch.inference_mode()
+        with ctx:
+            for mb in it:
+                x = mb.to(self.device, non_blocking=True)
+                _, _, out = self.module(x, kl_weight=kl_w)
+                if train:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    self.optimizer.step()
+                    self.global_step += 1
+                    self._step_in_epoch += 1
+                rec = out.reconstruction_loss.detach()
+                kl = out.kl_local.detach()
+                sums += torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]).double()
+                n_obs += out.n_obs
+                if (
+                    train
+                    and self.checkpoint_every_n_steps
+                    and self.global_step % self.checkpoint_every_n_steps == 0
+                ):
+                    self._partial = (sums.cpu(), n_obs)
+                    self.save_checkpoint()
+        vals = (sums / max(n_obs, 1)).tolist()
+        return {name: v for name, v in zip(METRICS, vals)} | {"_n_obs": n_obs}
+
+    def _log(self, name: str, value: float) -> None:
+        self.history.setdefault(name, []).append(float(value))
+
+    # ---- fit -------------------------------------------------------------------------
+    def fit(self, max_epochs: int, resume: bool = False) -> dict[str, list[float]]:
+        """Train until ``max_epochs`` epochs are complete (or early stopping).
+
+        With ``resume=True`` and a checkpoint in ``checkpoint_dir``, continue from
+        it: completed epochs are not repeated and a run interrupted mid-epoch
+        resumes at the next minibatch of that epoch.
+        """
+        skip = 0
+        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
+            self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
+            skip = self._step_in_epoch
+        else:
+            torch.manual_seed(self.seed)
+            np.random.seed(self.seed % (2**32))
+        bar = None
+        if self.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=max_epochs, initial=self.epoch, desc="Training", unit="epoch")
+        try:
+            while self.epoch < max_epochs and not self.stopped_early:
+                kl_w = kl_weight_fn(
+                    self.epoch, self.n_epochs_kl_warmup, self.max_kl_weight, self.min_kl_weight
+                )
+                t0 = time.perf_counter()
+                tr = self._run_epoch(self.train_loader, True, kl_w, skip=skip)
+                skip = 0
+                self.train_time_s += time.perf_counter() - t0
+                self.cells_trained += tr["_n_obs"]
+                for name in METRICS:
+                    self._log(f"{name}_train", tr[name])
+                self._log("kl_weight", kl_w)
+                self._log("train_loss_epoch", tr["reconstruction_loss"] + kl_w * tr["kl_local"])
+                if self.val_loader is not None:
+                    va = self._run_epoch(self.val_loader, False, kl_w)
+                    for name in METRICS:
+                        self._log(f"{name}_validation", va[name])
+                    self._log(
+                        "validation_loss", va["reconstruction_loss"] + kl_w * va["kl_local"]
+                    )
+                self.epoch += 1
+                self._step_in_epoch = 0
+                self._partial = None
+                self._update_early_stopping()
+                self.save_checkpoint()
+                if bar is not None:
+                    post = {"elbo_train": f"{self.history['elbo_train'][-1]:.1f}"}
+                    if "elbo_validation" in self.history:
+                        post["elbo_val"] = f"{self.history['elbo_validation'][-1]:.1f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.module.eval()
+        return self.history
+
+    #: running (sums, n_obs) of the epoch in progress, saved in mid-epoch checkpoints
+    _partial: tuple[torch.Tensor, int] | None = None
+
+    def _update_early_stopping(self) -> None:
+        if not self.early_stopping:
+            return
+        values = self.history.get(self.monitor)
+        if not values:
+            raise ValueError(f"early stopping monitor {self.monitor!r} is not a logged metric")
+        current = values[-1]
+        if current < self._best - self.min_delta:
+            self._best, self._wait = current, 0
+        else:
+            self._wait += 1
+            if self._wait >= self.patience:
+                self.stopped_early = True
