@@ -1,0 +1,107 @@
+"""Triton (GPU) back-end of the fused ops.
+
+Exposes ``is_available()``, ``unavailable_reason()`` and the three ops with the reference
+signatures (see :mod:`scvi_fast.reference`)::
+
+    sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform)
+    nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
+    reparam_kl(q_m, q_v_raw, eps_noise)
+
+Each op lives in its own file (``_sparse_linear.py``, ``_nb_loglik.py``, ``_reparam_kl.py``,
+special functions in ``_math.py``) in three tiers: ``@triton.jit`` kernels, host launchers, an
+``autograd.Function``. Importing this package never imports Triton: the kernel files are
+loaded on the first call of an op.
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``; slow, for tests at small shapes). Triton decides at decoration time
+whether a kernel is compiled or interpreted, so the kernel files are reloaded when the
+``TRITON_INTERPRET`` setting differs from the one they were loaded under.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from types import ModuleType
+
+__all__ = [
+    "is_available",
+    "unavailable_reason",
+    "interpreting",
+    "sparse_linear",
+    "nb_softmax_loglik",
+    "reparam_kl",
+]
+
+# Load order matters on reload: ``_math`` first, the op files import its functions.
+_KERNEL_FILES = ("_math", "_sparse_linear", "_nb_loglik", "_reparam_kl")
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def unavailable_reason() -> str | None:
+    """Why the Triton back-end cannot run here, or None when it can."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return (
+            f"triton is not importable ({err}); install it with `pip install triton` "
+            "(or `pip install scvi_fast[triton]`)"
+        )
+    import torch
+
+    if torch.cuda.is_available() or interpreting():
+        return None
+    return (
+        "no CUDA device is visible and TRITON_INTERPRET=1 is not set "
+        "(the interpreter runs the kernels on CPU tensors, slowly)"
+    )
+
+
+def is_available() -> bool:
+    """True when Triton imports and either a CUDA device exists or ``TRITON_INTERPRET=1``."""
+    return unavailable_reason() is None
+
+
+def _kernels(name: str) -> ModuleType:
+    """The kernel file ``name``, imported (or re-imported) under the current interpreter setting."""
+    if not is_available():
+        raise ImportError(f"the Triton back-end is unavailable: {unavailable_reason()}")
+    mode = interpreting()
+    full = f"{__name__}.{name}"
+    mod = sys.modules.get(full)
+    if mod is not None and getattr(mod, "_INTERPRETED", mode) == mode:
+        return mod
+    if mod is not None:
+        # decorated under the other mode: reload the whole chain in dependency order
+        for dep in _KERNEL_FILES:
+            dep_mod = sys.modules.get(f"{__name__}.{dep}")
+            if dep_mod is not None:
+                importlib.reload(dep_mod)
+        return sys.modules[full]
+    return importlib.import_module(full)
+
+
+def sparse_linear(indptr, indices, values, W, b, cov=None, W_cov=None, transform="log1p"):
+    """``y = f(X) @ W + b (+ W_cov[cov])`` for a CSR minibatch; see
+    :func:`scvi_fast.reference.sparse_linear`. Gradients flow to ``W``, ``b`` and ``W_cov``."""
+    return _kernels("_sparse_linear").sparse_linear(
+        indptr, indices, values, W, b, cov, W_cov, transform
+    )
+
+
+def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
+    """Per-cell NB log-likelihood under ``mu = exp(l) softmax(logits)``; see
+    :func:`scvi_fast.reference.nb_softmax_loglik`. Gradients flow to ``logits``, ``px_r`` and
+    ``log_library``."""
+    return _kernels("_nb_loglik").nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
+
+
+def reparam_kl(q_m, q_v_raw, eps_noise):
+    """``(z, kl)`` with ``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise``; see
+    :func:`scvi_fast.reference.reparam_kl`."""
+    return _kernels("_reparam_kl").reparam_kl(q_m, q_v_raw, eps_noise)
