@@ -1,0 +1,470 @@
+"""Block-shuffling CSR minibatch loader.
+
+Three parts, each replaceable on its own:
+
+* :class:`BlockShuffleSampler` decides *which rows*, per epoch and rank: contiguous blocks of
+  ``block_size`` rows in a seeded random order, cut into buffers of ``buffer_size`` rows whose
+  rows are permuted before being split into minibatches;
+* :class:`BufferFetcher` decides *how they are read*: a buffer's rows are staged into a
+  preallocated buffer in the source's compact dtypes (one numba ``prange`` gather, or one HDF5
+  read per block), then gathered in shuffled order into minibatch arrays (``int32`` indices,
+  ``float32`` counts, row sums) by a second numba pass;
+* :class:`CSRLoader` ties them together and runs the fetcher on a background thread.
+
+Host memory is bounded by the staging buffer and a few output buffers, whatever the data size.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import sys
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._csr import gather_rows, row_offsets
+from ._source import Source, as_source
+
+
+@dataclass
+class CSRMinibatch:
+    """A minibatch of cells as CSR arrays on the host (never densified).
+
+    Attributes
+    ----------
+    indptr : int64 (n_cells + 1,)
+    indices : int32 (nnz,) gene indices
+    values : float32 (nnz,) exact counts
+    batch, labels : int64 (n_cells,) covariate codes
+    library : float32 (n_cells,) total counts per cell (row sums)
+    obs_idx : int64 (n_cells,) source row of each cell
+    n_genes : int
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    values: np.ndarray
+    batch: np.ndarray
+    labels: np.ndarray
+    library: np.ndarray
+    obs_idx: np.ndarray
+    n_genes: int
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indices.shape[0])
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def to_scipy(self):
+        """The counts as a scipy CSR matrix (shares memory)."""
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((self.values, self.indices, self.indptr),
+                             shape=(self.n_cells, self.n_genes))
+
+    def to_dense(self) -> np.ndarray:
+        """Dense float32 counts (for tests and small inputs only)."""
+        return self.to_scipy().toarray()
+
+    def to(self, device="cpu", non_blocking: bool = True, indices_dtype=None) -> TorchMinibatch:
+        """Move to a torch device.
+
+        Returns a :class:`TorchMinibatch` with the same fields as tensors: ``indptr`` int64,
+        ``indices`` int64 (or ``indices_dtype``), ``values`` float32, ``batch``/``labels``
+        int64, ``library`` float32, ``obs_idx`` int64. For CUDA devices the arrays are copied
+        through pinned host memory with ``non_blocking`` copies and ``indices`` is widened on
+        the device; on the CPU tensors share memory with the arrays where dtypes allow.
+        """
+        import torch
+
+        device = torch.device(device)
+        idt = torch.int64 if indices_dtype is None else indices_dtype
+        fields = ("indptr", "indices", "values", "batch", "labels", "library", "obs_idx")
+        out = {}
+        if device.type == "cpu":
+            for f in fields:
+                out[f] = torch.from_numpy(np.ascontiguousarray(getattr(self, f)))
+            out["indices"] = out["indices"].to(idt)
+        else:
+            pin = device.type == "cuda" and torch.cuda.is_available()
+            for f in fields:
+                host = torch.from_numpy(np.ascontiguousarray(getattr(self, f)))
+                if pin:
+                    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+                    pinned.copy_(host)
+                    host = pinned
+                out[f] = host.to(device, non_blocking=non_blocking and pin)
+            out["indices"] = out["indices"].to(idt)
+        return TorchMinibatch(n_genes=self.n_genes, **out)
+
+
+@dataclass
+class TorchMinibatch:
+    """A :class:`CSRMinibatch` as torch tensors on a device (same field names)."""
+
+    indptr: object
+    indices: object
+    values: object
+    batch: object
+    labels: object
+    library: object
+    obs_idx: object
+    n_genes: int
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.indptr.shape[0] - 1)
+
+    def to_dense(self):
+        """Dense (n_cells, n_genes) float32 tensor on the same device."""
+        import torch
+
+        n = self.n_cells
+        rows = torch.repeat_interleave(torch.arange(n, device=self.values.device),
+                                       self.indptr[1:] - self.indptr[:-1])
+        out = torch.zeros(n, self.n_genes, dtype=self.values.dtype, device=self.values.device)
+        out[rows, self.indices.long()] = self.values
+        return out
+
+
+class BlockShuffleSampler:
+    """Which rows go into which buffer and minibatch, per epoch and rank.
+
+    Parameters
+    ----------
+    n_rows
+        Number of source rows (used when ``indices`` is None).
+    batch_size
+        Cells per minibatch.
+    indices
+        Source rows to draw from; blocks are contiguous runs of this array.
+    shuffle
+        Shuffle blocks and rows within buffers; otherwise rows come in ``indices`` order.
+    seed
+        The epoch's order is drawn from ``np.random.default_rng(seed + epoch)``.
+    block_size
+        Rows per contiguous block.
+    buffer_size
+        Rows per shuffle buffer (rounded up to a multiple of ``batch_size``).
+    drop_last
+        Drop each rank's last incomplete minibatch.
+    rank, world_size
+        Shard every epoch across ranks: the shuffled stream (identical on every rank) is
+        padded by wrapping around to a multiple of ``world_size`` (unless ``drop_last``, which
+        trims instead) and each rank takes its contiguous share, so every rank gets the same
+        number of cells and minibatches.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int = 1024, indices=None, shuffle: bool = True,
+                 seed: int = 0, block_size: int = 32, buffer_size: int = 16384,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or block_size < 1:
+            raise ValueError("batch_size and block_size must be positive")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices is not None and self.indices.size and (
+                self.indices.min() < 0 or self.indices.max() >= n_rows):
+            raise IndexError(f"indices must lie in [0, {n_rows})")
+        self.n = int(n_rows if self.indices is None else self.indices.size)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.block_size = int(block_size)
+        self.buffer_size = int(math.ceil(max(buffer_size, batch_size) / batch_size) * batch_size)
+        self.drop_last = drop_last
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def n_rank_rows(self) -> int:
+        """Cells this rank sees per epoch (before dropping an incomplete last batch)."""
+        if self.world_size == 1:
+            return self.n
+        if self.drop_last:
+            return self.n // self.world_size
+        return math.ceil(self.n / self.world_size)
+
+    def __len__(self) -> int:
+        m = self.n_rank_rows
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def _block_stream(self, rng):
+        """Block order and cumulative lengths of the epoch's stream."""
+        nb = math.ceil(self.n / self.block_size) if self.n else 0
+        order = rng.permutation(nb) if self.shuffle else np.arange(nb)
+        lens = np.minimum(self.block_size, self.n - order * self.block_size)
+        return order, np.cumsum(lens), lens
+
+    def _positions(self, a: int, b: int, order, cum, lens) -> np.ndarray:
+        """Positions (into ``indices``) of stream entries ``a..b``, wrapping past the end."""
+        p = np.arange(a, b, dtype=np.int64) % self.n
+        if not self.shuffle:
+            return p
+        blk = np.searchsorted(cum, p, side="right")
+        return order[blk] * self.block_size + (p - (cum[blk] - lens[blk]))
+
+    def buffers(self):
+        """Yield ``(rows, perm)`` per buffer: the rows to stage (in read order) and the
+        permutation of staged positions that gives the emission order."""
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order, cum, lens = self._block_stream(rng)
+        m = self.n_rank_rows
+        lo = self.rank * m
+        n_take = len(self) * self.batch_size if self.drop_last else m
+        for a in range(0, n_take, self.buffer_size):
+            b = min(a + self.buffer_size, n_take)
+            pos = self._positions(lo + a, lo + b, order, cum, lens)
+            rows = pos if self.indices is None else self.indices[pos]
+            if self.shuffle:
+                rows = np.sort(rows)  # sequential reads; mixing comes from the permutation
+                perm = rng.permutation(rows.size)
+            else:
+                perm = np.arange(rows.size, dtype=np.int64)
+            yield rows, perm
+
+
+class _OutBuffer:
+    """Reusable minibatch output arrays; reused only when no minibatch still views them."""
+
+    def __init__(self, n_rows: int, nnz: int):
+        self.indptr = np.empty(n_rows + 1, dtype=np.int64)
+        self.indices = np.empty(nnz, dtype=np.int32)
+        self.values = np.empty(nnz, dtype=np.float32)
+        self.library = np.empty(n_rows, dtype=np.float32)
+
+    def fits(self, n_rows: int, nnz: int) -> bool:
+        return self.indptr.shape[0] > n_rows and self.indices.shape[0] >= nnz
+
+    def in_use(self) -> bool:
+        # one reference from the attribute, one from getrefcount's argument
+        return any(sys.getrefcount(a) > 2 for a in (self.indptr, self.indices, self.values,
+                                                    self.library))
+
+
+class BufferFetcher:
+    """Stages a buffer of rows and emits its shuffled minibatches (see the module docstring)."""
+
+    def __init__(self, source: Source, batch_size: int, n_out_buffers: int = 4):
+        if not source.supports_random_access:
+            raise TypeError(
+                f"{type(source).__name__} cannot be read by row; convert it to a store first: "
+                "scvi_fast.data.CSRStore.create(path, source)"
+            )
+        self.source = source
+        self.batch_size = batch_size
+        self._stage_indptr = np.empty(0, dtype=np.int64)
+        self._stage_indices = np.empty(0, dtype=source.indices_dtype)
+        self._stage_data = np.empty(0, dtype=source.data_dtype)
+        self._out: list[_OutBuffer] = []
+        self._n_out = n_out_buffers
+        self._lock = threading.Lock()
+
+    def _stage(self, rows: np.ndarray):
+        n = rows.size
+        if self._stage_indptr.shape[0] < n + 1:
+            self._stage_indptr = np.empty(n + 1, dtype=np.int64)
+        indptr = self._stage_indptr[: n + 1]
+        _, nnz = row_offsets(self.source.indptr, rows, indptr)
+        if self._stage_indices.shape[0] < nnz:
+            cap = int(nnz * 1.25) + 1
+            self._stage_indices = np.empty(cap, dtype=self.source.indices_dtype)
+            self._stage_data = np.empty(cap, dtype=self.source.data_dtype)
+        indices, data = self._stage_indices[:nnz], self._stage_data[:nnz]
+        self.source.read_rows(rows, indptr, indices, data)
+        self.source.release()
+        return indptr, indices, data
+
+    def _out_buffer(self, n_rows: int, nnz: int) -> _OutBuffer:
+        for buf in self._out:
+            if buf.fits(n_rows, nnz) and not buf.in_use():
+                return buf
+        free = [i for i, b in enumerate(self._out) if not b.in_use()]
+        buf = _OutBuffer(n_rows, int(nnz * 1.25) + 1)
+        if len(self._out) < self._n_out:
+            self._out.append(buf)
+        elif free:
+            self._out[free[0]] = buf
+        return buf
+
+    def fetch(self, rows: np.ndarray, perm: np.ndarray) -> list[CSRMinibatch]:
+        """Read buffer ``rows`` and return its minibatches in ``perm`` order."""
+        with self._lock:
+            st_indptr, st_indices, st_data = self._stage(rows)
+            n = perm.size
+            nnz = int(np.sum(np.diff(st_indptr)[perm])) if n else 0
+            buf = self._out_buffer(n, nnz)
+            indptr = buf.indptr[: n + 1]
+            library = buf.library[:n]
+            gather_rows(st_indptr, st_indices, st_data, perm,
+                        out=(indptr, buf.indices, buf.values), out_sum=library)
+            obs = rows[perm]
+            batch = self.source.batch_codes[obs]
+            labels = self.source.labels_codes[obs]
+            out = []
+            bs = self.batch_size
+            for a in range(0, n, bs):
+                b = min(a + bs, n)
+                lo, hi = int(indptr[a]), int(indptr[b])
+                out.append(CSRMinibatch(
+                    indptr=indptr[a : b + 1] - lo,
+                    indices=buf.indices[lo:hi],
+                    values=buf.values[lo:hi],
+                    batch=batch[a:b],
+                    labels=labels[a:b],
+                    library=library[a:b],
+                    obs_idx=obs[a:b],
+                    n_genes=self.source.n_genes,
+                ))
+            return out
+
+
+_DONE = object()
+
+
+class CSRLoader:
+    """Iterate CSR minibatches over a source, shuffled by blocks, prefetched on a thread.
+
+    Parameters
+    ----------
+    source
+        Anything :func:`as_source` accepts: an AnnData (in memory or backed), a path to an
+        ``.h5ad`` / 10x file / store, a :class:`CSRStore`, a :class:`Source`.
+    batch_size
+        Cells per minibatch.
+    shuffle
+        Block-shuffle rows (``False``: rows in ``indices`` order, for inference).
+    seed
+        Seed of the shuffle; epoch ``e`` uses ``seed + e`` (see :meth:`set_epoch`).
+    indices
+        Restrict to these source rows (e.g. a train or validation split).
+    drop_last
+        Drop the last incomplete minibatch.
+    rank, world_size
+        Shard each epoch across distributed ranks (default: from ``torch.distributed`` when it
+        is initialised and ``world_size`` is None).
+    block_size
+        Contiguous rows read together; larger is faster to read, smaller mixes better.
+    buffer_size
+        Rows shuffled together; host memory grows with it.
+    prefetch
+        Fetch the next buffer on a background thread while the current one is consumed.
+    layer, batch_codes, labels_codes, batch_key, labels_key
+        Passed to :func:`as_source`.
+
+    Examples
+    --------
+    >>> loader = CSRLoader("census_hvg.store", batch_size=1024, seed=0)
+    >>> for epoch in range(n_epochs):
+    ...     loader.set_epoch(epoch)
+    ...     for mb in loader:
+    ...         t = mb.to("cuda")
+    """
+
+    def __init__(self, source, batch_size: int = 1024, shuffle: bool = True, seed: int = 0,
+                 indices=None, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 block_size: int = 32, buffer_size: int = 16384, prefetch: bool = True,
+                 layer: str | None = None, batch_codes=None, labels_codes=None,
+                 batch_key: str | None = None, labels_key: str | None = None):
+        self.source = as_source(source, layer=layer, batch_codes=batch_codes,
+                                labels_codes=labels_codes, batch_key=batch_key,
+                                labels_key=labels_key)
+        self.sampler = BlockShuffleSampler(
+            self.source.n_cells, batch_size=batch_size, indices=indices, shuffle=shuffle,
+            seed=seed, block_size=block_size, buffer_size=buffer_size, drop_last=drop_last,
+            rank=rank, world_size=world_size,
+        )
+        self.fetcher = BufferFetcher(self.source, self.sampler.batch_size)
+        self.prefetch = prefetch
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    @property
+    def n_genes(self) -> int:
+        return self.source.n_genes
+
+    @property
+    def var_names(self) -> np.ndarray:
+        return self.source.var_names
+
+    @property
+    def n_cells(self) -> int:
+        """Cells this rank iterates per epoch (including wrap-around padding)."""
+        s = self.sampler
+        return min(s.n_rank_rows, len(s) * s.batch_size)
+
+    @property
+    def indices(self) -> np.ndarray:
+        s = self.sampler
+        return np.arange(s.n, dtype=np.int64) if s.indices is None else s.indices
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the shuffle of epoch ``epoch`` (``seed + epoch``) for the next iteration."""
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    # ------------------------------------------------------------------ iteration
+    def __iter__(self):
+        if not self.prefetch:
+            for rows, perm in self.sampler.buffers():
+                yield from self.fetcher.fetch(rows, perm)
+            return
+        q: queue.Queue = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def work():
+            try:
+                for rows, perm in self.sampler.buffers():
+                    if stop.is_set():
+                        return
+                    batches = self.fetcher.fetch(rows, perm)
+                    while not stop.is_set():
+                        try:
+                            q.put(batches, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                q.put(_DONE)
+            except BaseException as err:  # handed to the consumer
+                q.put(err)
+
+        thread = threading.Thread(target=work, name="scvi_fast-prefetch", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield from item
+                del item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
+
+    def __repr__(self) -> str:
+        return (f"CSRLoader({self.source!r}, batch_size={self.batch_size}, "
+                f"n_batches={len(self)}, shuffle={self.sampler.shuffle})")
