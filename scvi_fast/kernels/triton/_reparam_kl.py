@@ -34,7 +34,7 @@ def _reparam_kl_fwd_kernel(
     z_ptr,  # (B, Z) out: z
     kl_ptr,  # (B,) out: per-cell KL
     B, Z,  # shape
-    var_eps,  # added to exp(q_v_raw)
+    VAR_EPS: tl.constexpr,  # added to exp(q_v_raw); constexpr so float64 sees the exact value
     ACC: tl.constexpr,  # accumulation dtype (float32, or float64 for float64 inputs)
     BLOCK_B: tl.constexpr,  # rows per program
     BLOCK_Z: tl.constexpr,  # columns per step of the loop over Z
@@ -50,7 +50,7 @@ def _reparam_kl_fwd_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
         e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(ACC)
-        q_v = tl.exp(r) + var_eps
+        q_v = tl.exp(r) + VAR_EPS
         z = m + tl.sqrt(q_v) * e
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
         term = q_v + m * m - 1.0 - tl.log(q_v)
@@ -65,7 +65,7 @@ def _reparam_kl_bwd_kernel(
     gk_ptr,  # (B,) upstream gradient of the KL
     dm_ptr, dr_ptr, de_ptr,  # (B, Z) out: gradients (each written only when NEED_* is set)
     B, Z,  # shape
-    var_eps,  # added to exp(q_v_raw)
+    VAR_EPS: tl.constexpr,  # added to exp(q_v_raw); constexpr so float64 sees the exact value
     NEED_DM: tl.constexpr, NEED_DR: tl.constexpr, NEED_DE: tl.constexpr,
     ACC: tl.constexpr,  # accumulation dtype
     BLOCK_B: tl.constexpr,  # rows per program
@@ -87,7 +87,7 @@ def _reparam_kl_bwd_kernel(
             r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
             e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(ACC)
             ex = tl.exp(r)
-            q_v = ex + var_eps
+            q_v = ex + VAR_EPS
             s = tl.sqrt(q_v)
             if NEED_DR:
                 dr = ex * (gz * e / (2.0 * s) + 0.5 * gk[:, None] * (1.0 - 1.0 / q_v))
@@ -112,7 +112,7 @@ def reparam_kl_forward(q_m, q_v_raw, eps_noise, var_eps=VAR_EPS):
         return z, kl.zero_()
     block_b, block_z = _blocks(Z)
     _reparam_kl_fwd_kernel[(triton.cdiv(B, block_b),)](
-        q_m, q_v_raw, eps_noise, z, kl, B, Z, var_eps,
+        q_m, q_v_raw, eps_noise, z, kl, B, Z, VAR_EPS=var_eps,
         ACC=acc_dtype(q_m.dtype), BLOCK_B=block_b, BLOCK_Z=block_z,
     )
     return z, kl
@@ -131,7 +131,7 @@ def reparam_kl_backward(q_m, q_v_raw, eps_noise, grad_z, grad_kl, needs, var_eps
         dm if dm is not None else dummy,
         dr if dr is not None else dummy,
         de if de is not None else dummy,
-        B, Z, var_eps,
+        B, Z, VAR_EPS=var_eps,
         NEED_DM=needs[0], NEED_DR=needs[1], NEED_DE=needs[2],
         ACC=acc_dtype(q_m.dtype), BLOCK_B=block_b, BLOCK_Z=block_z,
     )
