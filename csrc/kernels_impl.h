@@ -1,0 +1,566 @@
+// Kernel bodies, included once per instruction set by kernels_<isa>.cpp inside
+// `namespace scvi_fast { namespace <isa> {`. Everything here must be
+// self-contained (no includes, no torch); the includer provides <cmath>,
+// <cstdint>, <cstring> and <omp.h> before any target pragma.
+//
+// Precision: the dense passes run in the input precision T with per-block
+// partial sums in T and block totals in double; per-cell sums, the
+// per-gene px_r gradient and every non-zero term (lgamma / digamma of counts up
+// to 2^24 and beyond) are accumulated and evaluated in double.
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+template <typename T>
+static inline T min_(T a, T b) { return b < a ? b : a; }
+template <typename T>
+static inline T max_(T a, T b) { return a < b ? b : a; }
+
+// Contiguous [begin, end) share of n items for thread `tid` of `nt`.
+static inline void thread_range(int64_t n, int tid, int nt, int64_t& begin, int64_t& end) {
+  begin = n * tid / nt;
+  end = n * (tid + 1) / nt;
+}
+
+// exp and log for the dense float passes: branch-free Cephes polynomials that
+// the compiler vectorises (libm calls would not be). exp: relative error below
+// 2 ulp on [-87.3, 88], exactly 0 below -87.3 (the softmax only evaluates
+// arguments <= 0). log: below 2 ulp for positive normal finite inputs, which is
+// all it is called on (theta + mu + eps and mu + eps are >= eps = 1e-8).
+static inline float vexp(float x) {
+  const float lo = -87.33654475f, hi = 88.0f;
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  // n = round(x / ln 2) via truncation of x / ln2 + 0.5 and a floor fix-up.
+  float t = xc * 1.44269504088896341f + 0.5f;
+  float nf = static_cast<float>(static_cast<int32_t>(t));
+  nf = nf > t ? nf - 1.0f : nf;
+  float r = xc - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(nf) + 127) << 23;
+  float res = y * __builtin_bit_cast(float, bits);
+  return x < lo ? 0.0f : res;
+}
+
+static inline float vlog(float x) {
+  int32_t bits = __builtin_bit_cast(int32_t, x);
+  int32_t e = (bits >> 23) - 126;  // x = m * 2^e, m in [0.5, 1)
+  float m = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f000000);
+  bool small = m < 0.707106781186547524f;
+  float ef = static_cast<float>(small ? e - 1 : e);
+  m = small ? m + m - 1.0f : m - 1.0f;
+  float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += ef * -2.12194440e-4f;
+  y += -0.5f * z;
+  float res = m + y;
+  return res + ef * 0.693359375f;
+}
+
+// log1p(v) = log(u) - ((u - 1) - v) / u with u = 1 + v: the correction term
+// restores the bits lost in forming u, so small v keeps full relative accuracy.
+static inline float vlog1p(float v) {
+  float u = 1.0f + v;
+  return vlog(u) - ((u - 1.0f) - v) / u;
+}
+
+// float64 is the validation precision: plain libm.
+static inline double vexp(double x) { return std::exp(x); }
+static inline double vlog(double x) { return std::log(x); }
+static inline double vlog1p(double x) { return std::log1p(x); }
+
+// ---------------------------------------------------------------------------
+// lgamma and digamma in double for z > 0.
+//
+// Shift z up to >= 8 with the recurrences lgamma(z) = lgamma(z + n) - log prod
+// and psi(z) = psi(z + n) - sum 1/(z + k), keeping the product p and its
+// derivative dp so that the sum is dp / p (one log and one division in all),
+// then use the Stirling series (truncation error < 1e-14 at z = 8).
+// ---------------------------------------------------------------------------
+
+static constexpr double kHalfLog2Pi = 0.91893853320467274178;
+
+static inline double stirling_lgamma(double z, double lz, double iz) {
+  double iz2 = iz * iz;
+  double s = 1.0 / 12 + iz2 * (-1.0 / 360 + iz2 * (1.0 / 1260 + iz2 * (-1.0 / 1680 +
+             iz2 * (1.0 / 1188 + iz2 * (-691.0 / 360360)))));
+  return (z - 0.5) * lz - z + kHalfLog2Pi + iz * s;
+}
+
+static inline double stirling_digamma(double lz, double iz) {
+  double iz2 = iz * iz;
+  double s = 1.0 / 12 - iz2 * (1.0 / 120 - iz2 * (1.0 / 252 - iz2 * (1.0 / 240 -
+             iz2 * (1.0 / 132 - iz2 * (691.0 / 32760)))));
+  return lz - 0.5 * iz - iz2 * s;
+}
+
+static inline double lgamma_pos(double z) {
+  double p = 1.0;
+  while (z < 8.0) {
+    p *= z;
+    z += 1.0;
+  }
+  double lg = stirling_lgamma(z, std::log(z), 1.0 / z);
+  return p != 1.0 ? lg - std::log(p) : lg;
+}
+
+static inline void lgamma_digamma_pos(double z, double& lg, double& dg) {
+  double p = 1.0, dp = 0.0;
+  while (z < 8.0) {
+    dp = dp * z + p;
+    p *= z;
+    z += 1.0;
+  }
+  double lz = std::log(z), iz = 1.0 / z;
+  lg = stirling_lgamma(z, lz, iz);
+  dg = stirling_digamma(lz, iz);
+  if (p != 1.0) {
+    lg -= std::log(p);
+    dg -= dp / p;
+  }
+}
+
+// lgamma(x + 1) for counts: a table for small integers (the common case).
+static constexpr int kLgammaTable = 1024;
+
+static const double* lgamma1p_table() {
+  static const double* table = [] {
+    double* t = new double[kLgammaTable];
+    t[0] = 0.0;
+    for (int i = 1; i < kLgammaTable; ++i) t[i] = t[i - 1] + std::log(static_cast<double>(i));
+    return t;
+  }();
+  return table;
+}
+
+static inline double lgamma1p_count(double x, const double* table) {
+  if (x < kLgammaTable && x == static_cast<double>(static_cast<int64_t>(x))) {
+    return table[static_cast<int64_t>(x)];
+  }
+  return lgamma_pos(x + 1.0);
+}
+
+// ---------------------------------------------------------------------------
+// sparse_linear
+//
+// Forward: y_r = b + W_cov[cov_r] + sum_{j in row r} f(v_j) W[g_j, :]
+// (W gene-major, so each stored value adds a contiguous H-vector).
+// Backward: dW[g, :] = sum_{(r, g) stored} f(v) dy[r, :], computed per gene
+// over a transposed copy of the batch (a parallel counting sort) so that every
+// dW row is written by exactly one thread, once.
+// ---------------------------------------------------------------------------
+
+template <typename T>
+static inline void transform_values(const T* v, int64_t n, int transform, T* out) {
+  if (transform == kLog1p) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = vlog1p(v[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = v[i];
+  }
+}
+
+// acc[h] += sum_k f[k] * rows[k][h] for n rows, four at a time so the
+// accumulator is loaded and stored once per four rows.
+template <typename T>
+static inline void axpy_rows(T* __restrict acc, int64_t H, int64_t n, const T* f,
+                             const T* const* rows) {
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    const T* __restrict r0 = rows[k];
+    const T* __restrict r1 = rows[k + 1];
+    const T* __restrict r2 = rows[k + 2];
+    const T* __restrict r3 = rows[k + 3];
+    const T f0 = f[k], f1 = f[k + 1], f2 = f[k + 2], f3 = f[k + 3];
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) acc[h] += f0 * r0[h] + f1 * r1[h] + f2 * r2[h] + f3 * r3[h];
+  }
+  for (; k < n; ++k) {
+    const T* __restrict r0 = rows[k];
+    const T f0 = f[k];
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) acc[h] += f0 * r0[h];
+  }
+}
+
+template <typename T, typename I>
+int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr,
+                          const I* indices, const T* values, int transform, const T* W,
+                          const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
+                          int n_threads) {
+  int64_t bad = 0;
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < B; ++r) max_row = max_(max_row, indptr[r + 1] - indptr[r]);
+#pragma omp parallel num_threads(n_threads) reduction(+ : bad)
+  {
+    T* f = new T[max_row > 0 ? max_row : 1];
+    const T** rows = new const T*[max_row > 0 ? max_row : 1];
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t r = 0; r < B; ++r) {
+      T* __restrict yr = y + r * H;
+      const T* wc = nullptr;
+      if (W_cov != nullptr) {
+        int64_t c = cov[r];
+        if (c >= 0 && c < K) wc = W_cov + c * H; else ++bad;
+      }
+      if (b != nullptr && wc != nullptr) {
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) yr[h] = b[h] + wc[h];
+      } else if (b != nullptr) {
+        for (int64_t h = 0; h < H; ++h) yr[h] = b[h];
+      } else if (wc != nullptr) {
+        for (int64_t h = 0; h < H; ++h) yr[h] = wc[h];
+      } else {
+        for (int64_t h = 0; h < H; ++h) yr[h] = T(0);
+      }
+      const int64_t p0 = indptr[r], n = indptr[r + 1] - p0;
+      transform_values(values + p0, n, transform, f);
+      int64_t m = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        int64_t g = static_cast<int64_t>(indices[p0 + j]);
+        if (g < 0 || g >= G) { ++bad; continue; }
+        f[m] = f[j];
+        rows[m++] = W + g * H;
+      }
+      axpy_rows(yr, H, m, f, rows);
+    }
+    delete[] rows;
+    delete[] f;
+  }
+  return bad;
+}
+
+template <typename T, typename I>
+int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indptr,
+                            const I* indices, const T* values, int transform, const T* dy,
+                            T* dW, int n_threads) {
+  const int64_t nnz = indptr[B];
+  const int nt = n_threads > 0 ? n_threads : 1;
+  // Per-thread gene counts over a contiguous block of rows; thread t's entries
+  // of gene g go after those of threads < t, so every column stays row-sorted.
+  int64_t* offs = new int64_t[static_cast<size_t>(nt) * (G + 1)]();
+  int64_t* colptr = new int64_t[G + 1];
+  int32_t* rowid = new int32_t[nnz > 0 ? nnz : 1];
+  T* fval = new T[nnz > 0 ? nnz : 1];
+  int64_t bad = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : bad)
+  {
+    const int tid = omp_get_thread_num();
+    const int nth = omp_get_num_threads();
+    int64_t r0, r1;
+    thread_range(B, tid, nth, r0, r1);
+    int64_t* cnt = offs + static_cast<size_t>(tid) * (G + 1);
+    for (int64_t j = indptr[r0]; j < indptr[r1]; ++j) {
+      int64_t g = static_cast<int64_t>(indices[j]);
+      if (g >= 0 && g < G) ++cnt[g]; else ++bad;
+    }
+#pragma omp barrier
+#pragma omp single
+    {
+      int64_t pos = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        colptr[g] = pos;
+        for (int t = 0; t < nth; ++t) {
+          int64_t c = offs[static_cast<size_t>(t) * (G + 1) + g];
+          offs[static_cast<size_t>(t) * (G + 1) + g] = pos;
+          pos += c;
+        }
+      }
+      colptr[G] = pos;
+    }
+    // implicit barrier after single
+    T* fbuf = new T[256];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t p0 = indptr[r], p1 = indptr[r + 1];
+      for (int64_t c0 = p0; c0 < p1; c0 += 256) {
+        const int64_t n = min_<int64_t>(256, p1 - c0);
+        transform_values(values + c0, n, transform, fbuf);
+        for (int64_t j = 0; j < n; ++j) {
+          int64_t g = static_cast<int64_t>(indices[c0 + j]);
+          if (g < 0 || g >= G) continue;
+          int64_t at = cnt[g]++;
+          rowid[at] = static_cast<int32_t>(r);
+          fval[at] = fbuf[j];
+        }
+      }
+    }
+    delete[] fbuf;
+#pragma omp barrier
+    int64_t max_col = 0;
+    for (int64_t g = 0; g < G; ++g) max_col = max_(max_col, colptr[g + 1] - colptr[g]);
+    const T** rp = new const T*[max_col > 0 ? max_col : 1];
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t g = 0; g < G; ++g) {
+      T* __restrict dwg = dW + g * H;
+      for (int64_t h = 0; h < H; ++h) dwg[h] = T(0);
+      const int64_t k0 = colptr[g], n = colptr[g + 1] - k0;
+      for (int64_t k = 0; k < n; ++k) rp[k] = dy + static_cast<int64_t>(rowid[k0 + k]) * H;
+      axpy_rows(dwg, H, n, fval + k0, rp);
+    }
+    delete[] rp;
+  }
+  delete[] fval;
+  delete[] rowid;
+  delete[] colptr;
+  delete[] offs;
+  return bad;
+}
+
+// ---------------------------------------------------------------------------
+// nb_softmax_loglik
+//
+// Per cell b (row), with rho = softmax(logits_b), mu_g = exp(l_b) rho_g,
+// theta_g = exp(px_r_g), x_g the counts and eps the floor:
+//
+//   L_b = sum_g theta (log(theta+eps) - log(theta+mu+eps))               (dense)
+//       + sum_{x_g>0} x (log(mu+eps) - log(theta+mu+eps))
+//                     + lgamma(x+theta) - lgamma(theta) - lgamma(x+1)    (non-zeros)
+//
+// The lgamma terms cancel exactly at x = 0, so they only run over the non-zeros.
+// Gradients (eps kept exactly): dL/dmu = x/(mu+eps) - (theta+x)/(theta+mu+eps);
+// with a_g = mu_g dL/dmu_g = x mu/(mu+eps) - (theta+x) mu/(theta+mu+eps) and
+// dmu_g/dlogit_k = mu_g (delta_gk - rho_k):
+//
+//   dL/dlogit_k = a_k - rho_k A,   A = sum_g a_g = dL/dl
+//   dL/dpx_r_g  = theta dL/dtheta = theta [log(theta+eps) - log(theta+mu+eps)
+//                 + theta/(theta+eps) - (theta+x)/(theta+mu+eps)
+//                 + psi(x+theta) - psi(theta)]
+//
+// Row passes: (1) max of the logits; (2) e_g = exp(logit_g - max) into the
+// row buffer, s = sum e; (3) one dense pass with one log and one division per
+// entry for the x = 0 parts of the loss, A and the px_r gradient; (4) the
+// non-zero corrections in double; (5) the logit gradient a_g - rho_g A written
+// over the buffer, plus the non-zero corrections of a_g.
+// ---------------------------------------------------------------------------
+
+static constexpr int64_t kBlock = 512;
+
+template <typename T, typename I, bool GRAD, bool THETA>
+static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, const T* c_theta,
+                       const double* theta_d, const double* lgamma_t, const double* digamma_t,
+                       double* theta_acc_all, int64_t max_row) {
+  const int64_t B = a.B, G = a.G;
+  const T eps = static_cast<T>(a.eps);
+  const double eps_d = a.eps;
+  const double* table = lgamma1p_table();
+  int64_t bad = 0;
+#pragma omp parallel num_threads(a.n_threads) reduction(+ : bad)
+  {
+    const int tid = omp_get_thread_num();
+    double* theta_acc = THETA ? theta_acc_all + static_cast<size_t>(tid) * G : nullptr;
+    T* scratch = a.grad_logits == nullptr ? new T[G > 0 ? G : 1] : nullptr;
+    double* da = new double[max_row > 0 ? max_row : 1];
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t r = 0; r < B; ++r) {
+      const T* __restrict lg = a.logits + r * G;
+      T* __restrict buf = a.grad_logits != nullptr ? a.grad_logits + r * G : scratch;
+      const T w = a.row_weight != nullptr ? a.row_weight[r] : T(1);
+
+      T mx = lg[0];
+#pragma omp simd reduction(max : mx)
+      for (int64_t g = 0; g < G; ++g) mx = lg[g] > mx ? lg[g] : mx;
+
+      double s = 0.0;
+      for (int64_t g0 = 0; g0 < G; g0 += kBlock) {
+        const int64_t g1 = min_(G, g0 + kBlock);
+        T sb = T(0);
+#pragma omp simd reduction(+ : sb)
+        for (int64_t g = g0; g < g1; ++g) {
+          T e = vexp(lg[g] - mx);
+          buf[g] = e;
+          sb += e;
+        }
+        s += static_cast<double>(sb);
+      }
+      const double l = static_cast<double>(a.log_library[r]);
+      const double scale_d = std::exp(l - std::log(s));  // mu_g = scale e_g
+      const T scale = static_cast<T>(scale_d);
+
+      double loss = 0.0, A = 0.0;
+      for (int64_t g0 = 0; g0 < G; g0 += kBlock) {
+        const int64_t g1 = min_(G, g0 + kBlock);
+        T lb = T(0), ab = T(0);
+#pragma omp simd reduction(+ : lb, ab)
+        for (int64_t g = g0; g < g1; ++g) {
+          const T t = theta[g];
+          const T m = scale * buf[g];
+          const T tme = t + m + eps;
+          const T lt = vlog(tme);
+          lb += t * (log_te[g] - lt);
+          if (GRAD || THETA) {
+            const T rinv = T(1) / tme;
+            if (GRAD) ab -= t * m * rinv;
+            if (THETA) theta_acc[g] += static_cast<double>(w * (c_theta[g] - t * (lt + t * rinv)));
+          }
+        }
+        loss += static_cast<double>(lb);
+        A += static_cast<double>(ab);
+      }
+
+      const int64_t p0 = a.indptr[r], n = a.indptr[r + 1] - p0;
+      for (int64_t j = 0; j < n; ++j) {
+        da[j] = 0.0;
+        const int64_t g = static_cast<int64_t>(a.indices[p0 + j]);
+        if (g < 0 || g >= G) { ++bad; continue; }
+        const double x = static_cast<double>(a.values[p0 + j]);
+        if (x == 0.0) continue;
+        const double t = theta_d[g];
+        const double m = scale_d * static_cast<double>(buf[g]);
+        const double tme = t + m + eps_d;
+        const double lt = std::log(tme);
+        double lgx, dgx;
+        if (THETA) lgamma_digamma_pos(x + t, lgx, dgx); else lgx = lgamma_pos(x + t);
+        loss += x * (std::log(m + eps_d) - lt) + (lgx - lgamma_t[g]) - lgamma1p_count(x, table);
+        if (GRAD) {
+          const double d = x * m / (m + eps_d) - x * m / tme;
+          da[j] = d;
+          A += d;
+        }
+        if (THETA) theta_acc[g] += static_cast<double>(w) * t * (dgx - digamma_t[g] - x / tme);
+      }
+
+      a.loglik[r] = static_cast<T>(loss);
+      if (a.sum_a != nullptr) a.sum_a[r] = static_cast<T>(A);
+      if (GRAD && a.grad_logits != nullptr) {
+        const T At = static_cast<T>(A);
+        const T inv_s = static_cast<T>(1.0 / s);
+#pragma omp simd
+        for (int64_t g = 0; g < G; ++g) {
+          const T e = buf[g];
+          const T t = theta[g];
+          const T m = scale * e;
+          buf[g] = -t * m / (t + m + eps) - (e * inv_s) * At;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t g = static_cast<int64_t>(a.indices[p0 + j]);
+          if (g >= 0 && g < G) buf[g] += static_cast<T>(da[j]);
+        }
+      }
+    }
+    delete[] da;
+    delete[] scratch;
+  }
+  return bad;
+}
+
+template <typename T, typename I>
+int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
+  const int64_t B = a.B, G = a.G;
+  if (G == 0) {
+    for (int64_t r = 0; r < B; ++r) {
+      a.loglik[r] = T(0);
+      if (a.sum_a != nullptr) a.sum_a[r] = T(0);
+    }
+    return 0;
+  }
+  const bool grad = a.grad_logits != nullptr || a.sum_a != nullptr;
+  const bool want_theta = a.grad_px_r != nullptr;
+  const int nt = a.n_threads > 0 ? a.n_threads : 1;
+
+  // Per-gene terms, once: theta in T (as the reference rounds it) and in double.
+  T* theta = new T[G];
+  T* log_te = new T[G];
+  T* c_theta = new T[G];
+  double* theta_d = new double[G];
+  double* lgamma_t = new double[G];
+  double* digamma_t = want_theta ? new double[G] : nullptr;
+  for (int64_t g = 0; g < G; ++g) {
+    const T t = static_cast<T>(std::exp(static_cast<double>(a.px_r[g])));
+    const double td = static_cast<double>(t);
+    const double lte = std::log(td + a.eps);
+    theta[g] = t;
+    theta_d[g] = td;
+    log_te[g] = static_cast<T>(lte);
+    // dL/dpx_r at x = 0 is c_theta - theta (log(theta+mu+eps) + theta/(theta+mu+eps)).
+    c_theta[g] = static_cast<T>(td * (lte + td / (td + a.eps)));
+    if (want_theta) lgamma_digamma_pos(td, lgamma_t[g], digamma_t[g]);
+    else lgamma_t[g] = lgamma_pos(td);
+  }
+  int64_t max_row = 0;
+  for (int64_t r = 0; r < B; ++r) max_row = max_(max_row, a.indptr[r + 1] - a.indptr[r]);
+  double* acc = want_theta ? new double[static_cast<size_t>(nt) * G]() : nullptr;
+  lgamma1p_table();  // build outside the parallel region
+
+  int64_t bad;
+  if (grad && want_theta) bad = nb_rows<T, I, true, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
+  else if (grad) bad = nb_rows<T, I, true, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
+  else if (want_theta) bad = nb_rows<T, I, false, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
+  else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
+
+  if (want_theta) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      for (int t = 0; t < nt; ++t) s += acc[static_cast<size_t>(t) * G + g];
+      a.grad_px_r[g] = static_cast<T>(s);
+    }
+  }
+  delete[] acc;
+  delete[] digamma_t;
+  delete[] lgamma_t;
+  delete[] theta_d;
+  delete[] c_theta;
+  delete[] log_te;
+  delete[] theta;
+  return bad;
+}
+
+// ---------------------------------------------------------------------------
+// reparam_kl
+//
+// q_v = exp(raw) + var_eps, z = q_m + sqrt(q_v) eps, KL_b = 0.5 sum (q_v + q_m^2 - 1 - log q_v)
+// dq_m = dz + dKL q_m;  dq_v_raw = exp(raw) [dz eps / (2 sqrt(q_v)) + dKL (1 - 1/q_v) / 2]
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void reparam_kl_fwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw, const T* noise,
+                    double var_eps, T* z, T* kl, int n_threads) {
+  const T ve = static_cast<T>(var_eps);
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (B * Z > 32768)
+  for (int64_t r = 0; r < B; ++r) {
+    double s = 0.0;
+    for (int64_t k = r * Z; k < (r + 1) * Z; ++k) {
+      const T qv = std::exp(q_v_raw[k]) + ve;
+      z[k] = q_m[k] + std::sqrt(qv) * noise[k];
+      s += static_cast<double>(qv + q_m[k] * q_m[k] - T(1) - std::log(qv));
+    }
+    kl[r] = static_cast<T>(0.5 * s);
+  }
+}
+
+template <typename T>
+void reparam_kl_bwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw, const T* noise,
+                    double var_eps, const T* dz, const T* dkl, T* dq_m, T* dq_v_raw,
+                    int n_threads) {
+  const T ve = static_cast<T>(var_eps);
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (B * Z > 32768)
+  for (int64_t r = 0; r < B; ++r) {
+    const T gk = dkl != nullptr ? dkl[r] : T(0);
+    for (int64_t k = r * Z; k < (r + 1) * Z; ++k) {
+      const T gz = dz != nullptr ? dz[k] : T(0);
+      if (dq_m != nullptr) dq_m[k] = gz + gk * q_m[k];
+      if (dq_v_raw != nullptr) {
+        const T ev = std::exp(q_v_raw[k]);
+        const T qv = ev + ve;
+        dq_v_raw[k] = ev * (gz * noise[k] * (T(0.5) / std::sqrt(qv)) + T(0.5) * gk * (T(1) - T(1) / qv));
+      }
+    }
+  }
+}

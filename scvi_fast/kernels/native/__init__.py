@@ -1,0 +1,21 @@
+"""Native CPU back-end: C++ kernels (``csrc/``) compiled into a torch extension.
+
+The extension is loaded, or built just in time, on the first call of
+:func:`is_available` or of an op (see :mod:`scvi_fast._native`); importing this
+package compiles nothing. Each op lives in its own module with its
+``autograd.Function``; the signatures are those of :mod:`scvi_fast.reference`.
+"""
+
+from scvi_fast._native import is_available, load, unavailable_reason
+from scvi_fast.kernels.native.nb_softmax_loglik import nb_softmax_loglik
+from scvi_fast.kernels.native.reparam_kl import reparam_kl
+from scvi_fast.kernels.native.sparse_linear import sparse_linear
+
+__all__ = [
+    "is_available",
+    "load",
+    "nb_softmax_loglik",
+    "reparam_kl",
+    "sparse_linear",
+    "unavailable_reason",
+]

@@ -1,0 +1,80 @@
+"""``y = f(X_csr) @ W + b (+ W_cov[cov])`` on the CPU, W gene-major ``(G, H)``.
+
+Forward (C++, parallel over rows): each stored value adds ``f(v) * W[gene, :]``,
+a contiguous H-vector, to its row; ``f`` is applied on the fly. Cost 2·nnz·H
+instead of 2·B·G·H for the dense layer.
+
+Backward (no gradient to the data):
+``dW = f(X)^T dy`` (C++, parallel over genes of a transposed copy of the batch,
+so every dW row is written once by one thread), ``db = dy.sum(0)`` and
+``dW_cov = index_add(dy by cov)``; only those that ``ctx.needs_input_grad`` asks for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scvi_fast._native import load
+
+_TRANSFORM_CODES = {"identity": 0, "log1p": 1}
+
+
+class SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, W, b, W_cov, indptr, indices, values, cov, transform_code):
+        ext = load()
+        y = ext.sparse_linear_forward(indptr, indices, values, W, b, cov, W_cov, transform_code)
+        ctx.save_for_backward(indptr, indices, values, cov)
+        ctx.n_genes = W.shape[0]
+        ctx.n_cov = W_cov.shape[0] if W_cov is not None else 0
+        ctx.transform_code = transform_code
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        indptr, indices, values, cov = ctx.saved_tensors
+        need_W, need_b, need_W_cov = ctx.needs_input_grad[:3]
+        dW = db = dW_cov = None
+        if need_W:
+            dW = load().sparse_linear_backward_weight(
+                indptr, indices, values, dy.contiguous(), ctx.n_genes, ctx.transform_code
+            )
+        if need_b:
+            db = dy.sum(0)
+        if need_W_cov:
+            dW_cov = dy.new_zeros(ctx.n_cov, dy.shape[1]).index_add_(0, cov, dy)
+        return dW, db, dW_cov, None, None, None, None, None
+
+
+def sparse_linear(
+    indptr: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    W: torch.Tensor,
+    b: torch.Tensor | None,
+    cov: torch.Tensor | None = None,
+    W_cov: torch.Tensor | None = None,
+    transform: str = "log1p",
+) -> torch.Tensor:
+    """Native version of :func:`scvi_fast.reference.sparse_linear` (same arguments)."""
+    if transform not in _TRANSFORM_CODES:
+        raise ValueError(f"transform must be one of {tuple(_TRANSFORM_CODES)}; got {transform!r}")
+    if cov is not None and W_cov is None:
+        raise ValueError("cov was given without W_cov")
+    if cov is None:
+        W_cov = None
+    else:
+        cov = cov.reshape(-1).to(torch.int64).contiguous()
+        W_cov = W_cov.contiguous()
+    if indices.dtype not in (torch.int32, torch.int64):
+        indices = indices.to(torch.int64)
+    return SparseLinearFunction.apply(
+        W.contiguous(),
+        b.contiguous() if b is not None else None,
+        W_cov,
+        indptr.to(torch.int64).contiguous(),
+        indices.contiguous(),
+        values.to(W.dtype).contiguous(),
+        cov,
+        _TRANSFORM_CODES[transform],
+    )
