@@ -13,16 +13,15 @@ special functions in ``_math.py``) in three tiers: ``@triton.jit`` kernels, host
 loaded on the first call of an op.
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter
-(``TRITON_INTERPRET=1``; slow, for tests at small shapes). Triton decides at decoration time
-whether a kernel is compiled or interpreted, so the kernel files are reloaded when the
-``TRITON_INTERPRET`` setting differs from the one they were loaded under.
+(``TRITON_INTERPRET=1``; slow, for tests at small shapes). Triton decides when a function is
+decorated whether it is compiled or interpreted, its own ``triton.language`` helpers included,
+so the variable must be set before ``triton`` is first imported in the process.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 from types import ModuleType
 
 __all__ = [
@@ -33,10 +32,6 @@ __all__ = [
     "nb_softmax_loglik",
     "reparam_kl",
 ]
-
-# Load order matters on reload: ``_math`` first, the op files import its functions.
-_KERNEL_FILES = ("_math", "_sparse_linear", "_nb_loglik", "_reparam_kl")
-
 
 def interpreting() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton does)."""
@@ -68,22 +63,10 @@ def is_available() -> bool:
 
 
 def _kernels(name: str) -> ModuleType:
-    """The kernel file ``name``, imported (or re-imported) under the current interpreter setting."""
+    """The kernel file ``name`` (imported on first use)."""
     if not is_available():
         raise ImportError(f"the Triton back-end is unavailable: {unavailable_reason()}")
-    mode = interpreting()
-    full = f"{__name__}.{name}"
-    mod = sys.modules.get(full)
-    if mod is not None and getattr(mod, "_INTERPRETED", mode) == mode:
-        return mod
-    if mod is not None:
-        # decorated under the other mode: reload the whole chain in dependency order
-        for dep in _KERNEL_FILES:
-            dep_mod = sys.modules.get(f"{__name__}.{dep}")
-            if dep_mod is not None:
-                importlib.reload(dep_mod)
-        return sys.modules[full]
-    return importlib.import_module(full)
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def sparse_linear(indptr, indices, values, W, b, cov=None, W_cov=None, transform="log1p"):

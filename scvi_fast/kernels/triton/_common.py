@@ -18,8 +18,11 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
-    """Raise a clear error when a tensor cannot be handed to a Triton kernel here."""
+def check_tensors(op: str, interpreted: bool, **tensors: torch.Tensor | None) -> None:
+    """Raise a clear error when a tensor cannot be handed to a Triton kernel here.
+
+    ``interpreted``: whether the calling kernel file was decorated under the interpreter.
+    """
     devices = {t.device for t in tensors.values() if t is not None}
     if len(devices) > 1:
         names = {k: str(t.device) for k, t in tensors.items() if t is not None}
@@ -27,11 +30,11 @@ def check_tensors(op: str, **tensors: torch.Tensor | None) -> None:
     (device,) = devices
     if device.type == "cuda":
         return
-    if device.type == "cpu" and triton.knobs.runtime.interpret:
+    if device.type == "cpu" and interpreted:
         return
     raise RuntimeError(
         f"{op} (impl='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
-        f"before the kernels are first used; got tensors on {device}"
+        f"before triton is first imported in the process; got tensors on {device}"
     )
 
 

@@ -31,9 +31,6 @@ import triton.language as tl
 
 SHIFT = 12
 
-# the interpreter setting this file was decorated under (see ``_kernels`` in __init__)
-_INTERPRETED = triton.knobs.runtime.interpret
-
 
 @triton.jit
 def lgamma(x):

@@ -60,6 +60,7 @@ from scvi_fast.kernels.triton._common import (
 from scvi_fast.kernels.triton._math import digamma, lgamma
 from scvi_fast.reference import csr_parts
 
+# whether the kernels below are interpreted (fixed when triton.jit decorates them)
 _INTERPRETED = triton.knobs.runtime.interpret
 
 
@@ -324,7 +325,7 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     """
     indptr, indices, values = csr_parts(X_csr)
     check_tensors(
-        "nb_softmax_loglik", logits=logits, log_library=log_library, px_r=px_r,
+        "nb_softmax_loglik", _INTERPRETED, logits=logits, log_library=log_library, px_r=px_r,
         indptr=indptr, indices=indices, values=values,
     )
     check_float("nb_softmax_loglik", logits=logits, log_library=log_library, px_r=px_r)

@@ -25,6 +25,7 @@ import triton.language as tl
 from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
 from scvi_fast.reference import VAR_EPS
 
+# whether the kernels below are interpreted (fixed when triton.jit decorates them)
 _INTERPRETED = triton.knobs.runtime.interpret
 
 
@@ -162,7 +163,7 @@ def reparam_kl(q_m, q_v_raw, eps_noise):
     Same semantics as :func:`scvi_fast.reference.reparam_kl` for ``(B, Z)`` inputs (a leading
     batch of any shape is flattened and restored).
     """
-    check_tensors("reparam_kl", q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
+    check_tensors("reparam_kl", _INTERPRETED, q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
     check_float("reparam_kl", q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
     if not (q_m.shape == q_v_raw.shape == eps_noise.shape):
         raise ValueError(

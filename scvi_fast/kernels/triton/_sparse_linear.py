@@ -33,6 +33,7 @@ import triton.language as tl
 from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
 from scvi_fast.reference import csr_row_ids
 
+# whether the kernels below are interpreted (fixed when triton.jit decorates them)
 _INTERPRETED = triton.knobs.runtime.interpret
 
 _TRANSFORMS = ("log1p", "identity")
@@ -196,7 +197,7 @@ def sparse_linear(indptr, indices, values, W, b, cov=None, W_cov=None, transform
     if cov is not None and W_cov is None:
         raise ValueError("cov was given without W_cov")
     check_tensors(
-        "sparse_linear", indptr=indptr, indices=indices, values=values, W=W, b=b,
+        "sparse_linear", _INTERPRETED, indptr=indptr, indices=indices, values=values, W=W, b=b,
         cov=cov if W_cov is not None else None, W_cov=W_cov if cov is not None else None,
     )
     check_float("sparse_linear", W=W)

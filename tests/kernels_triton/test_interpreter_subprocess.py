@@ -1,0 +1,36 @@
+"""Run each ``test_triton_*.py`` module under ``TRITON_INTERPRET=1`` in a fresh process.
+
+Only active without a GPU and without ``TRITON_INTERPRET`` set for this run (see conftest.py);
+otherwise those modules are collected and run directly and this test skips.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _triton_helpers import HAS_TRITON, RUN_HERE
+
+HERE = Path(__file__).resolve().parent
+MODULES = sorted(p.name for p in HERE.glob("test_triton_*.py"))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(RUN_HERE, reason="the Triton tests run in this process (GPU or interpreter)")
+@pytest.mark.parametrize("module", MODULES)
+def test_module_under_interpreter(module):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / module)],
+        cwd=HERE.parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"{module} under TRITON_INTERPRET=1 failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-2000:]}")
