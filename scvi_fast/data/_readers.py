@@ -102,7 +102,7 @@ def read_mtx_source(path) -> ArraySource:
                        var_names=genes, obs_names=barcodes)
 
 
-def soma_source(query, X_name: str = "raw", batch_key: str | None = None,
+def soma_source(query, X_name: str | None = None, batch_key: str | None = None,
                 labels_key: str | None = None, var_name_column: str | None = None,
                 obs_chunk: int | None = None) -> ChunkSource:
     """A TileDB-SOMA ``ExperimentAxisQuery`` (e.g. a CELLxGENE Census query) as a source.
@@ -115,8 +115,8 @@ def soma_source(query, X_name: str = "raw", batch_key: str | None = None,
     query
         ``experiment.axis_query("RNA", obs_query=..., var_query=...)``.
     X_name
-        The X layer holding raw counts (``"raw"`` in the Census; ``from_anndata`` writes
-        ``"data"``).
+        The X layer holding raw counts (default: ``"raw"`` as in the Census, else ``"data"``
+        as written by ``tiledbsoma.io.from_anndata``, else the only layer).
     batch_key, labels_key
         obs columns read as covariate codes.
     var_name_column
@@ -138,16 +138,23 @@ def soma_source(query, X_name: str = "raw", batch_key: str | None = None,
             var_name_column = next(c for c in var.columns if var[c].dtype == object)
     var = var.set_index("soma_joinid").loc[var_joinids]
     var_names = var[var_name_column].astype(str).to_numpy()
-    obs = None
-    if obs_cols or True:
-        cols = ["soma_joinid"] + obs_cols
-        obs = query.obs(column_names=cols).concat().to_pandas().set_index("soma_joinid")
-        obs = obs.loc[obs_joinids]
-    obs_name_col = None
+    obs_schema = query.experiment.obs.schema.names
+    name_col = "obs_id" if "obs_id" in obs_schema else None
+    cols = ["soma_joinid"] + obs_cols + ([name_col] if name_col else [])
+    obs = query.obs(column_names=cols).concat().to_pandas().set_index("soma_joinid")
+    obs = obs.loc[obs_joinids]
+    obs_names = (obs[name_col].astype(str).to_numpy() if name_col
+                 else obs_joinids.astype(str))
     bc, bcat = _categorical_codes(obs, batch_key)
     lc, lcat = _categorical_codes(obs, labels_key)
-    X = query._ms.X[X_name] if hasattr(query, "_ms") else query.experiment.ms[
-        query.measurement_name].X[X_name]
+    layers = query.experiment.ms[query.measurement_name].X
+    if X_name is None:
+        keys = list(layers.keys())
+        X_name = next((k for k in ("raw", "data") if k in keys), keys[0] if len(keys) == 1
+                      else None)
+        if X_name is None:
+            raise ValueError(f"choose the counts layer with X_name=; X layers: {keys}")
+    X = layers[X_name]
     var_pos = pd.Index(var_joinids)
     n_genes = var_joinids.size
 
@@ -165,7 +172,7 @@ def soma_source(query, X_name: str = "raw", batch_key: str | None = None,
             yield a, sp.csr_matrix(m, dtype=np.float32)
 
     src = ChunkSource(chunks, obs_joinids.size, n_genes, var_names=var_names,
-                      obs_names=obs_joinids.astype(str) if obs_name_col is None else None,
+                      obs_names=obs_names,
                       batch_codes=bc, labels_codes=lc)
     src.batch_categories, src.labels_categories = bcat, lcat
     return src

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# tests/data/<this file>: parents[2] is the repository root; shared/ lies beside it
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def random_counts(rng, n_cells, n_genes, density=0.2, max_count=50, empty_rows=0,
