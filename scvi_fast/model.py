@@ -698,6 +698,47 @@ class SCVI:
         model.module.to(model.device).eval()
         return model
 
+    # ------------------------------------------------------- reference mapping --
+    @staticmethod
+    def prepare_query_anndata(adata, reference, return_reference_var_names: bool = False, inplace: bool = True):
+        """Reorder a query's genes to the reference model's; missing genes become zeros.
+
+        As scvi-tools: logs the fraction of reference genes found (warns below 80 %).
+        ``reference`` is a model or a model folder (scvi_fast or scvi-tools).
+        Returns None when ``inplace``, else the new AnnData; with
+        ``return_reference_var_names=True`` only the reference's genes.
+        """
+        from scvi_fast.compat import prepare_query_anndata
+
+        return prepare_query_anndata(adata, reference, return_reference_var_names, inplace)
+
+    @classmethod
+    def load_query_data(
+        cls,
+        adata,
+        reference,
+        freeze: bool = True,
+        inplace_subset_query_vars: bool = False,
+        device: str = "cpu",
+        impl: str | None = None,
+        unfrozen: bool | None = None,
+    ) -> SCVI:
+        """A model of query ``adata`` built on ``reference`` (a model or a model folder).
+
+        New batch categories get new rows in every decoder layer's batch table.
+        With ``freeze=True`` (scvi-tools: ``unfrozen=False``) only those rows train;
+        the reference's weights and BatchNorm statistics stay bitwise unchanged.
+        ``is_trained`` is False until :meth:`train`; embedding without
+        fine-tuning is supported.
+        """
+        from scvi_fast.compat import load_query_data
+
+        if unfrozen is not None:
+            freeze = not unfrozen
+        return load_query_data(cls, adata, reference, freeze=freeze,
+                               inplace_subset_query_vars=inplace_subset_query_vars,
+                               device=device, impl=impl)
+
     @classmethod
     def _load_native(cls, dir_path: Path, impl: str | None) -> SCVI:
         from safetensors.torch import load_file

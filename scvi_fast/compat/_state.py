@@ -118,9 +118,9 @@ def module_state_to_scvi_tools(module_state: dict, passthrough: dict, n_layers: 
             out[_ENC.format(i=i, j=0, p="bias")] = s[f"encoder.linears.{i - 1}.bias"]
         for p in _BN:
             out[_ENC.format(i=i, j=1, p=p)] = s[f"encoder.blocks.{i}.norm.{p}"]
-    for p in ("weight", "bias"):
-        out[f"z_encoder.mean_encoder.{p}"] = s[f"encoder.mean.{p}"]
-        out[f"z_encoder.var_encoder.{p}"] = s[f"encoder.var.{p}"]
+    for ours, theirs in (("mean", "mean_encoder"), ("var", "var_encoder")):
+        for p in ("weight", "bias"):
+            out[f"z_encoder.{theirs}.{p}"] = s[f"encoder.{ours}.{p}"]
     for i in range(n_layers):
         w = s[f"decoder.linears.{i}.weight"]
         cov = s.get(f"decoder.linears.{i}.weight_cov")

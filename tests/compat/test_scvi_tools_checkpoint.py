@@ -1,0 +1,202 @@
+"""scvi-tools model folders in and out of scvi_fast, and refusal of unsafe or unsupported files.
+
+Oracle: ``tests/fixtures/scvi_tools_models/{default,nobatch}/model.pt``, written by
+scvi-tools 1.4.2 itself (see tests/fixtures/README.md), and the ``latent_mean``
+scvi-tools computed with the same weights (``scvi_<name>.npz``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scvi_fast
+from scvi_fast.compat import (
+    UnsafeCheckpointError,
+    read_scvi_tools_folder,
+    safe_load_checkpoint,
+    save_scvi_tools,
+    unused_scvi_tools_heads,
+)
+from tests.helpers import FIXTURES, load_fixture
+
+MODELS = ["default", "nobatch"]
+
+
+def _folder(name):
+    return FIXTURES / "scvi_tools_models" / name
+
+
+def _fixture_adata(name):
+    arrays, cfg = load_fixture(name)
+    obs = pd.DataFrame(index=[str(s) for s in arrays["obs_names"]])
+    if cfg["batch_key"]:
+        obs[cfg["batch_key"]] = pd.Categorical(
+            np.asarray(cfg["batch_categories"])[arrays["batch_index"]], categories=cfg["batch_categories"]
+        )
+    adata = anndata.AnnData(X=arrays["x"].astype(np.float32), obs=obs,
+                            var=pd.DataFrame(index=list(cfg["gene_names"])))
+    return adata, arrays, cfg
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_round_trip_preserves_every_tensor_bitwise(name, tmp_path):
+    model = scvi_fast.SCVI.load(_folder(name))
+    model.save(tmp_path / "out", format="scvi-tools")
+    theirs = safe_load_checkpoint(_folder(name) / "model.pt")
+    ours = safe_load_checkpoint(tmp_path / "out" / "model.pt")
+    a = {k: v for k, v in theirs["model_state_dict"].items() if isinstance(v, torch.Tensor)}
+    b = {k: v for k, v in ours["model_state_dict"].items() if isinstance(v, torch.Tensor)}
+    assert list(a) == list(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
+    assert list(np.asarray(theirs["var_names"])) == list(np.asarray(ours["var_names"]))
+    reg_a, reg_b = theirs["attr_dict"]["registry_"], ours["attr_dict"]["registry_"]
+    assert reg_a["setup_args"] == reg_b["setup_args"]
+    for field in ("batch", "labels"):
+        ma = reg_a["field_registries"][field]["state_registry"]["categorical_mapping"]
+        mb = reg_b["field_registries"][field]["state_registry"]["categorical_mapping"]
+        assert [str(x) for x in ma] == [str(x) for x in mb]
+    assert ours["attr_dict"]["init_params_"]["non_kwargs"] == theirs["attr_dict"]["init_params_"]["non_kwargs"]
+    # and back again: scvi_fast -> scvi-tools -> scvi_fast is the identity on the module
+    again = scvi_fast.SCVI.load(tmp_path / "out")
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(v, again.module.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_loaded_model_matches_scvi_tools_latent(name):
+    """Latent means from the loaded model.pt equal scvi-tools' to float32 rounding (state tolerance)."""
+    adata, arrays, _ = _fixture_adata(name)
+    model = scvi_fast.SCVI.load(_folder(name), adata=adata, impl="torch")
+    assert model.is_trained
+    latent = model.get_latent_representation()
+    np.testing.assert_allclose(latent, arrays["latent_mean"], rtol=2e-5, atol=2e-6)
+
+
+def test_registry_and_history_read(tmp_path):
+    model = scvi_fast.SCVI.load(_folder("default"))
+    _, cfg = load_fixture("default")
+    assert model.registry["batch_key"] == "donor"
+    assert model.batch_categories == [str(c) for c in cfg["batch_categories"]]
+    assert list(model.var_names) == list(cfg["gene_names"])
+    assert model.init_params_["n_hidden"] == cfg["n_hidden"]
+    assert model.module.dropout_rate == pytest.approx(cfg["dropout_rate"])
+    assert len(model.history_["elbo_train"]) == 5
+    # the library encoder and the px_r / px_dropout heads, carried through unchanged
+    heads = unused_scvi_tools_heads(1287, 128, 1, 8)
+    assert set(model._passthrough) == set(heads)
+    nobatch = scvi_fast.SCVI.load(_folder("nobatch"))
+    assert nobatch.registry["batch_key"] == "" and not nobatch.module.has_covariates
+
+
+def test_model_trained_in_scvi_fast_exports_unused_heads(tmp_path):
+    model = scvi_fast.SCVI.load(_folder("nobatch"))
+    model._passthrough = {}
+    save_scvi_tools(model, tmp_path)
+    state = safe_load_checkpoint(tmp_path / "model.pt")["model_state_dict"]
+    ref = safe_load_checkpoint(_folder("nobatch") / "model.pt")["model_state_dict"]
+    assert list(state) == list(ref)
+    for k in ref:
+        if isinstance(ref[k], torch.Tensor):
+            assert state[k].shape == ref[k].shape, k
+
+
+# ------------------------------------------------------------------ refusals --
+def _rewrite(src, dst, edit):
+    """Copy an scvi-tools model.pt, changing its attr_dict with ``edit``."""
+    ckpt = torch.load(src, weights_only=False)
+    edit(ckpt)
+    os.makedirs(dst, exist_ok=True)
+    torch.save(ckpt, os.path.join(dst, "model.pt"))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(gene_likelihood="zinb"), "gene_likelihood"),
+        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(dispersion="gene-batch"), "dispersion"),
+        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(latent_distribution="ln"), "latent_distribution"),
+        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(use_observed_lib_size=False), "use_observed_lib_size"),
+        (lambda c: c["attr_dict"]["init_params_"]["kwargs"]["kwargs"].update(encode_covariates=True), "encode_covariates"),
+        (lambda c: c["attr_dict"]["registry_"]["setup_args"].update(categorical_covariate_keys=["x"]), "categorical_covariate_keys"),
+        (lambda c: c["attr_dict"]["registry_"]["setup_args"].update(continuous_covariate_keys=["y"]), "continuous_covariate_keys"),
+        (lambda c: c["attr_dict"]["registry_"].update(model_name="SCANVI"), "SCANVI"),
+    ],
+)
+def test_unsupported_configurations_are_refused(tmp_path, edit, match):
+    _rewrite(_folder("nobatch") / "model.pt", tmp_path / "m", edit)
+    with pytest.raises(NotImplementedError, match=match):
+        scvi_fast.SCVI.load(tmp_path / "m")
+
+
+class _Evil:
+    """An object whose unpickling calls ``func(*args)``."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.open", "builtins.exec", "nested"])
+def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, how):
+    target = tmp_path / "pwned.txt"
+    payload = {
+        "os.system": _Evil(os.system, f"touch {target}"),
+        "builtins.open": _Evil(open, str(target), "w"),
+        "builtins.exec": _Evil(exec, f"open({str(target)!r}, 'w').write('x')"),
+    }
+    ckpt = torch.load(_folder("nobatch") / "model.pt", weights_only=False)
+    if how == "nested":  # hidden deep inside the registry, after plenty of legitimate data
+        ckpt["attr_dict"]["registry_"]["field_registries"]["batch"]["summary_stats"]["n"] = payload["os.system"]
+    else:
+        ckpt["attr_dict"]["history_"] = payload[how]
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save(ckpt, folder / "model.pt")
+    name = {"os.system": "system", "builtins.open": "open", "builtins.exec": "exec", "nested": "system"}[how]
+    with pytest.raises(UnsafeCheckpointError, match=rf"'\w+\.{name}'") as err:
+        scvi_fast.SCVI.load(folder)
+    assert "nothing was executed" in str(err.value)
+    assert not target.exists()
+    with pytest.raises(UnsafeCheckpointError):
+        scvi_fast.SCVI.prepare_query_anndata(anndata.AnnData(np.ones((2, 2), np.float32)), folder)
+    assert not target.exists()
+
+
+def test_only_latin1_bytes_codec_is_allowed(tmp_path):
+    """``_codecs.encode`` is allowed for protocol-2 bytes, but with no other codec."""
+    import codecs
+
+    class Sneaky:
+        def __reduce__(self):
+            return codecs.encode, ("eJzLSM3JyVcozy/KSQEAGgQEXQ==", "base64")
+
+    ckpt = torch.load(_folder("nobatch") / "model.pt", weights_only=False)
+    ckpt["attr_dict"]["run_name_"] = Sneaky()
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(UnsafeCheckpointError, match="latin1"):
+        safe_load_checkpoint(tmp_path / "model.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "model.pt").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="zip"):
+        read_scvi_tools_folder(tmp_path)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x.txt", "hello")
+    (tmp_path / "model.pt").write_bytes(buf.getvalue())
+    with pytest.raises(Exception):
+        read_scvi_tools_folder(tmp_path)
