@@ -552,38 +552,182 @@ class SCVI:
                 raise KeyError(f"genes not in the model: {missing[:10]}")
             gene_idx = torch.as_tensor(genes.get_indexer(list(gene_list)))
             out_genes = pd.Index(list(gene_list))
+        from scvi_fast.analysis import normalized_expression
+
         codes = self._batch_codes_of(transform_batch)
-        chunks = []
-        obs_idx = []
-        for mb, x in self._iter(adata, indices, batch_size):
-            inf = self.module.inference(x, n_samples=n_samples)
-            acc = None
-            for code in codes:
-                batch = x.batch if code is None else torch.full_like(x.batch, code)
-                logits = self.module.generative(inf["z"], batch)["logits"]
-                scale = torch.softmax(logits, dim=-1)
-                if library_size == "latent":
-                    lib = torch.exp(inf["library"]).reshape(-1, 1)
-                    expr = scale * lib
-                else:
-                    expr = scale * float(library_size)
-                if not isinstance(gene_idx, slice):
-                    expr = expr.index_select(-1, gene_idx.to(expr.device))
-                acc = expr if acc is None else acc + expr
-            acc = acc / len(codes)
-            if n_samples > 1 and return_mean:
-                acc = acc.mean(0)
-            chunks.append(acc.cpu())
-            obs_idx.append(mb.obs_idx)
-        result = torch.cat(chunks, dim=-2).numpy()
+        # written into one preallocated array; decoding runs in bounded chunks
+        result, obs_idx = normalized_expression(
+            self.module, self._iter(adata, indices, batch_size), self._n_rows(adata, indices),
+            transform_codes=codes, gene_idx=None if isinstance(gene_idx, slice) else gene_idx.numpy(),
+            library_size=library_size, n_samples=n_samples, return_mean=return_mean,
+        )
         if return_numpy:
             return result
         src_adata = self.adata if adata is None else adata
         names = getattr(src_adata, "obs_names", None)
-        index = (
-            pd.Index(np.asarray(names)[np.concatenate(obs_idx)]) if names is not None else None
-        )
+        index = pd.Index(np.asarray(names)[obs_idx]) if names is not None else None
         return pd.DataFrame(result, index=index, columns=out_genes)
+
+    def _n_rows(self, adata=None, indices=None) -> int:
+        """Number of cells ``_iter(adata, indices)`` yields."""
+        if indices is not None:
+            return len(np.asarray(indices).reshape(-1))
+        data = self.adata if adata is None else adata
+        if isinstance(data, (str, os.PathLike)):
+            data = _data.CSRStore.open(data)
+        return int(data.n_cells if isinstance(data, _data.CSRStore) else data.n_obs)
+
+    def differential_expression(
+        self,
+        adata=None,
+        groupby: str | None = None,
+        group1: str | Sequence[str] | None = None,
+        group2: str | None = None,
+        idx1: Sequence[int] | Sequence[bool] | str | None = None,
+        idx2: Sequence[int] | Sequence[bool] | str | None = None,
+        mode: Literal["vanilla", "change"] = "vanilla",
+        delta: float | None = 0.25,
+        batch_size: int | None = None,
+        all_stats: bool = True,
+        batch_correction: bool = False,
+        batchid1: Sequence[str] | None = None,
+        batchid2: Sequence[str] | None = None,
+        fdr_target: float = 0.05,
+        silent: bool = False,
+        weights: Literal["uniform"] | None = "uniform",
+        filter_outlier_cells: bool = False,
+        n_samples: int | None = None,
+        seed: int | None = None,
+        **kwargs,
+    ) -> pd.DataFrame:
+        """Bayesian differential expression, with scvi-tools' modes, defaults and columns.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (default: the training data).
+        groupby, group1, group2
+            An ``adata.obs`` column; ``group1`` one or several of its values (default: each
+            value in turn); ``group2`` the reference (default: all other cells, "Rest").
+        idx1, idx2
+            Instead of groups: boolean masks, integer indices or ``adata.obs.query`` strings.
+        mode
+            ``"vanilla"`` (Bayes factor of ``rho1 > rho2``, sorted by ``bayes_factor``) or
+            ``"change"`` (LFC posterior, ``proba_de = P(|LFC| > delta)``, sorted by
+            ``proba_de``, with ``is_de_fdr_<fdr_target>``).
+        delta
+            LFC threshold of the change mode (None: estimated from the LFC means).
+        batch_correction, batchid1, batchid2
+            Decode both groups in every batch category (or the ``batchid`` lists) and pair
+            samples within a batch, instead of in the cells' own batches.
+        n_samples
+            Posterior samples of ``rho`` per group (scvi-tools' ``n_samples_overall``,
+            default 5000), split evenly over the decoding batches.
+        seed
+            Seeds the sampling for a reproducible table (None: fresh randomness).
+        **kwargs
+            scvi-tools' ``get_bayes_factors`` options: ``n_samples_overall``,
+            ``pseudocounts``, ``threshold_counts``, ``test_mode``, ``use_permutation``,
+            ``m_permutation``, ``change_fn``, ``m1_domain_fn``, ``cred_interval_lvls``.
+
+        Returns
+        -------
+        A DataFrame indexed by gene name. Change mode: ``proba_de``, ``proba_not_de``,
+        ``bayes_factor``, ``scale1``, ``scale2``, ``pseudocounts``, ``delta``, ``lfc_mean``,
+        ``lfc_median``, ``lfc_std``, ``lfc_min``, ``lfc_max``; vanilla: ``proba_m1``,
+        ``proba_m2``, ``bayes_factor``, ``scale1``, ``scale2``; then (``all_stats``)
+        ``raw_mean1/2``, ``non_zeros_proportion1/2``, ``raw_normalized_mean1/2``; and for
+        group comparisons ``comparison``, ``group1``, ``group2``.
+        """
+        from scvi_fast.analysis import differential_expression as _de
+
+        if weights not in (None, "uniform"):
+            raise NotImplementedError("scvi_fast samples cells uniformly (weights='uniform')")
+        if n_samples is not None:
+            if "n_samples_overall" in kwargs and kwargs["n_samples_overall"] != n_samples:
+                raise ValueError("pass either n_samples or n_samples_overall, not both")
+            kwargs["n_samples_overall"] = n_samples
+        data = self.adata if adata is None else adata
+        if data is None:
+            raise ValueError("this model holds no data; pass adata=...")
+        if isinstance(data, (str, os.PathLike)):
+            data = _data.CSRStore.open(data)
+        source = self._source(data)
+        obs = getattr(data, "obs", None)
+
+        def iter_batches(rows):
+            loader = self._loader(source, indices=rows, batch_size=batch_size)
+            self.module.to(self.device).eval()
+            for mb in loader:
+                yield mb, mb.to(self.device, non_blocking=True)
+
+        def representation(rows):
+            with torch.inference_mode():
+                return torch.cat([
+                    self.module.inference(x, give_mean=True)["q_m"].cpu() for _, x in iter_batches(rows)
+                ]).numpy()
+
+        with torch.inference_mode():
+            return _de(
+                self.module, iter_batches, source.n_cells, self.var_names, self.batch_categories,
+                obs=obs, groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2,
+                mode=mode, delta=delta, all_stats=all_stats, batch_correction=batch_correction,
+                batchid1=batchid1, batchid2=batchid2, fdr_target=fdr_target, silent=silent,
+                filter_outlier_cells=filter_outlier_cells, representation_fn=representation,
+                seed=seed, **kwargs,
+            )
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self,
+        adata=None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        silent: bool = True,
+    ):
+        """Counts drawn from the posterior predictive ``p(x_hat | x)`` (negative binomial).
+
+        ``z ~ q(z|x)`` then ``x_hat ~ NB(exp(l) rho, theta)`` (Gamma-Poisson), minibatch by
+        minibatch. As scvi-tools 1.4 (which returns a ``sparse.GCXS``), the result is sparse:
+        a ``scipy.sparse.csr_array`` of shape ``(n_cells, n_genes)`` when ``n_samples == 1``,
+        else a ``scipy.sparse.coo_array`` of shape ``(n_cells, n_genes, n_samples)``; float32
+        values holding non-negative integers. ``.todense()`` gives a numpy array in both
+        cases. Genes of ``gene_list`` keep the model's gene order, as in scvi-tools.
+        """
+        import scipy.sparse as sp
+
+        from scvi_fast.analysis import posterior_predictive
+
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be at least 1; got {n_samples}")
+        gene_idx = None
+        if gene_list is not None:
+            mask = self.var_names.isin(list(gene_list))
+            if not mask.any():
+                raise ValueError("None of the provided genes in ``gene_list`` were detected in the data.")
+            gene_idx = np.flatnonzero(mask)
+        parts = []
+        for _, s in posterior_predictive(
+            self.module, self._iter(adata, indices, batch_size), n_samples=n_samples,
+            transform_codes=self._batch_codes_of(transform_batch), gene_idx=gene_idx,
+        ):
+            a = s.numpy()
+            parts.append(sp.csr_array(a) if n_samples == 1 else sp.coo_array(a))
+        n_genes = len(self.var_names) if gene_idx is None else len(gene_idx)
+        if not parts:
+            shape = (0, n_genes) if n_samples == 1 else (0, n_genes, n_samples)
+            return sp.csr_array(shape, dtype=np.float32) if n_samples == 1 else sp.coo_array(shape, dtype=np.float32)
+        if n_samples == 1:
+            return sp.vstack(parts, format="csr")
+        coords = [p.coords for p in parts]
+        offsets = np.cumsum([0] + [p.shape[0] for p in parts[:-1]])
+        rows = np.concatenate([c[0] + o for c, o in zip(coords, offsets)])
+        rest = [np.concatenate([c[k] for c in coords]) for k in (1, 2)]
+        data = np.concatenate([p.data for p in parts])
+        return sp.coo_array((data, (rows, *rest)), shape=(int(sum(p.shape[0] for p in parts)), n_genes, n_samples))
 
     @torch.inference_mode()
     def _per_cell_losses(self, adata=None, indices=None, batch_size=None):

@@ -1,0 +1,33 @@
+"""Analysis on a trained VAE: differential expression and posterior expression.
+
+Functions here take a module and minibatch iterators, not the user-facing ``SCVI`` class
+(which wraps them as ``differential_expression``, ``get_normalized_expression`` and
+``posterior_predictive_sample``). Integration metrics live in :mod:`scvi_fast.metrics`.
+"""
+
+from ._de import (
+    bayes_factors,
+    comparisons,
+    credible_intervals,
+    differential_expression,
+    estimate_delta,
+    estimate_pseudocounts_offset,
+    fdr_de_prediction,
+    raw_counts_properties,
+)
+from ._expression import decode_scale, normalized_expression, posterior_predictive, sample_scales
+
+__all__ = [
+    "bayes_factors",
+    "comparisons",
+    "credible_intervals",
+    "decode_scale",
+    "differential_expression",
+    "estimate_delta",
+    "estimate_pseudocounts_offset",
+    "fdr_de_prediction",
+    "normalized_expression",
+    "posterior_predictive",
+    "raw_counts_properties",
+    "sample_scales",
+]
