@@ -130,9 +130,33 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_format(path: Path) -> str | None:
+    """``"scvi_fast"`` or ``"scvi-tools"`` when ``path`` is a model folder, else None."""
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return "scvi_fast"
+    if (path / "model.pt").exists():
+        return "scvi-tools"
+    return None
+
+
+def _convert_model(args: argparse.Namespace, source_format: str) -> int:
+    import scvi_fast
+
+    target = args.to or ("scvi_fast" if source_format == "scvi-tools" else "scvi-tools")
+    model = scvi_fast.SCVI.load(args.input, device="cpu")
+    model.save(args.out, overwrite=args.overwrite, format=target)
+    print(f"Converted {source_format} model {args.input} -> {target} model {args.out} ({model.summary_string})")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from scvi_fast.data import CSRStore
 
+    source_format = _model_format(Path(args.input))
+    if source_format is not None:
+        return _convert_model(args, source_format)
+    if args.to:
+        raise ValueError(f"--to converts model folders; {args.input} is not one")
     genes = None
     if args.genes:
         genes = [g.strip() for g in Path(args.genes).read_text().split() if g.strip()]
@@ -181,9 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_embed)
 
-    c = sub.add_parser("convert", help="write a CSR store from .h5ad / 10x / another store")
-    c.add_argument("input")
+    c = sub.add_parser(
+        "convert",
+        help="write a CSR store from .h5ad / 10x / another store, or convert a model folder "
+        "between the scvi-tools and scvi_fast formats",
+    )
+    c.add_argument("input", help="data to store, or a model folder (model.pt or config.json)")
     c.add_argument("--out", required=True)
+    c.add_argument("--to", choices=["scvi-tools", "scvi_fast"],
+                   help="model format to write (default: the other one)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     c.add_argument("--batch-key")
     c.add_argument("--labels-key")
     c.add_argument("--genes", help="text file with one gene name per line to keep, in order")
@@ -196,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
         print(f"scvi-fast {args.command}: error: {err}", file=sys.stderr)
         return 2
 

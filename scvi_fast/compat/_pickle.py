@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
     """The checkpoint's pickle names a global outside the allow-list; nothing was executed."""
 
 
