@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from scvi_fast.kernels.triton._common import (
@@ -302,6 +303,7 @@ class NBSoftmaxLoglik(torch.autograd.Function):
         return ll
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_ll):
         logits, log_library, px_r, indptr, indices, values, lse, csum = ctx.saved_tensors
         need_dz, need_dl, need_dr = ctx.needs_input_grad[:3]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
@@ -149,6 +150,7 @@ class ReparamKL(torch.autograd.Function):
         return z, kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_z, grad_kl):
         q_m, q_v_raw, eps_noise = ctx.saved_tensors
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])

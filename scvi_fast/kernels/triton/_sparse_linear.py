@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
@@ -164,6 +165,7 @@ class SparseLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         indptr, indices, values, cov = ctx.saved_tensors
         need_w, need_b, need_cov = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[6]
