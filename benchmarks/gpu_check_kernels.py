@@ -24,6 +24,12 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
+
+# runnable from a checkout without installing the package
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 # checks: (op, what) -> max error ratio; ratio <= 1 passes
 FACTOR32 = 4.0  # float32: error <= FACTOR32 * torch's float32 error + floor

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import zlib
 
 import torch
 
 ON_GPU = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 #: run the test_triton_*.py modules in this process (else in a subprocess with the interpreter)
 RUN_HERE = ON_GPU or INTERPRET
 try:
@@ -73,6 +74,11 @@ def assert_within_scale(actual, truth64, scale, op, dtype, what=""):
     bound = k * scale + 1e-300
     worst = (err / bound).max().item() if err.numel() else 0.0
     assert worst <= 1.0, f"{what}: error reaches {worst:.3g} x the bound {k:g} * scale"
+
+
+def seed_of(*params) -> int:
+    """A seed per test case, stable across processes (``hash`` of a str is salted per run)."""
+    return zlib.crc32(repr(params).encode())
 
 
 def random_csr(

@@ -26,10 +26,9 @@ Arguments must be positive (counts plus ``theta > 0``).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
-
-SHIFT = 12
 
 
 @triton.jit
@@ -102,9 +101,7 @@ def _special_kernel(
 
 
 def special(x):
-    """``(lgamma(x), digamma(x))`` of a contiguous float tensor, computed by the Triton code."""
-    import torch
-
+    """``(lgamma(x), digamma(x))`` of a float tensor, computed by the Triton code above."""
     x = x.contiguous()
     lg = torch.empty_like(x)
     dg = torch.empty_like(x)

@@ -51,6 +51,7 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
+from scvi_fast.kernels.triton import interpreting
 from scvi_fast.kernels.triton._common import (
     acc_dtype,
     block_size,
@@ -62,7 +63,7 @@ from scvi_fast.kernels.triton._math import digamma, lgamma
 from scvi_fast.reference import csr_parts
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
-_INTERPRETED = triton.knobs.runtime.interpret
+_INTERPRETED = interpreting()
 
 
 @triton.jit

@@ -23,11 +23,12 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
+from scvi_fast.kernels.triton import interpreting
 from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
 from scvi_fast.reference import VAR_EPS
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
-_INTERPRETED = triton.knobs.runtime.interpret
+_INTERPRETED = interpreting()
 
 
 @triton.jit

@@ -31,11 +31,12 @@ import triton
 from torch.autograd.function import once_differentiable
 import triton.language as tl
 
+from scvi_fast.kernels.triton import interpreting
 from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
 from scvi_fast.reference import csr_row_ids
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
-_INTERPRETED = triton.knobs.runtime.interpret
+_INTERPRETED = interpreting()
 
 _TRANSFORMS = ("log1p", "identity")
 
