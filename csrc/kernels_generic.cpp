@@ -19,6 +19,10 @@ static inline int omp_get_num_threads() { return 1; }
 
 
 
+// The 32-byte vector helpers are static inline, so the psABI note on passing
+// them without AVX does not concern any exported interface.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace scvi_fast {
 namespace generic {
 

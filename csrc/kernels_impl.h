@@ -24,7 +24,8 @@ static inline void thread_range(int64_t n, int tid, int nt, int64_t& begin, int6
 }
 
 // exp and log for the dense float passes: branch-free Cephes polynomials that
-// the compiler vectorises (libm calls would not be). exp: relative error below
+// the compiler vectorises (libm calls would not be; the selects below only
+// if-convert with -fno-trapping-math, which the build sets). exp: relative error below
 // 2 ulp on [-87.3, 88], exactly 0 below -87.3 (the softmax only evaluates
 // arguments <= 0). log: below 2 ulp for positive normal finite inputs, which is
 // all it is called on (theta + mu + eps and mu + eps are >= eps = 1e-8).
@@ -32,10 +33,9 @@ static inline float vexp(float x) {
   const float lo = -87.33654475f, hi = 88.0f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
-  // n = round(x / ln 2) via truncation of x / ln2 + 0.5 and a floor fix-up.
-  float t = xc * 1.44269504088896341f + 0.5f;
-  float nf = static_cast<float>(static_cast<int32_t>(t));
-  nf = nf > t ? nf - 1.0f : nf;
+  // n = round(x / ln 2) by adding and removing 1.5 * 2^23 (|x / ln 2| < 2^22
+  // here): plain arithmetic, so the loop stays branch-free and vectorises.
+  float nf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - nf * 0.693359375f;
   r = r - nf * -2.12194440e-4f;
   float y = 1.9875691500e-4f;
@@ -157,14 +157,50 @@ static inline double lgamma1p_count(double x, const double* table) {
   return lgamma_pos(x + 1.0);
 }
 
+// lgamma(x + t) - lgamma(t) and psi(x + t) - psi(t) for a count x > 0, given
+// the per-gene lgamma(t) and psi(t). Small integer counts (the bulk of any
+// count matrix) use lgamma(x + t) - lgamma(t) = log prod_{k<x} (t + k) and
+// psi(x + t) - psi(t) = sum_{k<x} 1/(t + k) = dp / p: one log and one division,
+// exact up to rounding and free of the cancellation between two lgammas.
+static constexpr double kSmallCount = 16.0;
+
+template <bool DIGAMMA>
+static inline void count_gamma_diff(double x, double t, double lg_t, double dg_t, double& lg,
+                                    double& dg) {
+  if (x <= kSmallCount && x == static_cast<double>(static_cast<int64_t>(x)) && t < 1e15) {
+    double p = t, dp = 1.0;
+    for (double k = 1.0; k < x; k += 1.0) {
+      const double tk = t + k;
+      dp = dp * tk + p;
+      p *= tk;
+    }
+    lg = std::log(p);
+    if (DIGAMMA) dg = dp / p;
+  } else if (DIGAMMA) {
+    lgamma_digamma_pos(x + t, lg, dg);
+    lg -= lg_t;
+    dg -= dg_t;
+  } else {
+    lg = lgamma_pos(x + t) - lg_t;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // sparse_linear
 //
 // Forward: y_r = b + W_cov[cov_r] + sum_{j in row r} f(v_j) W[g_j, :]
 // (W gene-major, so each stored value adds a contiguous H-vector).
-// Backward: dW[g, :] = sum_{(r, g) stored} f(v) dy[r, :], computed per gene
-// over a transposed copy of the batch (a parallel counting sort) so that every
-// dW row is written by exactly one thread, once.
+// Backward: dW[g, :] = sum_{(r, g) stored} f(v) dy[r, :].
+//
+// Both are memory-bound gathers of H-vectors, so they are tiled over H: a task
+// owns a column chunk of NV vectors, keeps its accumulators in registers, and
+// sweeps rows (forward) or genes (backward); the chunk's slice of W (G x chunk,
+// 1 MB for G = 8000 in float32) or of dy stays in the core's L2 across the
+// sweep instead of streaming the whole W from memory for every stored value.
+// Tasks are laid out chunk-major and split statically, so each thread works
+// on its own chunks (and no two threads ever write the same output element).
+// The backward sweeps genes over a transposed copy of the batch (a parallel
+// counting sort), so every dW row chunk is written once.
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -177,26 +213,84 @@ static inline void transform_values(const T* v, int64_t n, int transform, T* out
   }
 }
 
-// acc[h] += sum_k f[k] * rows[k][h] for n rows, four at a time so the
-// accumulator is loaded and stored once per four rows.
+// 32-byte vectors through GCC/Clang vector extensions: AVX registers in the
+// AVX2 build, pairs of SSE registers in the baseline build.
 template <typename T>
-static inline void axpy_rows(T* __restrict acc, int64_t H, int64_t n, const T* f,
-                             const T* const* rows) {
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    const T* __restrict r0 = rows[k];
-    const T* __restrict r1 = rows[k + 1];
-    const T* __restrict r2 = rows[k + 2];
-    const T* __restrict r3 = rows[k + 3];
-    const T f0 = f[k], f1 = f[k + 1], f2 = f[k + 2], f3 = f[k + 3];
-#pragma omp simd
-    for (int64_t h = 0; h < H; ++h) acc[h] += f0 * r0[h] + f1 * r1[h] + f2 * r2[h] + f3 * r3[h];
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int L = 32 / sizeof(T);
+};
+
+template <typename V, typename T>
+static inline V vload(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+static inline void vstore(T* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+#ifndef SCVI_FAST_FWD_VECS
+#define SCVI_FAST_FWD_VECS 4
+#endif
+#ifndef SCVI_FAST_BWD_VECS
+#define SCVI_FAST_BWD_VECS 8
+#endif
+static constexpr int kFwdVecs = SCVI_FAST_FWD_VECS;  // forward chunk: 32 floats / 16 doubles
+static constexpr int kBwdVecs = SCVI_FAST_BWD_VECS;  // backward chunk: 64 floats / 32 doubles
+static constexpr int64_t kRowBlock = 128;
+static constexpr int64_t kGeneBlock = 512;
+
+// out[0:n] = sum_k f[k] * src[k][0:n] (+ init), for a column chunk of n < full
+// width (the ragged right edge of H).
+template <typename T>
+static inline void gather_tail(T* out, int64_t n, const T* init0, const T* init1, int64_t cnt,
+                               const T* f, const T* const* src) {
+  T acc[64];
+  for (int64_t h = 0; h < n; ++h) {
+    acc[h] = (init0 != nullptr ? init0[h] : T(0)) + (init1 != nullptr ? init1[h] : T(0));
   }
-  for (; k < n; ++k) {
-    const T* __restrict r0 = rows[k];
-    const T f0 = f[k];
-#pragma omp simd
-    for (int64_t h = 0; h < H; ++h) acc[h] += f0 * r0[h];
+  for (int64_t k = 0; k < cnt; ++k) {
+    const T fk = f[k];
+    const T* s = src[k];
+    for (int64_t h = 0; h < n; ++h) acc[h] += fk * s[h];
+  }
+  for (int64_t h = 0; h < n; ++h) out[h] = acc[h];
+}
+
+template <typename T, typename I>
+static void sl_fwd_tile(int64_t r0, int64_t r1, int64_t h0, int64_t H, const int64_t* indptr,
+                        const I* indices, const T* f, const T* W, const T* b,
+                        const int64_t* cov, const T* W_cov, T* y, const T** scratch) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = kFwdVecs;
+  const int64_t width = min_<int64_t>(NV * L, H - h0);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p0 = indptr[r], p1 = indptr[r + 1];
+    const T* bb = b != nullptr ? b + h0 : nullptr;
+    const T* wc = W_cov != nullptr ? W_cov + cov[r] * H + h0 : nullptr;
+    if (width < NV * L) {
+      for (int64_t j = p0; j < p1; ++j) scratch[j - p0] = W + static_cast<int64_t>(indices[j]) * H + h0;
+      gather_tail(y + r * H + h0, width, bb, wc, p1 - p0, f + p0, scratch);
+      continue;
+    }
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) {
+      acc[v] = V{} + T(0);
+      if (bb != nullptr) acc[v] += vload<V>(bb + v * L);
+      if (wc != nullptr) acc[v] += vload<V>(wc + v * L);
+    }
+    for (int64_t j = p0; j < p1; ++j) {
+      if (j + 8 < p1) __builtin_prefetch(W + static_cast<int64_t>(indices[j + 8]) * H + h0);
+      const T* w = W + static_cast<int64_t>(indices[j]) * H + h0;
+      const V fj = V{} + f[j];
+      for (int v = 0; v < NV; ++v) acc[v] += fj * vload<V>(w + v * L);
+    }
+    for (int v = 0; v < NV; ++v) vstore(y + r * H + h0 + v * L, acc[v]);
   }
 }
 
@@ -205,46 +299,72 @@ int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr
                           const I* indices, const T* values, int transform, const T* W,
                           const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
                           int n_threads) {
+  const int64_t nnz = indptr[B];
   int64_t bad = 0;
+  // Validate indices and codes first: the tiles below index W without checks.
+#pragma omp parallel for num_threads(n_threads) reduction(+ : bad) schedule(static)
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t g = static_cast<int64_t>(indices[j]);
+    bad += (g < 0 || g >= G) ? 1 : 0;
+  }
+  if (W_cov != nullptr) {
+    for (int64_t r = 0; r < B; ++r) bad += (cov[r] < 0 || cov[r] >= K) ? 1 : 0;
+  }
+  if (bad != 0) return bad;
+
+  T* fbuf = nullptr;
+  const T* f = values;
+  if (transform != kIdentity) {
+    fbuf = new T[nnz > 0 ? nnz : 1];
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t c = 0; c < nnz; c += 4096) transform_values(values + c, min_<int64_t>(4096, nnz - c), transform, fbuf + c);
+    f = fbuf;
+  }
   int64_t max_row = 0;
   for (int64_t r = 0; r < B; ++r) max_row = max_(max_row, indptr[r + 1] - indptr[r]);
-#pragma omp parallel num_threads(n_threads) reduction(+ : bad)
+  const int64_t chunk = kFwdVecs * Vec<T>::L;
+  const int64_t n_chunks = (H + chunk - 1) / chunk;
+  const int64_t n_rb = (B + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel num_threads(n_threads)
   {
-    T* f = new T[max_row > 0 ? max_row : 1];
-    const T** rows = new const T*[max_row > 0 ? max_row : 1];
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t r = 0; r < B; ++r) {
-      T* __restrict yr = y + r * H;
-      const T* wc = nullptr;
-      if (W_cov != nullptr) {
-        int64_t c = cov[r];
-        if (c >= 0 && c < K) wc = W_cov + c * H; else ++bad;
-      }
-      if (b != nullptr && wc != nullptr) {
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) yr[h] = b[h] + wc[h];
-      } else if (b != nullptr) {
-        for (int64_t h = 0; h < H; ++h) yr[h] = b[h];
-      } else if (wc != nullptr) {
-        for (int64_t h = 0; h < H; ++h) yr[h] = wc[h];
-      } else {
-        for (int64_t h = 0; h < H; ++h) yr[h] = T(0);
-      }
-      const int64_t p0 = indptr[r], n = indptr[r + 1] - p0;
-      transform_values(values + p0, n, transform, f);
-      int64_t m = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        int64_t g = static_cast<int64_t>(indices[p0 + j]);
-        if (g < 0 || g >= G) { ++bad; continue; }
-        f[m] = f[j];
-        rows[m++] = W + g * H;
-      }
-      axpy_rows(yr, H, m, f, rows);
+    const T** scratch = new const T*[max_row > 0 ? max_row : 1];
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < n_chunks * n_rb; ++task) {
+      const int64_t c = task / n_rb, rb = task % n_rb;
+      sl_fwd_tile<T, I>(rb * kRowBlock, min_(B, (rb + 1) * kRowBlock), c * chunk, H, indptr,
+                        indices, f, W, b, cov, W_cov, y, scratch);
     }
-    delete[] rows;
-    delete[] f;
+    delete[] scratch;
   }
-  return bad;
+  delete[] fbuf;
+  return 0;
+}
+
+template <typename T>
+static void sl_bwd_tile(int64_t g0, int64_t g1, int64_t h0, int64_t H, const int64_t* colptr,
+                        const int32_t* rowid, const T* fval, const T* dy, T* dW,
+                        const T** scratch) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = kBwdVecs;
+  const int64_t width = min_<int64_t>(NV * L, H - h0);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t k0 = colptr[g], k1 = colptr[g + 1];
+    if (width < NV * L) {
+      for (int64_t k = k0; k < k1; ++k) scratch[k - k0] = dy + static_cast<int64_t>(rowid[k]) * H + h0;
+      gather_tail(dW + g * H + h0, width, static_cast<const T*>(nullptr),
+                  static_cast<const T*>(nullptr), k1 - k0, fval + k0, scratch);
+      continue;
+    }
+    V acc[NV];
+    for (int v = 0; v < NV; ++v) acc[v] = V{} + T(0);
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* d = dy + static_cast<int64_t>(rowid[k]) * H + h0;
+      const V fk = V{} + fval[k];
+      for (int v = 0; v < NV; ++v) acc[v] += fk * vload<V>(d + v * L);
+    }
+    for (int v = 0; v < NV; ++v) vstore(dW + g * H + h0 + v * L, acc[v]);
+  }
 }
 
 template <typename T, typename I>
@@ -260,6 +380,7 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
   int32_t* rowid = new int32_t[nnz > 0 ? nnz : 1];
   T* fval = new T[nnz > 0 ? nnz : 1];
   int64_t bad = 0;
+  int64_t max_col = 0;
 #pragma omp parallel num_threads(nt) reduction(+ : bad)
   {
     const int tid = omp_get_thread_num();
@@ -268,7 +389,7 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
     thread_range(B, tid, nth, r0, r1);
     int64_t* cnt = offs + static_cast<size_t>(tid) * (G + 1);
     for (int64_t j = indptr[r0]; j < indptr[r1]; ++j) {
-      int64_t g = static_cast<int64_t>(indices[j]);
+      const int64_t g = static_cast<int64_t>(indices[j]);
       if (g >= 0 && g < G) ++cnt[g]; else ++bad;
     }
 #pragma omp barrier
@@ -278,43 +399,41 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
       for (int64_t g = 0; g < G; ++g) {
         colptr[g] = pos;
         for (int t = 0; t < nth; ++t) {
-          int64_t c = offs[static_cast<size_t>(t) * (G + 1) + g];
+          const int64_t c = offs[static_cast<size_t>(t) * (G + 1) + g];
           offs[static_cast<size_t>(t) * (G + 1) + g] = pos;
           pos += c;
         }
+        max_col = max_(max_col, pos - colptr[g]);
       }
       colptr[G] = pos;
     }
-    // implicit barrier after single
-    T* fbuf = new T[256];
+    T fbuf[256];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t p0 = indptr[r], p1 = indptr[r + 1];
       for (int64_t c0 = p0; c0 < p1; c0 += 256) {
         const int64_t n = min_<int64_t>(256, p1 - c0);
         transform_values(values + c0, n, transform, fbuf);
         for (int64_t j = 0; j < n; ++j) {
-          int64_t g = static_cast<int64_t>(indices[c0 + j]);
+          const int64_t g = static_cast<int64_t>(indices[c0 + j]);
           if (g < 0 || g >= G) continue;
-          int64_t at = cnt[g]++;
+          const int64_t at = cnt[g]++;
           rowid[at] = static_cast<int32_t>(r);
           fval[at] = fbuf[j];
         }
       }
     }
-    delete[] fbuf;
 #pragma omp barrier
-    int64_t max_col = 0;
-    for (int64_t g = 0; g < G; ++g) max_col = max_(max_col, colptr[g + 1] - colptr[g]);
-    const T** rp = new const T*[max_col > 0 ? max_col : 1];
-#pragma omp for schedule(dynamic, 16)
-    for (int64_t g = 0; g < G; ++g) {
-      T* __restrict dwg = dW + g * H;
-      for (int64_t h = 0; h < H; ++h) dwg[h] = T(0);
-      const int64_t k0 = colptr[g], n = colptr[g + 1] - k0;
-      for (int64_t k = 0; k < n; ++k) rp[k] = dy + static_cast<int64_t>(rowid[k0 + k]) * H;
-      axpy_rows(dwg, H, n, fval + k0, rp);
+    const T** scratch = new const T*[max_col > 0 ? max_col : 1];
+    const int64_t chunk = kBwdVecs * Vec<T>::L;
+    const int64_t n_chunks = (H + chunk - 1) / chunk;
+    const int64_t n_gb = (G + kGeneBlock - 1) / kGeneBlock;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < n_chunks * n_gb; ++task) {
+      const int64_t c = task / n_gb, gb = task % n_gb;
+      sl_bwd_tile<T>(gb * kGeneBlock, min_(G, (gb + 1) * kGeneBlock), c * chunk, H, colptr,
+                     rowid, fval, dy, dW, scratch);
     }
-    delete[] rp;
+    delete[] scratch;
   }
   delete[] fval;
   delete[] rowid;
@@ -423,17 +542,18 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
         if (x == 0.0) continue;
         const double t = theta_d[g];
         const double m = scale_d * static_cast<double>(buf[g]);
-        const double tme = t + m + eps_d;
-        const double lt = std::log(tme);
-        double lgx, dgx;
-        if (THETA) lgamma_digamma_pos(x + t, lgx, dgx); else lgx = lgamma_pos(x + t);
-        loss += x * (std::log(m + eps_d) - lt) + (lgx - lgamma_t[g]) - lgamma1p_count(x, table);
+        const double u = m + eps_d, tme = t + u, rinv = 1.0 / tme;
+        double lgd, dgd = 0.0;
+        count_gamma_diff<THETA>(x, t, lgamma_t[g], THETA ? digamma_t[g] : 0.0, lgd, dgd);
+        // x (log(mu+eps) - log(theta+mu+eps)) with one log of the ratio.
+        loss += x * std::log(u * rinv) + lgd - lgamma1p_count(x, table);
         if (GRAD) {
-          const double d = x * m / (m + eps_d) - x * m / tme;
+          // x mu/(mu+eps) - x mu/(theta+mu+eps) = x mu theta / ((mu+eps)(theta+mu+eps))
+          const double d = x * m * t * rinv / u;
           da[j] = d;
           A += d;
         }
-        if (THETA) theta_acc[g] += static_cast<double>(w) * t * (dgx - digamma_t[g] - x / tme);
+        if (THETA) theta_acc[g] += static_cast<double>(w) * t * (dgd - x * rinv);
       }
 
       a.loglik[r] = static_cast<T>(loss);
