@@ -89,6 +89,8 @@ class SCVI:
         defaults to lr 1e-4, batch 1024, 100 epochs, 20 warm-up epochs).
     impl
         Back-end of the fused ops: ``"auto" | "triton" | "native" | "torch"``.
+    seed
+        Seed of the weight initialisation.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class SCVI:
         latent_distribution: Literal["normal"] = "normal",
         preset: Literal["census"] | None = None,
         impl: Literal["auto", "triton", "native", "torch"] = "auto",
+        seed: int = 0,
         *,
         _registry: dict | None = None,
     ):
@@ -129,13 +132,17 @@ class SCVI:
         else:
             self.registry = self._registry_of(adata)
         self.adata = adata
-        self.module = VAE(
-            n_input=len(self.registry["var_names"]),
-            n_batch=len(self.registry["batch_categories"]),
-            n_labels=len(self.registry["labels_categories"]),
-            impl=impl,
-            **arch,
-        )
+        # Weights are initialised from their own seeded stream so that a model
+        # (and a CPU training run) is reproducible without touching the global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = VAE(
+                n_input=len(self.registry["var_names"]),
+                n_batch=len(self.registry["batch_categories"]),
+                n_labels=len(self.registry["labels_categories"]),
+                impl=impl,
+                **arch,
+            )
         self.init_params_ = {**arch, "preset": preset, "impl": impl}
         self.is_trained_ = False
         self.history_: dict[str, list[float]] = {}
@@ -174,8 +181,7 @@ class SCVI:
             _, label_cats = _categories(adata.obs[labels_key])
         else:
             label_cats = ["0"]
-        X = adata.X if layer is None else adata.layers[layer]
-        _data.check_counts(X, obs_names=adata.obs_names, what="X" if layer is None else f"layer {layer!r}")
+        _data.check_counts(adata, layer=layer)
         adata.uns[SETUP_KEY] = {
             "batch_key": batch_key or "",
             "labels_key": labels_key or "",
@@ -284,8 +290,7 @@ class SCVI:
             labels = np.zeros(adata.n_obs, dtype=np.int64)
         layer = reg["layer"] or None
         if adata is not self.adata and not getattr(adata, "isbacked", False):
-            X = adata.X if layer is None else adata.layers[layer]
-            _data.check_counts(X, obs_names=adata.obs_names)
+            _data.check_counts(adata, layer=layer)
         return _data.as_source(adata, layer=layer, batch_codes=batch, labels_codes=labels)
 
     def _store_codes(self, store, which: str) -> np.ndarray | None:
