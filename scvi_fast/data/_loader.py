@@ -17,6 +17,7 @@ Host memory is bounded by the staging buffer and a few output buffers, whatever 
 from __future__ import annotations
 
 import math
+import mmap
 import queue
 import sys
 import threading
@@ -236,28 +237,55 @@ class BlockShuffleSampler:
             yield rows, perm
 
 
+def _alloc(n: int, dtype) -> np.ndarray:
+    """An uninitialised array; large ones are backed by transparent huge pages where the
+    kernel offers them, since first-touch page faults dominate the cost of a fresh buffer."""
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    if nbytes < (8 << 20):
+        return np.empty(n, dtype=dtype)
+    mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return np.frombuffer(mm, dtype=dtype, count=n)
+
+
 class _OutBuffer:
-    """Reusable minibatch output arrays; reused only when no minibatch still views them."""
+    """Reusable output arrays of one minibatch; reused only when nothing still views them."""
 
     def __init__(self, n_rows: int, nnz: int):
         self.indptr = np.empty(n_rows + 1, dtype=np.int64)
-        self.indices = np.empty(nnz, dtype=np.int32)
-        self.values = np.empty(nnz, dtype=np.float32)
+        self.indices = _alloc(nnz, np.int32)
+        self.values = _alloc(nnz, np.float32)
         self.library = np.empty(n_rows, dtype=np.float32)
 
     def fits(self, n_rows: int, nnz: int) -> bool:
         return self.indptr.shape[0] > n_rows and self.indices.shape[0] >= nnz
 
     def in_use(self) -> bool:
-        # one reference from the attribute, one from getrefcount's argument
-        return any(sys.getrefcount(a) > 2 for a in (self.indptr, self.indices, self.values,
-                                                    self.library))
+        # each array is referenced by this object and by getrefcount's argument; any more
+        # means a minibatch (or a tensor made from one) still views it
+        return (sys.getrefcount(self.indptr) > 2 or sys.getrefcount(self.indices) > 2
+                or sys.getrefcount(self.values) > 2 or sys.getrefcount(self.library) > 2)
 
 
 class BufferFetcher:
-    """Stages a buffer of rows and emits its shuffled minibatches (see the module docstring)."""
+    """Reads a buffer of rows and emits its shuffled minibatches (see the module docstring).
 
-    def __init__(self, source: Source, batch_size: int, n_out_buffers: int = 4):
+    The buffer's rows (whole blocks, in file order) are first staged into a preallocated
+    buffer in the source's own compact dtypes (the store: one ``pread`` per block, so no
+    mapped page counts towards RSS; HDF5: one read per block), then each minibatch is gathered
+    by one numba pass, in shuffled order, into reusable output arrays. In-memory CSR sources
+    skip the staging copy and are gathered straight from their arrays.
+
+    Host memory: the staging buffer (``buffer_size`` cells in compact dtypes) plus a few
+    minibatches; minibatch arrays are recycled once no minibatch or tensor views them.
+    """
+
+    def __init__(self, source: Source, batch_size: int, stage: bool | None = None,
+                 emit_batches: int = 4, max_pool: int = 6):
         if not source.supports_random_access:
             raise TypeError(
                 f"{type(source).__name__} cannot be read by row; convert it to a store first: "
@@ -265,11 +293,13 @@ class BufferFetcher:
             )
         self.source = source
         self.batch_size = batch_size
+        self.emit_batches = max(1, int(emit_batches))
+        self.stage = not source.direct_gather if stage is None else stage
         self._stage_indptr = np.empty(0, dtype=np.int64)
         self._stage_indices = np.empty(0, dtype=source.indices_dtype)
         self._stage_data = np.empty(0, dtype=source.data_dtype)
-        self._out: list[_OutBuffer] = []
-        self._n_out = n_out_buffers
+        self._pool: list[_OutBuffer] = []
+        self._max_pool = max_pool
         self._lock = threading.Lock()
 
     def _stage(self, rows: np.ndarray):
@@ -280,55 +310,83 @@ class BufferFetcher:
         _, nnz = row_offsets(self.source.indptr, rows, indptr)
         if self._stage_indices.shape[0] < nnz:
             cap = int(nnz * 1.25) + 1
-            self._stage_indices = np.empty(cap, dtype=self.source.indices_dtype)
-            self._stage_data = np.empty(cap, dtype=self.source.data_dtype)
+            self._stage_indices = _alloc(cap, self.source.indices_dtype)
+            self._stage_data = _alloc(cap, self.source.data_dtype)
         indices, data = self._stage_indices[:nnz], self._stage_data[:nnz]
         self.source.read_rows(rows, indptr, indices, data)
         self.source.release()
         return indptr, indices, data
 
     def _out_buffer(self, n_rows: int, nnz: int) -> _OutBuffer:
-        for buf in self._out:
-            if buf.fits(n_rows, nnz) and not buf.in_use():
-                return buf
-        free = [i for i, b in enumerate(self._out) if not b.in_use()]
-        buf = _OutBuffer(n_rows, int(nnz * 1.25) + 1)
-        if len(self._out) < self._n_out:
-            self._out.append(buf)
-        elif free:
-            self._out[free[0]] = buf
+        free = None
+        for i, buf in enumerate(self._pool):
+            if not buf.in_use():
+                if buf.fits(n_rows, nnz):
+                    return buf
+                free = i
+        buf = _OutBuffer(max(n_rows, self.batch_size * self.emit_batches), int(nnz * 1.25) + 1)
+        if free is not None:
+            self._pool[free] = buf
+        elif len(self._pool) < self._max_pool:
+            self._pool.append(buf)
         return buf
 
-    def fetch(self, rows: np.ndarray, perm: np.ndarray) -> list[CSRMinibatch]:
-        """Read buffer ``rows`` and return its minibatches in ``perm`` order."""
+    def _emit(self, src, take: np.ndarray, obs: np.ndarray) -> list[CSRMinibatch]:
+        """Gather rows ``take`` of ``src`` (one parallel launch) and cut them into batches."""
+        n = take.size
+        offsets, nnz = row_offsets(src[0], take)
+        buf = self._out_buffer(n, nnz)
+        indptr = buf.indptr[: n + 1]
+        library = buf.library[:n]
+        indptr[:] = offsets
+        gather_rows(*src, take, out=(indptr, buf.indices, buf.values), out_sum=library)
+        batch = self.source.batch_codes[obs]
+        labels = self.source.labels_codes[obs]
+        out = []
+        bs = self.batch_size
+        for a in range(0, n, bs):
+            b = min(a + bs, n)
+            lo, hi = int(indptr[a]), int(indptr[b])
+            out.append(CSRMinibatch(
+                indptr=indptr[a : b + 1] - lo,
+                indices=buf.indices[lo:hi],
+                values=buf.values[lo:hi],
+                batch=batch[a:b],
+                labels=labels[a:b],
+                library=library[a:b],
+                obs_idx=obs[a:b],
+                n_genes=self.source.n_genes,
+            ))
+        return out
+
+    def iter_groups(self, rows: np.ndarray, perm: np.ndarray):
+        """Read buffer ``rows``; yield lists of minibatches with rows in ``perm`` order.
+
+        Each list comes from one parallel gather of ``emit_batches`` minibatches: fewer,
+        larger launches cost less when the cores are shared with other processes.
+        """
         with self._lock:
-            st_indptr, st_indices, st_data = self._stage(rows)
-            n = perm.size
-            nnz = int(np.sum(np.diff(st_indptr)[perm])) if n else 0
-            buf = self._out_buffer(n, nnz)
-            indptr = buf.indptr[: n + 1]
-            library = buf.library[:n]
-            gather_rows(st_indptr, st_indices, st_data, perm,
-                        out=(indptr, buf.indices, buf.values), out_sum=library)
             obs = rows[perm]
-            batch = self.source.batch_codes[obs]
-            labels = self.source.labels_codes[obs]
-            out = []
-            bs = self.batch_size
-            for a in range(0, n, bs):
-                b = min(a + bs, n)
-                lo, hi = int(indptr[a]), int(indptr[b])
-                out.append(CSRMinibatch(
-                    indptr=indptr[a : b + 1] - lo,
-                    indices=buf.indices[lo:hi],
-                    values=buf.values[lo:hi],
-                    batch=batch[a:b],
-                    labels=labels[a:b],
-                    library=library[a:b],
-                    obs_idx=obs[a:b],
-                    n_genes=self.source.n_genes,
-                ))
-            return out
+            if self.stage:
+                src = self._stage(rows)
+                take = perm
+            else:
+                src = (self.source.indptr, self.source.indices, self.source.data)
+                take = obs
+            step = self.batch_size * self.emit_batches
+            for a in range(0, perm.size, step):
+                yield self._emit(src, take[a : a + step], obs[a : a + step])
+            if not self.stage:
+                self.source.release()
+
+    def iter_batches(self, rows: np.ndarray, perm: np.ndarray):
+        """Read buffer ``rows``; yield its minibatches with rows in ``perm`` order."""
+        for group in self.iter_groups(rows, perm):
+            yield from group
+
+    def fetch(self, rows: np.ndarray, perm: np.ndarray) -> list[CSRMinibatch]:
+        """All minibatches of one buffer (see :meth:`iter_batches`)."""
+        return list(self.iter_batches(rows, perm))
 
 
 _DONE = object()
@@ -360,7 +418,10 @@ class CSRLoader:
     buffer_size
         Rows shuffled together; host memory grows with it.
     prefetch
-        Fetch the next buffer on a background thread while the current one is consumed.
+        Read ahead on a background thread while the current minibatch is consumed.
+    emit_batches
+        Minibatches gathered per parallel launch (and handed over together); host memory for
+        output grows with it.
     layer, batch_codes, labels_codes, batch_key, labels_key
         Passed to :func:`as_source`.
 
@@ -376,7 +437,7 @@ class CSRLoader:
     def __init__(self, source, batch_size: int = 1024, shuffle: bool = True, seed: int = 0,
                  indices=None, drop_last: bool = False, rank: int = 0, world_size: int = 1,
                  block_size: int = 32, buffer_size: int = 16384, prefetch: bool = True,
-                 layer: str | None = None, batch_codes=None, labels_codes=None,
+                 emit_batches: int = 4, layer: str | None = None, batch_codes=None, labels_codes=None,
                  batch_key: str | None = None, labels_key: str | None = None):
         self.source = as_source(source, layer=layer, batch_codes=batch_codes,
                                 labels_codes=labels_codes, batch_key=batch_key,
@@ -386,7 +447,8 @@ class CSRLoader:
             seed=seed, block_size=block_size, buffer_size=buffer_size, drop_last=drop_last,
             rank=rank, world_size=world_size,
         )
-        self.fetcher = BufferFetcher(self.source, self.sampler.batch_size)
+        self.fetcher = BufferFetcher(self.source, self.sampler.batch_size,
+                                     emit_batches=emit_batches)
         self.prefetch = prefetch
 
     # ------------------------------------------------------------------ properties
@@ -424,7 +486,7 @@ class CSRLoader:
     def __iter__(self):
         if not self.prefetch:
             for rows, perm in self.sampler.buffers():
-                yield from self.fetcher.fetch(rows, perm)
+                yield from self.fetcher.iter_batches(rows, perm)
             return
         q: queue.Queue = queue.Queue(maxsize=1)
         stop = threading.Event()
@@ -432,15 +494,16 @@ class CSRLoader:
         def work():
             try:
                 for rows, perm in self.sampler.buffers():
-                    if stop.is_set():
-                        return
-                    batches = self.fetcher.fetch(rows, perm)
-                    while not stop.is_set():
-                        try:
-                            q.put(batches, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    for group in self.fetcher.iter_groups(rows, perm):
+                        while not stop.is_set():
+                            try:
+                                q.put(group, timeout=0.1)
+                                break
+                            except queue.Full:
+                                continue
+                        del group
+                        if stop.is_set():
+                            return
                 q.put(_DONE)
             except BaseException as err:  # handed to the consumer
                 q.put(err)

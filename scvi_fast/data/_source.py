@@ -51,6 +51,7 @@ class Source:
     indptr: np.ndarray | None = None
     indices_dtype = np.dtype(np.int32)
     data_dtype = np.dtype(np.float32)
+    direct_gather = False
 
     @property
     def supports_random_access(self) -> bool:
@@ -118,6 +119,9 @@ class Source:
 
 class ArraySource(Source):
     """Rows of a CSR matrix held as three arrays (in memory or memory-mapped)."""
+
+    #: the loader gathers minibatches straight from ``indptr``/``indices``/``data``
+    direct_gather = True
 
     def __init__(self, indptr, indices, data, n_genes, var_names=None, obs_names=None,
                  batch_codes=None, labels_codes=None):

@@ -276,8 +276,38 @@ class StoreSource(ArraySource):
     def obs_names(self, value):
         pass
 
+    #: read with ``pread`` into the loader's staging buffer rather than gathered from the map:
+    #: mapped page-cache pages would count towards the process's RSS
+    direct_gather = False
+
     def release(self) -> None:
         self.store.release()
+
+    def read_rows(self, rows, out_indptr, out_indices, out_data) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        fds = self.store._fds()
+        if fds is None:
+            return super().read_rows(rows, out_indptr, out_indices, out_data)
+        brk = np.flatnonzero(np.diff(rows) != 1) + 1
+        starts = np.concatenate([[0], brk]).tolist()
+        stops = np.concatenate([brk, [rows.size]]).tolist()
+        ip = self.indptr
+        for name, out, fd in (("indices", out_indices, fds[0]), ("data", out_data, fds[1])):
+            isz = out.dtype.itemsize
+            view = memoryview(out).cast("B")
+            for a, b in zip(starts, stops):
+                s, e = int(ip[rows[a]]), int(ip[rows[b - 1] + 1])
+                if e > s:
+                    o = int(out_indptr[a])
+                    want = (e - s) * isz
+                    got = os.preadv(fd, [view[o * isz : o * isz + want]], s * isz)
+                    if got != want:
+                        raise StoreCorruptError(
+                            f"{self.store.path}: short read of {name} ({got} of {want} bytes); "
+                            "the store was truncated after it was opened"
+                        )
 
 
 class CSRStore:
@@ -421,6 +451,26 @@ class CSRStore:
             with open(self.path / "obs_names.txt", encoding="utf-8") as fh:
                 self._obs_names = np.asarray(fh.read().split("\n")[: self.n_cells], dtype=object)
         return self._obs_names
+
+    def _fds(self):
+        """Read-only descriptors of indices.bin and data.bin for this process (or None)."""
+        if self.nnz == 0 or not hasattr(os, "preadv"):
+            return None
+        if getattr(self, "_fd_pid", None) != os.getpid():
+            self._fd = (os.open(self.path / self.manifest["arrays"]["indices"]["file"],
+                                os.O_RDONLY),
+                        os.open(self.path / self.manifest["arrays"]["data"]["file"],
+                                os.O_RDONLY))
+            self._fd_pid = os.getpid()
+        return self._fd
+
+    def __del__(self):
+        if getattr(self, "_fd_pid", None) == os.getpid():
+            for fd in self._fd:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def release(self) -> None:
         """Drop this process's mappings of store pages (they stay in the page cache)."""

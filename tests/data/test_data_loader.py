@@ -145,7 +145,7 @@ def test_errors_propagate_from_prefetch_thread(rng):
     def boom(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    src.read_rows = boom
+    src.release = boom
     with pytest.raises(RuntimeError, match="disk on fire"):
         list(CSRLoader(src, **LOADER_ARGS))
 
