@@ -83,8 +83,7 @@ def _nb_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * logits_row_stride
-    l = tl.load(log_lib_ptr + row).to(ACC)
-    lib = tl.exp(l)
+    lib = tl.exp(tl.load(log_lib_ptr + row).to(ACC))  # library size exp(l)
 
     # pass 1: per-lane online log-sum-exp. Lanes start at a finite floor (-1e30) so that a lane
     # that only ever sees masked columns keeps s = 0 and never computes exp(-inf + inf).
@@ -269,7 +268,7 @@ def nb_backward(logits, log_library, px_r, indptr, indices, values, lse, csum, w
     part = torch.empty(n_row_tiles, G, dtype=acc, device=logits.device) if need_dr else None
     q = torch.empty(indices.numel(), dtype=acc, device=logits.device) if need_dr else None
     ACC = acc_dtype(logits.dtype)
-    if B > 0 and G > 0:
+    if B > 0 and G > 0 and (need_dz or need_dr):
         _nb_bwd_dense_kernel[(n_row_tiles, triton.cdiv(G, block_g))](
             logits, logits.stride(0), log_library, px_r, lse, csum, w,
             dz if need_dz else logits, dz.stride(0) if need_dz else 0,
