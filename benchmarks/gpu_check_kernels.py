@@ -297,20 +297,13 @@ def _timeit(fn, repeats, device):
     return statistics.median(times), min(times), max(times)
 
 
-def _nb_bytes(t):
-    """Bytes the Triton NB kernels request from memory (each pass over the logits counted;
-    per-gene vectors are L2-resident and left out)."""
+def _nb_bytes(tk, t):
+    """Bytes moved by the NB kernels, as the package counts them."""
     B, G = t["logits"].shape
-    es = t["logits"].element_size()
-    nnz = t["indices"].numel()
-    csr = t["indptr"].numel() * t["indptr"].element_size() + nnz * (
-        t["indices"].element_size() + t["values"].element_size()
+    return tk._kernels("_nb_loglik").bytes_moved(
+        B, G, t["indices"].numel(), t["logits"].element_size(),
+        t["indices"].element_size(), t["values"].element_size(),
     )
-    fwd = 2 * B * G * es + csr + nnz * es + 4 * B * 4
-    # backward: dense tile kernel reads logits and writes dz and the px_r partials; the
-    # non-zero kernel re-reads the CSR, gathers logits, updates dz at non-zeros, writes q
-    bwd = 2 * B * G * es + (B // 16 + 1) * G * 4 + csr + 3 * nnz * es + nnz * 4 + 4 * B * 4
-    return fwd, bwd
 
 
 def _time_all(tk, t, args, device):
@@ -338,7 +331,7 @@ def _time_all(tk, t, args, device):
         ll = fn(z, l, r, X, 1e-8)
         torch.autograd.grad((ll * t["w"]).sum(), [z, r])
 
-    fwd_bytes, bwd_bytes = _nb_bytes(t)
+    fwd_bytes, bwd_bytes = _nb_bytes(tk, t)
     ms_f = row("nb_softmax_loglik fwd        triton", lambda: nb_fwd(tk.nb_softmax_loglik))
     ms_fr = row("nb_softmax_loglik fwd        torch", lambda: nb_fwd(reference.nb_softmax_loglik))
     ms_fb = row("nb_softmax_loglik fwd+bwd    triton", lambda: nb_fwd_bwd(tk.nb_softmax_loglik))
