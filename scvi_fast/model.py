@@ -376,6 +376,9 @@ class SCVI:
         accelerator: str | None = None,
         progress_bar: bool = True,
         plan_kwargs: dict | None = None,
+        allow_tf32: bool = False,
+        precision: Literal["32", "bf16-mixed"] = "32",
+        compile_dense: bool = False,
         **loader_kwargs,
     ) -> SCVI:
         """Train the model (scvi-tools' defaults unless a preset says otherwise).
@@ -402,6 +405,13 @@ class SCVI:
             Seeds the split, the shuffling and torch's sampling noise.
         device
             ``"auto"`` (CUDA if present), ``"cpu"`` or ``"cuda[:i]"``.
+        allow_tf32, precision, compile_dense
+            CUDA speed options (TF32 GEMMs; ``"bf16-mixed"`` autocast of the GEMMs with the
+            likelihood in fp32; ``torch.compile`` of the dense stacks). Off by default, and
+            ignored on the CPU.
+        **loader_kwargs
+            Passed to :class:`scvi_fast.data.CSRLoader` (``block_size``, ``buffer_size``,
+            ``prefetch``...).
         """
         plan_kwargs = dict(plan_kwargs or {})
         defaults = dict(TRAIN_DEFAULTS)
@@ -443,6 +453,7 @@ class SCVI:
             early_stopping_monitor=early_stopping_monitor,
             checkpoint_dir=checkpoint_dir, checkpoint_every_n_steps=checkpoint_every_n_steps,
             device=self.device, seed=seed, progress_bar=progress_bar,
+            allow_tf32=allow_tf32, precision=precision, compile_dense=compile_dense,
         )
         self.trainer = trainer
         self.history_ = trainer.fit(max_epochs, resume=resume)

@@ -158,6 +158,10 @@ class VAE(nn.Module):
         ``kl`` (per cell) and ``library`` (``(B,)`` log library).
         """
         q_m, q_v_raw = self.encoder(x)
+        # Under bf16 autocast the GEMMs run in bf16; sampling and KL stay in fp32.
+        q_m, q_v_raw = q_m.float() if q_m.dtype == torch.bfloat16 else q_m, (
+            q_v_raw.float() if q_v_raw.dtype == torch.bfloat16 else q_v_raw
+        )
         library = torch.log(x.library.to(q_m.dtype).reshape(-1))
         if give_mean:
             z, kl = F_ops.reparam_kl(q_m, q_v_raw, torch.zeros_like(q_m), impl=self.impl)
@@ -187,8 +191,11 @@ class VAE(nn.Module):
     # ---- loss --------------------------------------------------------------------
     def loss(self, x, inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0):
         """Per-cell reconstruction loss and KL, and the KL-weighted mean to minimise."""
+        logits = generative_outputs["logits"]
+        if logits.dtype == torch.bfloat16:  # the likelihood is always evaluated in fp32
+            logits = logits.float()
         rec = -F_ops.nb_softmax_loglik(
-            generative_outputs["logits"],
+            logits,
             inference_outputs["library"],
             generative_outputs["px_r"],
             x,
