@@ -104,20 +104,20 @@ def _arch(args) -> dict:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    import numpy as np
-
     import scvi_fast
 
     model = scvi_fast.SCVI.load(args.model, device=args.device)
-    data = _read_input(args.input, backed=args.out.endswith(".npy"))
-    t0 = time.perf_counter()
-    latent = model.get_latent_representation(data, batch_size=args.batch_size)
-    dt = time.perf_counter() - t0
     out = Path(args.out)
+    # Streaming to .npy reads a backed .h5ad (or a store) chunk by chunk: memory stays bounded.
+    data = _read_input(args.input, backed=out.suffix == ".npy")
+    t0 = time.perf_counter()
+    latent = model.get_latent_representation(
+        data, batch_size=args.batch_size, out=out if out.suffix == ".npy" else None,
+        progress_bar=not args.quiet,
+    )
+    dt = time.perf_counter() - t0
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
-        np.save(out, latent)
-    else:
+    if out.suffix != ".npy":
         adata = data if not isinstance(data, str) else None
         if adata is None:
             raise ValueError("embedding a store: give --out FILE.npy")
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output .h5ad (obsm['X_scVI']) or .npy")
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_cmd_embed)
 
     c = sub.add_parser(

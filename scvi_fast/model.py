@@ -490,23 +490,67 @@ class SCVI:
         mc_samples: int = 5000,
         batch_size: int | None = None,
         return_dist: bool = False,
+        out: str | os.PathLike | None = None,
+        progress_bar: bool = False,
     ):
         """Posterior mean (or a sample) of ``z`` for each cell, ``(n_cells, n_latent)``.
 
-        With ``return_dist=True`` returns ``(q_m, q_v)``, the posterior mean and variance.
+        Streams minibatches (default 1024 cells) through the encoder only, so an
+        in-memory AnnData, a backed ``.h5ad`` or a CSR store of any size can be embedded.
+
+        Parameters
+        ----------
+        give_mean
+            Posterior mean (default) or one sample of ``z``.
+        return_dist
+            Return ``(q_m, q_v)``, the posterior mean and variance.
+        out
+            Path of a ``.npy`` file to write the embedding into, chunk by chunk, as a
+            memory map (host memory stays bounded by one minibatch); the open memmap is
+            returned.
+        progress_bar
+            Show cells/s while embedding.
         """
-        means, variances = [], []
-        for _, x in self._iter(adata, indices, batch_size):
-            inf = self.module.inference(x, give_mean=give_mean and not return_dist)
+        source = self._source(adata)
+        n = source.n_cells if indices is None else len(indices)
+        Z = self.module.n_latent
+        if out is not None:
             if return_dist:
-                means.append(inf["q_m"].cpu())
-                variances.append(inf["q_v"].cpu())
-            else:
-                means.append((inf["q_m"] if give_mean else inf["z"]).cpu())
-        m = torch.cat(means).numpy() if means else np.zeros((0, self.module.n_latent), np.float32)
-        if return_dist:
-            return m, torch.cat(variances).numpy()
-        return m
+                raise ValueError("return_dist=True cannot be combined with out=")
+            out = Path(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.partial")
+            result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, Z))
+        else:
+            result = np.empty((n, Z), dtype=np.float32)
+        variances = np.empty((n, Z), dtype=np.float32) if return_dist else None
+        loader = self._loader(source, indices=indices, batch_size=batch_size)
+        self.module.to(self.device).eval()
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="Embedding", unit="cells", unit_scale=True)
+        pos = 0
+        for mb in loader:
+            x = mb.to(self.device, non_blocking=True)
+            q_m, q_v = self.module.encode(x)
+            z = q_m if give_mean or return_dist else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
+            k = z.shape[0]
+            result[pos : pos + k] = z.cpu().numpy()
+            if variances is not None:
+                variances[pos : pos + k] = q_v.cpu().numpy()
+            pos += k
+            if bar is not None:
+                bar.update(k)
+        if bar is not None:
+            bar.close()
+        if out is not None:
+            result.flush()
+            del result
+            os.replace(tmp, out)
+            return np.load(out, mmap_mode="r")
+        return (result, variances) if return_dist else result
 
     def _batch_codes_of(self, transform_batch) -> list[int | None]:
         if transform_batch is None:

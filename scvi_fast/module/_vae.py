@@ -150,6 +150,11 @@ class VAE(nn.Module):
         return batch.reshape(-1).to(device=device, dtype=torch.int64)
 
     # ---- inference -------------------------------------------------------------
+    def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and variance ``(q_m, q_v)`` only: the encoder, no sampling, no KL."""
+        q_m, q_v_raw = self.encoder(x)
+        return q_m.float(), torch.exp(q_v_raw.float()) + 1e-4
+
     def inference(self, x, n_samples: int = 1, give_mean: bool = False, eps_noise=None) -> dict:
         """Encode a CSR minibatch.
 

@@ -222,3 +222,27 @@ def test_cli_train_default_runs(tmp_path, capsys):
                "--out", str(tmp_path / "z.npy")])
     assert rc == 0
     np.testing.assert_allclose(np.load(tmp_path / "z.npy"), ad.obsm["X_scVI"], rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_embedding_from_backed_h5ad_and_store(adata, tmp_path):
+    """Embedding streams from disk into a .npy memmap and equals the in-memory result."""
+    import anndata
+
+    from scvi_fast.data import CSRStore
+
+    model = scvi_fast.SCVI(adata, n_hidden=32, n_latent=5).train(**TRAIN)
+    z = model.get_latent_representation()
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    zb = model.get_latent_representation(backed, out=tmp_path / "zb.npy", batch_size=50)
+    assert isinstance(zb, np.memmap) or isinstance(zb, np.ndarray)
+    np.testing.assert_allclose(np.load(tmp_path / "zb.npy"), z, rtol=1e-5, atol=1e-6)
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    store = CSRStore.create(tmp_path / "s.store", adata, batch_key="batch", labels_key="cell_type")
+    zs = model.get_latent_representation(store, out=tmp_path / "zs.npy")
+    np.testing.assert_allclose(np.asarray(zs), z, rtol=1e-5, atol=1e-6)
+    # a model trained from the store path sees the same cells
+    m2 = scvi_fast.SCVI(str(tmp_path / "s.store"), n_hidden=16, n_latent=4)
+    assert m2.batch_categories == list(adata.obs["batch"].cat.categories)
+    m2.train(max_epochs=1, batch_size=64, progress_bar=False, device="cpu")
+    assert m2.get_latent_representation().shape == (adata.n_obs, 4)
