@@ -146,7 +146,8 @@ class BlockShuffleSampler:
     batch_size
         Cells per minibatch.
     indices
-        Source rows to draw from; blocks are contiguous runs of this array.
+        Source rows to draw from. With ``shuffle`` they are sorted first, so that blocks are
+        contiguous runs of rows; without, rows come in this order.
     shuffle
         Shuffle blocks and rows within buffers; otherwise rows come in ``indices`` order.
     seed
@@ -172,6 +173,10 @@ class BlockShuffleSampler:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        if shuffle and self.indices is not None:
+            # the order of a shuffled subset is irrelevant; sorted, its blocks are contiguous
+            # runs of rows on disk (a random train split would otherwise read row by row)
+            self.indices = np.sort(self.indices)
         if self.indices is not None and self.indices.size and (
                 self.indices.min() < 0 or self.indices.max() >= n_rows):
             raise IndexError(f"indices must lie in [0, {n_rows})")
@@ -411,8 +416,9 @@ class CSRLoader:
     drop_last
         Drop the last incomplete minibatch.
     rank, world_size
-        Shard each epoch across distributed ranks (default: from ``torch.distributed`` when it
-        is initialised and ``world_size`` is None).
+        Shard each epoch across distributed ranks (e.g. ``torch.distributed.get_rank()`` and
+        ``get_world_size()``): every rank gets a disjoint share of the same shuffled epoch and
+        the same number of minibatches (see :class:`BlockShuffleSampler`).
     block_size
         Contiguous rows read together; larger is faster to read, smaller mixes better.
     buffer_size

@@ -601,8 +601,11 @@ class CSRStore:
 def _gene_positions(src: Source, genes) -> np.ndarray | None:
     if genes is None:
         return None
-    if isinstance(genes, (str, os.PathLike)) and Path(genes).exists():
-        genes = [g.strip() for g in Path(genes).read_text().splitlines() if g.strip()]
+    if isinstance(genes, (str, os.PathLike)):
+        if Path(genes).is_file():
+            genes = [g.strip() for g in Path(genes).read_text().splitlines() if g.strip()]
+        else:
+            genes = [str(genes)]
     g = np.asarray(genes)
     if g.dtype == bool:
         if g.shape != (src.n_genes,):
