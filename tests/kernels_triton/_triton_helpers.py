@@ -62,7 +62,9 @@ def assert_within_torch32(actual32, torch32, truth64, op, what=""):
     ref_err = (torch32.double() - truth64).abs().max().item() if truth64.numel() else 0.0
     scale = truth64.abs().max().item() if truth64.numel() else 0.0
     bound = factor * ref_err + floor * max(scale, 1.0)
-    assert err <= bound, f"{what}: error {err:.3g} > {bound:.3g} (torch float32 error {ref_err:.3g})"
+    assert err <= bound, (
+        f"{what}: error {err:.3g} > {bound:.3g} (torch float32 error {ref_err:.3g})"
+    )
 
 
 def assert_within_scale(actual, truth64, scale, op, dtype, what=""):
@@ -98,7 +100,8 @@ def random_csr(
     """
     mask = torch.rand(B, G, generator=gen) < density
     # heavy tail: most counts small, some in the thousands
-    counts = torch.floor(torch.exp(torch.rand(B, G, generator=gen) * torch.log(torch.tensor(max_count + 1.0))))
+    log_max = torch.log(torch.tensor(max_count + 1.0))
+    counts = torch.floor(torch.exp(torch.rand(B, G, generator=gen) * log_max))
     counts = counts.clamp_min(1)
     dense = torch.where(mask, counts, torch.zeros(()))
     for r in empty_rows:

@@ -1,4 +1,4 @@
-"""``benchmarks/gpu_check_kernels.py --cpu`` (the GPU check at a tiny shape under the interpreter)."""
+"""``benchmarks/gpu_check_kernels.py --cpu``: the GPU check at a tiny shape, interpreted."""
 
 from __future__ import annotations
 

@@ -33,4 +33,7 @@ def test_module_under_interpreter(module):
         timeout=600,
     )
     if proc.returncode != 0:
-        pytest.fail(f"{module} under TRITON_INTERPRET=1 failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-2000:]}")
+        pytest.fail(
+            f"{module} under TRITON_INTERPRET=1 failed:\n"
+            f"{proc.stdout[-8000:]}\n{proc.stderr[-2000:]}"
+        )

@@ -28,7 +28,8 @@ def _inputs(gen, case, dtype, device):
         0, reference.csr_row_ids(indptr, values.numel()), values.double()
     )
     logits = torch.randn(B, G, generator=gen, dtype=torch.float64) * 2
-    log_library = torch.log(rowsum.clamp_min(1.0)) + 0.1 * torch.randn(B, generator=gen, dtype=torch.float64)
+    noise = 0.1 * torch.randn(B, generator=gen, dtype=torch.float64)
+    log_library = torch.log(rowsum.clamp_min(1.0)) + noise
     # theta from ~1e-4 (px_r = -9) to ~4e5 (px_r = 13), mostly around 1
     px_r = torch.randn(G, generator=gen, dtype=torch.float64) * 2
     px_r[: min(G, 2)] = torch.tensor([-9.0, 13.0])[: min(G, 2)]
@@ -36,27 +37,9 @@ def _inputs(gen, case, dtype, device):
     return floats, (indptr.to(device), indices.to(device), values.to(device))
 
 
-def _condition_scales(floats, csr, w, eps=1e-8):
-    """Per output element, the sum of the absolute values of the terms it adds up (float64):
-    the loglik terms, the ``c_g`` of the logit gradient, the px_r terms (see _nb_loglik.py)."""
-    z, l, r = [t.double() for t in floats]
-    x = reference.csr_to_dense(csr[0], csr[1], csr[2].double(), z.shape[1])
-    rho = torch.softmax(z, -1)
-    mu = torch.exp(l).reshape(-1, 1) * rho
-    th = torch.exp(r)
-    d = th + mu + eps
-    nz = x > 0  # lgamma / digamma terms only where the op evaluates them
-    lgam = torch.where(nz, torch.lgamma(x + th).abs() + torch.lgamma(th).abs() + torch.lgamma(x + 1).abs(), 0)
-    ll = (
-        (th * torch.log(th + eps)).abs() + (th * torch.log(d)).abs()
-        + (x * torch.log(mu + eps)).abs() + (x * torch.log(d)).abs() + lgam
-    ).sum(-1)
-    c_abs = x * mu / (mu + eps) + (th + x) * mu / d
-    c_sum = c_abs.sum(-1, keepdim=True)
-    w = w.double().abs()
-    digam = torch.where(nz, torch.digamma(x + th).abs() + torch.digamma(th).abs(), 0)
-    t_abs = torch.log(th + eps).abs() + torch.log(d).abs() + th / (th + eps) + (th + x) / d + x / d + digam
-    return [ll, w[:, None] * (c_abs + rho * c_sum), w * c_sum[:, 0], th * (w[:, None] * t_abs).sum(0)]
+def _condition_scales(tk, floats, csr, w, eps=1e-8):
+    """Per output element, the sum of |terms| it adds up (see ``term_magnitudes``)."""
+    return tk._kernels("_nb_loglik").term_magnitudes(*floats, csr, w, eps)
 
 
 def _run(fn, floats, csr, w, eps=1e-8):
@@ -76,7 +59,7 @@ def test_matches_reference(tk, device, poison_empty, case, dtype):
     floats64 = [t.double() for t in floats]
     csr64 = (csr[0], csr[1], csr[2].double())
     truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(floats64, csr64, w)
+    scales = _condition_scales(tk, floats64, csr64, w)
     for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
         assert_within_scale(g, t, s, "nb", dtype, n)
 
@@ -85,14 +68,15 @@ def test_partial_grads_shapes_and_dispatch(tk, device):
     """(B, 1) library, a torch CSR tensor as input, gradient to the logits only, and the
     functional API with impl="triton"."""
     gen = torch.Generator().manual_seed(7)
-    (logits, log_library, px_r), (indptr, indices, values) = _inputs(gen, CASES[1], torch.float64, device)
+    floats, (indptr, indices, values) = _inputs(gen, CASES[1], torch.float64, device)
+    logits, log_library, px_r = floats
     X = torch.sparse_csr_tensor(indptr, indices, values, size=logits.shape, check_invariants=True)
     logits.requires_grad_(True)
     ll = functional.nb_softmax_loglik(logits, log_library[:, None], px_r, X, impl="triton")
     ll_ref = reference.nb_softmax_loglik(logits, log_library[:, None], px_r, X)
     assert ll.shape == (logits.shape[0],)
     w = torch.randn(ll.shape, generator=gen, dtype=torch.float64).to(device)
-    scales = _condition_scales([logits, log_library, px_r], (indptr, indices, values), w)
+    scales = _condition_scales(tk, floats, (indptr, indices, values), w)
     assert_within_scale(ll, ll_ref, scales[0], "nb", torch.float64, "loglik")
     (g,) = torch.autograd.grad((ll * w).sum(), logits)
     (g_ref,) = torch.autograd.grad((ll_ref * w).sum(), logits)
@@ -103,7 +87,7 @@ def test_other_eps(tk, device):
     gen = torch.Generator().manual_seed(11)
     floats, csr = _inputs(gen, CASES[1], torch.float64, device)
     w = torch.randn(CASES[1][0], generator=gen, dtype=torch.float64).to(device)
-    scales = _condition_scales(floats, csr, w, eps=1e-3)
+    scales = _condition_scales(tk, floats, csr, w, eps=1e-3)
     for g, r, s in zip(
         _run(tk.nb_softmax_loglik, floats, csr, w, eps=1e-3),
         _run(reference.nb_softmax_loglik, floats, csr, w, eps=1e-3),
@@ -116,7 +100,8 @@ def test_bad_input(tk, device):
     logits = torch.zeros(2, 3, device=device)
     csr = (torch.tensor([0, 0, 0], device=device), torch.zeros(0, dtype=torch.long, device=device),
            torch.zeros(0, device=device))
+    zeros = lambda n: torch.zeros(n, device=device)  # noqa: E731
     with pytest.raises(ValueError, match="px_r"):
-        tk.nb_softmax_loglik(logits, torch.zeros(2, device=device), torch.zeros(4, device=device), csr)
+        tk.nb_softmax_loglik(logits, zeros(2), zeros(4), csr)
     with pytest.raises(ValueError, match="log_library"):
-        tk.nb_softmax_loglik(logits, torch.zeros(3, device=device), torch.zeros(3, device=device), csr)
+        tk.nb_softmax_loglik(logits, zeros(3), zeros(3), csr)

@@ -42,7 +42,8 @@ def test_matches_reference(tk, device, poison_empty, shape, dtype):
         for g, w, n in zip(got, want, names):
             assert_close64(g, w, "reparam_kl", n)
     else:
-        truth = _run(reference.reparam_kl, [t.double() for t in inputs], gz.double(), gk.double(), needs)
+        inputs64 = [t.double() for t in inputs]
+        truth = _run(reference.reparam_kl, inputs64, gz.double(), gk.double(), needs)
         torch32 = _run(reference.reparam_kl, inputs, gz, gk, needs)
         for g, t32, t64, n in zip(got, torch32, truth, names):
             assert_within_torch32(g, t32, t64, "reparam_kl", n)

@@ -47,7 +47,10 @@ def test_matches_reference(tk, device, poison_empty, case, dtype, transform):
         for g, w, n in zip(got, want, names):
             assert_close64(g, w, "sparse_linear", n)
     else:
-        truth = _run(reference.sparse_linear, csr, W.double(), b.double(), cov, W_cov.double(), transform, gy.double())
+        truth = _run(
+            reference.sparse_linear, csr, W.double(), b.double(), cov, W_cov.double(), transform,
+            gy.double(),
+        )
         torch32 = _run(reference.sparse_linear, csr, W, b, cov, W_cov, transform, gy)
         for g, t32, t64, n in zip(got, torch32, truth, names):
             assert_within_torch32(g, t32, t64, "sparse_linear", n)
@@ -89,4 +92,5 @@ def test_bad_input(tk, device):
     with pytest.raises(ValueError, match="transform"):
         tk.sparse_linear(indptr, indices, values, W, None, None, None, "log")
     with pytest.raises(ValueError, match="without W_cov"):
-        tk.sparse_linear(indptr, indices, values, W, None, torch.zeros(1, dtype=torch.long, device=device), None)
+        cov = torch.zeros(1, dtype=torch.long, device=device)
+        tk.sparse_linear(indptr, indices, values, W, None, cov, None)

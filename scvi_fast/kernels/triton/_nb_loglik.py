@@ -60,7 +60,7 @@ from scvi_fast.kernels.triton._common import (
     torch_acc_dtype,
 )
 from scvi_fast.kernels.triton._math import digamma, lgamma
-from scvi_fast.reference import csr_parts
+from scvi_fast.reference import csr_parts, csr_to_dense
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
 _INTERPRETED = interpreting()
@@ -253,7 +253,9 @@ def nb_forward(logits, log_library, px_r, indptr, indices, values, eps):
     return ll, lse, csum
 
 
-def nb_backward(logits, log_library, px_r, indptr, indices, values, lse, csum, w, eps, need_dz, need_dr):
+def nb_backward(
+    logits, log_library, px_r, indptr, indices, values, lse, csum, w, eps, need_dz, need_dr
+):
     """Launch the backward kernels for upstream gradient ``w`` (per cell).
 
     Returns ``(dz, dpx_r)`` (None where not needed); ``dpx_r`` in the accumulation dtype.
@@ -306,6 +308,45 @@ def bytes_moved(B, G, nnz, elem=4, index_elem=8, value_elem=4):
     return fwd, bwd
 
 
+def term_magnitudes(logits, log_library, px_r, X_csr, w, eps=1e-8):
+    """For accuracy checks: per output element, the sum of the absolute values of the terms it
+    adds up, in float64 (dense ``B x G``: small shapes or a GPU).
+
+    Returns ``[loglik (B,), dlogits (B, G), dlog_library (B,), dpx_r (G,)]`` for upstream
+    gradient ``w``. A sum of terms computed with unit roundoff ``u`` is off by at most about
+    ``n u`` times this, whatever cancels; the NB sums cancel heavily (lgamma differences at large
+    counts, ``theta (log theta - log(theta + mu))`` at large theta), so errors are judged
+    against it rather than against the result.
+    """
+    indptr, indices, values = csr_parts(X_csr)
+    z, lib, r = (t.detach().double() for t in (logits, log_library, px_r))
+    x = csr_to_dense(indptr, indices, values.double(), z.shape[1])
+    rho = torch.softmax(z, -1)
+    mu = torch.exp(lib.reshape(-1, 1)) * rho
+    th = torch.exp(r.reshape(-1))
+    d = th + mu + eps
+    nz = x > 0  # lgamma / digamma terms only where the op evaluates them
+    lgam = torch.lgamma(x + th).abs() + torch.lgamma(th).abs() + torch.lgamma(x + 1).abs()
+    ll = (
+        (th * torch.log(th + eps)).abs() + (th * torch.log(d)).abs()
+        + (x * torch.log(mu + eps)).abs() + (x * torch.log(d)).abs() + torch.where(nz, lgam, 0)
+    ).sum(-1)
+    c_abs = x * mu / (mu + eps) + (th + x) * mu / d
+    c_sum = c_abs.sum(-1, keepdim=True)
+    w = w.detach().double().abs().reshape(-1)
+    digam = torch.where(nz, torch.digamma(x + th).abs() + torch.digamma(th).abs(), 0)
+    t_abs = (
+        torch.log(th + eps).abs() + torch.log(d).abs() + th / (th + eps) + (th + x) / d + x / d
+        + digam
+    )
+    return [
+        ll,
+        w[:, None] * (c_abs + rho * c_sum),
+        w * c_sum[:, 0],
+        th * (w[:, None] * t_abs).sum(0),
+    ]
+
+
 class NBSoftmaxLoglik(torch.autograd.Function):
     """Per-cell NB log-likelihood of CSR counts; gradients to logits, log_library and px_r."""
 
@@ -349,7 +390,9 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
         raise ValueError(f"nb_softmax_loglik: logits must be (B, G); got {tuple(logits.shape)}")
     B, G = logits.shape
     if log_library.numel() != B:
-        raise ValueError(f"nb_softmax_loglik: log_library has {log_library.numel()} entries for {B} cells")
+        raise ValueError(
+            f"nb_softmax_loglik: log_library has {log_library.numel()} entries for {B} cells"
+        )
     if px_r.numel() != G:
         raise ValueError(f"nb_softmax_loglik: px_r has {px_r.numel()} entries for {G} genes")
     if indptr.numel() != B + 1:

@@ -162,14 +162,16 @@ class SparseLinear(torch.autograd.Function):
         ctx.log1p = log1p
         ctx.n_genes = W.shape[0]
         ctx.n_cov = W_cov.shape[0] if W_cov is not None else 0
-        ctx.dtypes = (W.dtype, None if b is None else b.dtype, None if W_cov is None else W_cov.dtype)
+        ctx.dtypes = (
+            W.dtype, None if b is None else b.dtype, None if W_cov is None else W_cov.dtype
+        )
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         indptr, indices, values, cov = ctx.saved_tensors
-        need_w, need_b, need_cov = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[6]
+        need_w, need_b, need_cov = (ctx.needs_input_grad[i] for i in (3, 4, 6))
         dW = db = dW_cov = None
         grad_y = _contiguous_rows(grad_y)
         if need_w:
