@@ -23,7 +23,7 @@ def _inputs(gen, case, dtype, device):
         gen, B, G, density, dtype, torch.int64, max_count, empty_rows, unobserved
     )
     if values.numel():
-        values[0] = 2.0**24 if dtype == torch.float64 else 1e6  # the largest counts
+        values[0] = 2.0**24  # the largest count that float32 holds exactly (and all below it)
     rowsum = torch.zeros(B, dtype=torch.float64).index_add_(
         0, reference.csr_row_ids(indptr, values.numel()), values.double()
     )
