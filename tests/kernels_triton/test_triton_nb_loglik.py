@@ -19,8 +19,9 @@ CASES = [
 
 def _inputs(gen, case, dtype, device):
     B, G, density, max_count, empty_rows, unobserved = case
+    index_dtype = torch.int32 if B % 2 else torch.int64  # both index widths
     indptr, indices, values = random_csr(
-        gen, B, G, density, dtype, torch.int64, max_count, empty_rows, unobserved
+        gen, B, G, density, dtype, index_dtype, max_count, empty_rows, unobserved
     )
     if values.numel():
         values[0] = 2.0**24  # the largest count that float32 holds exactly (and all below it)
