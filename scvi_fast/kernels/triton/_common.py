@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -36,6 +38,12 @@ def check_tensors(op: str, interpreted: bool, **tensors: torch.Tensor | None) ->
         f"{op} (impl='triton') needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
         f"before triton is first imported in the process; got tensors on {device}"
     )
+
+
+def on_device(t: torch.Tensor):
+    """Make ``t``'s GPU the current one while launching: Triton launches on the current
+    device, not on the tensors' (the autograd engine already does this for backward)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_float(op: str, **tensors: torch.Tensor) -> None:

@@ -26,6 +26,8 @@ Arguments must be positive (counts plus ``theta > 0``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -108,5 +110,6 @@ def special(x):
     n = x.numel()
     if n:
         block = 1024
-        _special_kernel[(triton.cdiv(n, block),)](x, lg, dg, n, BLOCK=block)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _special_kernel[(triton.cdiv(n, block),)](x, lg, dg, n, BLOCK=block)
     return lg, dg

@@ -57,6 +57,7 @@ from scvi_fast.kernels.triton._common import (
     block_size,
     check_float,
     check_tensors,
+    on_device,
     torch_acc_dtype,
 )
 from scvi_fast.kernels.triton._math import digamma, lgamma
@@ -399,8 +400,8 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
         raise ValueError(f"nb_softmax_loglik: indptr has {indptr.numel()} entries for {B} cells")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    ll = NBSoftmaxLoglik.apply(
-        logits, log_library.reshape(B).contiguous(), px_r.reshape(G).contiguous(),
-        indptr.contiguous(), indices.contiguous(), values.contiguous(), float(eps),
-    )
-    return ll
+    with on_device(logits):
+        return NBSoftmaxLoglik.apply(
+            logits, log_library.reshape(B).contiguous(), px_r.reshape(G).contiguous(),
+            indptr.contiguous(), indices.contiguous(), values.contiguous(), float(eps),
+        )

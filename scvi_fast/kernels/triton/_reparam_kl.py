@@ -24,7 +24,13 @@ from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from scvi_fast.kernels.triton import interpreting
-from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
+from scvi_fast.kernels.triton._common import (
+    acc_dtype,
+    block_size,
+    check_float,
+    check_tensors,
+    on_device,
+)
 from scvi_fast.reference import VAR_EPS
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
@@ -178,5 +184,6 @@ def reparam_kl(q_m, q_v_raw, eps_noise):
     lead, Z = q_m.shape[:-1], q_m.shape[-1]
     dtype = torch.promote_types(torch.promote_types(q_m.dtype, q_v_raw.dtype), eps_noise.dtype)
     flat = [t.to(dtype).reshape(-1, Z).contiguous() for t in (q_m, q_v_raw, eps_noise)]
-    z, kl = ReparamKL.apply(*flat)
+    with on_device(q_m):
+        z, kl = ReparamKL.apply(*flat)
     return z.reshape(*lead, Z), kl.reshape(lead)

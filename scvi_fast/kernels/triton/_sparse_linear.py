@@ -32,7 +32,13 @@ from torch.autograd.function import once_differentiable
 import triton.language as tl
 
 from scvi_fast.kernels.triton import interpreting
-from scvi_fast.kernels.triton._common import acc_dtype, block_size, check_float, check_tensors
+from scvi_fast.kernels.triton._common import (
+    acc_dtype,
+    block_size,
+    check_float,
+    check_tensors,
+    on_device,
+)
 from scvi_fast.reference import csr_row_ids
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
@@ -219,7 +225,8 @@ def sparse_linear(indptr, indices, values, W, b, cov=None, W_cov=None, transform
     W = _contiguous_rows(W)
     W_cov = None if W_cov is None else _contiguous_rows(W_cov)
     b = None if b is None else b.contiguous()
-    return SparseLinear.apply(
-        indptr.contiguous(), indices.contiguous(), values.contiguous(),
-        W, b, cov if cov is None else cov.contiguous(), W_cov, transform == "log1p",
-    )
+    with on_device(W):
+        return SparseLinear.apply(
+            indptr.contiguous(), indices.contiguous(), values.contiguous(),
+            W, b, cov if cov is None else cov.contiguous(), W_cov, transform == "log1p",
+        )
