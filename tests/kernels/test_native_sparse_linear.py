@@ -1,0 +1,148 @@
+"""Native ``sparse_linear`` against the pure-PyTorch reference (value and every gradient)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scvi_fast import functional, reference
+from scvi_fast.kernels import native
+from tests.kernels.conftest import csr_of, poison_heap, random_counts
+from tests.kernels.tolerances import assert_f32_close, assert_f64_close
+
+OP = "sparse_linear"
+
+
+def _params(G, H, K, gen, bias=True):
+    """float32 parameters (and their exact float64 copies), requiring grad."""
+    W = torch.randn(G, H, generator=gen) / G**0.5
+    b = torch.randn(H, generator=gen) if bias else None
+    W_cov = torch.randn(K, H, generator=gen) if K else None
+    p32 = [t.requires_grad_() if t is not None else None for t in (W, b, W_cov)]
+    p64 = [t.detach().double().requires_grad_() if t is not None else None for t in p32]
+    return p32, p64
+
+
+def _run(fn, csr, params, cov, transform, dy):
+    W, b, W_cov = params
+    y = fn(*csr, W, b, cov, W_cov, transform)
+    leaves = [t for t in params if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    return [y.detach(), *grads]
+
+
+def _check(x, H, K, transform, gen, index_dtype=torch.int64, bias=True):
+    """Kernel in float64 and float32 against the float64 reference and torch's float32.
+
+    Inputs are drawn in float32 and upcast exactly, so one float64 reference run is
+    the truth for both precisions.
+    """
+    B, G = x.shape
+    cov = torch.randint(0, K, (B,), generator=gen) if K else None
+    p32, p64 = _params(G, H, K, gen, bias)
+    dy32 = torch.randn(B, H, generator=gen)
+    dy64 = dy32.double()
+    csr64 = csr_of(x, torch.float64, index_dtype)
+    csr32 = (csr64[0], csr64[1], csr64[2].float())
+    names = ["y", "dW"] + (["db"] if bias else []) + (["dW_cov"] if K else [])
+
+    truth = _run(reference.sparse_linear, csr64, p64, cov, transform, dy64)
+    poison_heap((B, H), (G, H), dtype=torch.float64)
+    got64 = _run(native.sparse_linear, csr64, p64, cov, transform, dy64)
+    for a, t, name in zip(got64, truth, names):
+        assert_f64_close(OP, a, t, name)
+
+    ref32 = _run(reference.sparse_linear, csr32, p32, cov, transform, dy32)
+    poison_heap((B, H), (G, H))
+    got32 = _run(native.sparse_linear, csr32, p32, cov, transform, dy32)
+    for a, r, t, name in zip(got32, ref32, truth, names):
+        assert_f32_close(OP, a, r, t, name)
+    return got32
+
+
+@pytest.mark.parametrize("density,H", [(0.02, 128), (0.1, 512), (0.3, 128)])
+def test_realistic_shape(density, H, gen, native_ext):
+    x = random_counts(1024, 8000, density, gen)
+    _check(x, H, K=0, transform="log1p", gen=gen)
+
+
+@pytest.mark.parametrize(
+    "B,G,H,density",
+    [(37, 1999, 100, 0.1), (37, 1999, 33, 0.3), (1, 1, 1, 1.0), (5, 3, 70, 0.5)],
+)
+@pytest.mark.parametrize("transform", ["log1p", "identity"])
+def test_odd_shapes(B, G, H, density, transform, gen, isa):
+    # rows without counts and a gene never observed, where the shape has room for them
+    x = random_counts(B, G, density, gen, max_count=3000, empty_rows=(2,), empty_cols=(1,))
+    got = _check(x, H, K=4, transform=transform, gen=gen)
+    if G > 1 and B > 0:
+        assert (got[1][1] == 0).all(), "dW of a gene never observed must be exactly zero"
+
+
+def test_empty_batch(native_ext):
+    W = torch.randn(17, 8, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    empty = (torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+    y = native.sparse_linear(*empty, W, b)
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert (W.grad == 0).all() and (b.grad == 0).all()
+
+
+def test_no_bias_no_covariates_int32_indices(gen, isa):
+    x = random_counts(64, 300, 0.2, gen)
+    _check(x, 40, K=0, transform="log1p", gen=gen, index_dtype=torch.int32, bias=False)
+
+
+def test_covariates_only_some_gradients(gen, native_ext):
+    """Only the gradients that are asked for are computed; the others stay None."""
+    x = random_counts(20, 50, 0.3, gen)
+    indptr, indices, values = csr_of(x, torch.float32)
+    W = torch.randn(50, 16, generator=gen)
+    b = torch.randn(16, generator=gen)
+    W_cov = torch.randn(3, 16, generator=gen, requires_grad=True)
+    cov = torch.randint(0, 3, (20,), generator=gen)
+    y = native.sparse_linear(indptr, indices, values, W, b, cov, W_cov)
+    dy = torch.randn(20, 16, generator=gen)
+    y.backward(dy)
+    expected = torch.zeros(3, 16).index_add_(0, cov, dy)
+    torch.testing.assert_close(W_cov.grad, expected)
+
+
+def test_functional_dispatch_native(gen):
+    x = random_counts(8, 30, 0.3, gen)
+    indptr, indices, values = csr_of(x, torch.float32)
+    W = torch.randn(30, 12, generator=gen)
+    b = torch.randn(12, generator=gen)
+    y = functional.sparse_linear(indptr, indices, values, W, b, impl="native")
+    torch.testing.assert_close(y, reference.sparse_linear(indptr, indices, values, W, b))
+    assert functional.resolve_impl("auto", "cpu") == "native"
+
+
+def test_rejects_bad_input(gen, native_ext):
+    x = random_counts(4, 10, 0.5, gen)
+    indptr, indices, values = csr_of(x, torch.float32)
+    W = torch.randn(10, 8, generator=gen)
+    bad = indices.clone()
+    bad[0] = 10
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.sparse_linear(indptr, bad, values, W, None)
+    with pytest.raises(RuntimeError, match="indptr"):
+        native.sparse_linear(indptr[:-1], indices, values, W, None)
+    with pytest.raises(RuntimeError, match="W must be"):
+        native.sparse_linear(indptr, indices, values.int(), W.int(), None)
+    with pytest.raises(ValueError, match="W_cov"):
+        native.sparse_linear(indptr, indices, values, W, None, cov=torch.zeros(4, dtype=torch.long))
+
+
+def test_reference_gradcheck(gen):
+    x = random_counts(4, 6, 0.5, gen, max_count=20)
+    indptr, indices, values = csr_of(x, torch.float64)
+    W = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    W_cov = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    cov = torch.tensor([0, 1, 1, 0])
+    assert torch.autograd.gradcheck(
+        lambda W, b, Wc: reference.sparse_linear(indptr, indices, values, W, b, cov, Wc),
+        (W, b, W_cov),
+    )
