@@ -331,6 +331,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nb_softmax_loglik_forward", &nb_softmax_loglik_forward);
   m.def("reparam_kl_forward", &reparam_kl_forward);
   m.def("reparam_kl_backward", &reparam_kl_backward);
+#ifdef SCVI_FAST_SOURCE_HASH
+  m.attr("SOURCE_HASH") = SCVI_FAST_SOURCE_HASH;
+#endif
   m.attr("TRANSFORM_IDENTITY") = static_cast<int>(kIdentity);
   m.attr("TRANSFORM_LOG1P") = static_cast<int>(kLog1p);
 }

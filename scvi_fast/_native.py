@@ -16,6 +16,7 @@ the pure-PyTorch references keep working either way.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import threading
@@ -43,6 +44,26 @@ def source_dir() -> Path | None:
         if all((candidate / f).is_file() for f in _SOURCES + _HEADERS):
             return candidate
     return None
+
+
+def source_hash(folder: Path) -> str:
+    """Digest of the C++ sources and flags: a prebuilt ``scvi_fast._C`` built from
+    other sources than those beside it (a stale in-place build) is not used."""
+    h = hashlib.sha256(" ".join(_CFLAGS).encode())
+    for name in _SOURCES + _HEADERS:
+        h.update((folder / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _prebuilt() -> ModuleType | None:
+    try:
+        from scvi_fast import _C  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    src = source_dir()
+    if src is not None and getattr(_C, "SOURCE_HASH", None) != source_hash(src):
+        return None
+    return _C
 
 
 def build_dir() -> Path:
@@ -96,13 +117,9 @@ def load(verbose: bool = False) -> ModuleType:
             return _module
         if _error is not None:
             raise ImportError(_error)
-        try:
-            from scvi_fast import _C  # type: ignore[attr-defined]
-
-            _module = _C
+        _module = _prebuilt()
+        if _module is not None:
             return _module
-        except ImportError:
-            pass
         try:
             _module = _jit_build(verbose=verbose)
             return _module
