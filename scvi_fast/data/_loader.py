@@ -276,21 +276,32 @@ class _OutBuffer:
                 or sys.getrefcount(self.values) > 2 or sys.getrefcount(self.library) > 2)
 
 
+class _Slot:
+    """One staging buffer: a buffer's rows in the source's compact dtypes."""
+
+    def __init__(self, source: Source):
+        self.indptr = np.empty(0, dtype=np.int64)
+        self.indices = np.empty(0, dtype=source.indices_dtype)
+        self.data = np.empty(0, dtype=source.data_dtype)
+
+
 class BufferFetcher:
     """Reads a buffer of rows and emits its shuffled minibatches (see the module docstring).
 
-    The buffer's rows (whole blocks, in file order) are first staged into a preallocated
-    buffer in the source's own compact dtypes (the store: one ``pread`` per block, so no
-    mapped page counts towards RSS; HDF5: one read per block), then each minibatch is gathered
-    by one numba pass, in shuffled order, into reusable output arrays. In-memory CSR sources
-    skip the staging copy and are gathered straight from their arrays.
+    :meth:`stage` copies the buffer's rows (whole blocks, in file order) into a preallocated
+    staging slot in the source's own compact dtypes (the store: one ``pread`` per block, so no
+    mapped page counts towards RSS; HDF5: one read per block). :meth:`emit` then gathers
+    ``emit_batches`` minibatches at a time, in shuffled order, with one numba ``prange`` pass
+    into reusable output arrays. In-memory CSR sources skip staging and are gathered straight
+    from their arrays.
 
-    Host memory: the staging buffer (``buffer_size`` cells in compact dtypes) plus a few
-    minibatches; minibatch arrays are recycled once no minibatch or tensor views them.
+    Host memory: ``n_slots`` staging buffers (``buffer_size`` cells in compact dtypes each)
+    plus a few output groups; output arrays are recycled once no minibatch or tensor views
+    them.
     """
 
     def __init__(self, source: Source, batch_size: int, stage: bool | None = None,
-                 emit_batches: int = 4, max_pool: int = 6):
+                 emit_batches: int = 4, max_pool: int = 6, n_slots: int = 2):
         if not source.supports_random_access:
             raise TypeError(
                 f"{type(source).__name__} cannot be read by row; convert it to a store first: "
@@ -299,44 +310,53 @@ class BufferFetcher:
         self.source = source
         self.batch_size = batch_size
         self.emit_batches = max(1, int(emit_batches))
-        self.stage = not source.direct_gather if stage is None else stage
-        self._stage_indptr = np.empty(0, dtype=np.int64)
-        self._stage_indices = np.empty(0, dtype=source.indices_dtype)
-        self._stage_data = np.empty(0, dtype=source.data_dtype)
+        self.stage_rows = not source.direct_gather if stage is None else stage
+        self.slots = [_Slot(source) for _ in range(n_slots)]
         self._pool: list[_OutBuffer] = []
         self._max_pool = max_pool
-        self._lock = threading.Lock()
+        self._pool_lock = threading.Lock()
 
-    def _stage(self, rows: np.ndarray):
+    def stage(self, rows: np.ndarray, perm: np.ndarray, slot: int = 0):
+        """Read buffer ``rows`` into staging slot ``slot``.
+
+        Returns ``(src, take, obs)``: the CSR arrays to gather from, the rows of ``src`` in
+        emission order, and the matching source rows.
+        """
+        obs = rows[perm]
+        if not self.stage_rows:
+            return (self.source.indptr, self.source.indices, self.source.data), obs, obs
+        sl = self.slots[slot]
         n = rows.size
-        if self._stage_indptr.shape[0] < n + 1:
-            self._stage_indptr = np.empty(n + 1, dtype=np.int64)
-        indptr = self._stage_indptr[: n + 1]
+        if sl.indptr.shape[0] < n + 1:
+            sl.indptr = np.empty(n + 1, dtype=np.int64)
+        indptr = sl.indptr[: n + 1]
         _, nnz = row_offsets(self.source.indptr, rows, indptr)
-        if self._stage_indices.shape[0] < nnz:
+        if sl.indices.shape[0] < nnz:
             cap = int(nnz * 1.25) + 1
-            self._stage_indices = _alloc(cap, self.source.indices_dtype)
-            self._stage_data = _alloc(cap, self.source.data_dtype)
-        indices, data = self._stage_indices[:nnz], self._stage_data[:nnz]
+            sl.indices = _alloc(cap, self.source.indices_dtype)
+            sl.data = _alloc(cap, self.source.data_dtype)
+        indices, data = sl.indices[:nnz], sl.data[:nnz]
         self.source.read_rows(rows, indptr, indices, data)
         self.source.release()
-        return indptr, indices, data
+        return (indptr, indices, data), perm, obs
 
     def _out_buffer(self, n_rows: int, nnz: int) -> _OutBuffer:
-        free = None
-        for i, buf in enumerate(self._pool):
-            if not buf.in_use():
-                if buf.fits(n_rows, nnz):
-                    return buf
-                free = i
-        buf = _OutBuffer(max(n_rows, self.batch_size * self.emit_batches), int(nnz * 1.25) + 1)
-        if free is not None:
-            self._pool[free] = buf
-        elif len(self._pool) < self._max_pool:
-            self._pool.append(buf)
-        return buf
+        with self._pool_lock:
+            free = None
+            for i, buf in enumerate(self._pool):
+                if not buf.in_use():
+                    if buf.fits(n_rows, nnz):
+                        return buf
+                    free = i
+            buf = _OutBuffer(max(n_rows, self.batch_size * self.emit_batches),
+                             int(nnz * 1.25) + 1)
+            if free is not None:
+                self._pool[free] = buf
+            elif len(self._pool) < self._max_pool:
+                self._pool.append(buf)
+            return buf
 
-    def _emit(self, src, take: np.ndarray, obs: np.ndarray) -> list[CSRMinibatch]:
+    def _emit_group(self, src, take: np.ndarray, obs: np.ndarray) -> list[CSRMinibatch]:
         """Gather rows ``take`` of ``src`` (one parallel launch) and cut them into batches."""
         n = take.size
         offsets, nnz = row_offsets(src[0], take)
@@ -364,34 +384,42 @@ class BufferFetcher:
             ))
         return out
 
-    def iter_groups(self, rows: np.ndarray, perm: np.ndarray):
-        """Read buffer ``rows``; yield lists of minibatches with rows in ``perm`` order.
+    def emit(self, staged):
+        """Yield lists of minibatches (one list per parallel gather) from a staged buffer."""
+        src, take, obs = staged
+        step = self.batch_size * self.emit_batches
+        for a in range(0, take.size, step):
+            yield self._emit_group(src, take[a : a + step], obs[a : a + step])
+        if not self.stage_rows:
+            self.source.release()
 
-        Each list comes from one parallel gather of ``emit_batches`` minibatches: fewer,
-        larger launches cost less when the cores are shared with other processes.
-        """
-        with self._lock:
-            obs = rows[perm]
-            if self.stage:
-                src = self._stage(rows)
-                take = perm
-            else:
-                src = (self.source.indptr, self.source.indices, self.source.data)
-                take = obs
-            step = self.batch_size * self.emit_batches
-            for a in range(0, perm.size, step):
-                yield self._emit(src, take[a : a + step], obs[a : a + step])
-            if not self.stage:
-                self.source.release()
-
-    def iter_batches(self, rows: np.ndarray, perm: np.ndarray):
+    def iter_batches(self, rows: np.ndarray, perm: np.ndarray, slot: int = 0):
         """Read buffer ``rows``; yield its minibatches with rows in ``perm`` order."""
-        for group in self.iter_groups(rows, perm):
+        for group in self.emit(self.stage(rows, perm, slot)):
             yield from group
 
     def fetch(self, rows: np.ndarray, perm: np.ndarray) -> list[CSRMinibatch]:
-        """All minibatches of one buffer (see :meth:`iter_batches`)."""
+        """All minibatches of one buffer."""
         return list(self.iter_batches(rows, perm))
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        try:
+            return q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+    return _DONE
 
 
 _DONE = object()
@@ -428,6 +456,15 @@ class CSRLoader:
     emit_batches
         Minibatches gathered per parallel launch (and handed over together); host memory for
         output grows with it.
+    stage
+        Copy each buffer's blocks into a staging buffer before the shuffled gather (default:
+        for stores and HDF5 files, not for in-memory matrices). ``False`` on a store gathers
+        straight from the memory map: one copy fewer, but the mapped page-cache pages count
+        towards the process's RSS while a buffer is read.
+    num_threads
+        numba threads for the gather on the background thread (default: all cores but one
+        when a reader thread stages rows, else numba's setting). On machines whose cores are
+        busy with other processes, 1 can be faster.
     layer, batch_codes, labels_codes, batch_key, labels_key
         Passed to :func:`as_source`.
 
@@ -443,7 +480,8 @@ class CSRLoader:
     def __init__(self, source, batch_size: int = 1024, shuffle: bool = True, seed: int = 0,
                  indices=None, drop_last: bool = False, rank: int = 0, world_size: int = 1,
                  block_size: int = 32, buffer_size: int = 16384, prefetch: bool = True,
-                 emit_batches: int = 4, layer: str | None = None, batch_codes=None, labels_codes=None,
+                 emit_batches: int = 4, stage: bool | None = None,
+                 num_threads: int | None = None, layer: str | None = None, batch_codes=None, labels_codes=None,
                  batch_key: str | None = None, labels_key: str | None = None):
         self.source = as_source(source, layer=layer, batch_codes=batch_codes,
                                 labels_codes=labels_codes, batch_key=batch_key,
@@ -454,8 +492,9 @@ class CSRLoader:
             rank=rank, world_size=world_size,
         )
         self.fetcher = BufferFetcher(self.source, self.sampler.batch_size,
-                                     emit_batches=emit_batches)
+                                     emit_batches=emit_batches, stage=stage)
         self.prefetch = prefetch
+        self.num_threads = num_threads
 
     # ------------------------------------------------------------------ properties
     @property
@@ -494,31 +533,64 @@ class CSRLoader:
             for rows, perm in self.sampler.buffers():
                 yield from self.fetcher.iter_batches(rows, perm)
             return
-        q: queue.Queue = queue.Queue(maxsize=1)
+        # Two background threads form a pipeline: the reader stages buffer k + 1 (I/O, mostly
+        # outside the GIL) while the emitter gathers buffer k's minibatches (numba, no GIL).
+        # Staging slots go back to the reader once the emitter is done with them.
+        fetcher = self.fetcher
         stop = threading.Event()
+        free_slots: queue.Queue = queue.Queue()
+        for i in range(len(fetcher.slots)):
+            free_slots.put(i)
+        staged_q: queue.Queue = queue.Queue(maxsize=1)
+        out_q: queue.Queue = queue.Queue(maxsize=1)
+        n_threads = self.num_threads
+        if n_threads is None and fetcher.stage_rows:
+            import numba
 
-        def work():
+            # leave a core to the reader thread; OpenMP workers that share a core with it
+            # spin-wait at every launch
+            n_threads = max(1, numba.config.NUMBA_NUM_THREADS - 1)
+
+        def reader():
             try:
                 for rows, perm in self.sampler.buffers():
-                    for group in self.fetcher.iter_groups(rows, perm):
-                        while not stop.is_set():
-                            try:
-                                q.put(group, timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        del group
-                        if stop.is_set():
-                            return
-                q.put(_DONE)
+                    slot = _get(free_slots, stop)
+                    if slot is _DONE:
+                        return
+                    staged = fetcher.stage(rows, perm, slot)
+                    if not _put(staged_q, (slot, staged), stop):
+                        return
+                _put(staged_q, _DONE, stop)
             except BaseException as err:  # handed to the consumer
-                q.put(err)
+                _put(out_q, err, stop)
 
-        thread = threading.Thread(target=work, name="scvi_fast-prefetch", daemon=True)
-        thread.start()
+        def emitter():
+            try:
+                if n_threads is not None:
+                    import numba
+
+                    numba.set_num_threads(n_threads)  # this thread only
+                while True:
+                    item = _get(staged_q, stop)
+                    if item is _DONE:
+                        break
+                    slot, staged = item
+                    for group in fetcher.emit(staged):
+                        if not _put(out_q, group, stop):
+                            return
+                    del staged, group
+                    free_slots.put(slot)
+                _put(out_q, _DONE, stop)
+            except BaseException as err:
+                _put(out_q, err, stop)
+
+        threads = [threading.Thread(target=f, name=f"scvi_fast-{f.__name__}", daemon=True)
+                   for f in (reader, emitter)]
+        for t in threads:
+            t.start()
         try:
             while True:
-                item = q.get()
+                item = out_q.get()
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
@@ -527,12 +599,8 @@ class CSRLoader:
                 del item
         finally:
             stop.set()
-            while thread.is_alive():
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            thread.join()
+            for t in threads:
+                t.join()
 
     def __repr__(self) -> str:
         return (f"CSRLoader({self.source!r}, batch_size={self.batch_size}, "

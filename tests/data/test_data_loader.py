@@ -220,7 +220,7 @@ def test_staged_and_direct_gather_agree(rng, tmp_path, stage, kind):
     X = random_counts(rng, 900, 35, density=0.25)
     src = X if kind == "memory" else CSRStore.create(tmp_path / "s", X)
     loader = CSRLoader(src, seed=2, **LOADER_ARGS)
-    loader.fetcher.stage = stage
+    loader.fetcher.stage_rows = stage
     ids = []
     for mb in loader:
         _check_batch(mb, X)
