@@ -109,6 +109,7 @@ def gather_rows(
     data_dtype=None,
     out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     out_sum: np.ndarray | None = None,
+    offsets_ready: bool = False,
 ):
     """Gather rows of a CSR matrix (given by its three arrays) into a new CSR matrix.
 
@@ -125,6 +126,8 @@ def gather_rows(
         entries and ``indices``/``data`` at least ``nnz`` entries. Returned views are trimmed.
     out_sum
         Optional ``(len(rows),)`` array receiving each output row's sum.
+    offsets_ready
+        ``out[0]`` already holds the output row pointers (from :func:`row_offsets`).
 
     Returns
     -------
@@ -140,7 +143,10 @@ def gather_rows(
         data = np.empty(nnz, dtype=data_dtype or src_data.dtype)
     else:
         indptr, indices, data = out
-        _, nnz = row_offsets(src_indptr, rows, indptr)
+        if offsets_ready:
+            nnz = int(indptr[-1])
+        else:
+            _, nnz = row_offsets(src_indptr, rows, indptr)
         if indices.shape[0] < nnz or data.shape[0] < nnz:
             raise ValueError(f"output buffers hold {min(indices.shape[0], data.shape[0])} < {nnz}")
         indices = indices[:nnz]

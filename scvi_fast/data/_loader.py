@@ -364,7 +364,8 @@ class BufferFetcher:
         indptr = buf.indptr[: n + 1]
         library = buf.library[:n]
         indptr[:] = offsets
-        gather_rows(*src, take, out=(indptr, buf.indices, buf.values), out_sum=library)
+        gather_rows(*src, take, out=(indptr, buf.indices, buf.values), out_sum=library,
+                    offsets_ready=True)
         batch = self.source.batch_codes[obs]
         labels = self.source.labels_codes[obs]
         out = []
