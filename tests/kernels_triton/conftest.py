@@ -5,9 +5,9 @@ helpers included, so ``TRITON_INTERPRET=1`` only works if it is set before ``tri
 imported in the process. Setting it here, at collection, would be too late whenever something
 imported triton earlier, and would leak into every other test of the run. So, without a GPU and
 without the variable already set, the ``test_triton_*.py`` modules are not collected in this
-process: ``test_interpreter_subprocess.py`` runs each of them in a fresh interpreter with
-``TRITON_INTERPRET=1`` (about 5 s of start-up per module). With a GPU, or when the run was
-started with ``TRITON_INTERPRET=1``, they are collected and run here directly.
+process: ``test_interpreter_subprocess.py`` runs them in one fresh interpreter with
+``TRITON_INTERPRET=1``. With a GPU, or when the run was started with ``TRITON_INTERPRET=1``,
+they are collected and run here directly.
 """
 
 from __future__ import annotations
