@@ -49,28 +49,30 @@ def _loess_direct_inner(x_sorted, y_sorted, q, out):
         dmax = max(x0 - x_sorted[lo], x_sorted[hi - 1] - x0)
         if dmax <= 0:
             dmax = 1.0
-        # weighted normal equations for [1, d, d^2]
-        m = np.zeros((3, 3))
-        r = np.zeros(3)
+        # weighted normal equations for the local quadratic [1, d, d^2]; the fit at d = 0 is
+        # its constant term, solved by Cramer's rule (3 x 3, symmetric)
+        s0 = s1 = s2 = s3 = s4 = 0.0
+        r0 = r1 = r2 = 0.0
         for j in range(lo, hi):
             d = x_sorted[j] - x0
             u = abs(d) / dmax
             w = (1.0 - u * u * u) ** 3 if u < 1.0 else 0.0
-            p0, p1, p2 = 1.0, d, d * d
-            m[0, 0] += w * p0 * p0
-            m[0, 1] += w * p0 * p1
-            m[0, 2] += w * p0 * p2
-            m[1, 1] += w * p1 * p1
-            m[1, 2] += w * p1 * p2
-            m[2, 2] += w * p2 * p2
-            r[0] += w * y_sorted[j]
-            r[1] += w * p1 * y_sorted[j]
-            r[2] += w * p2 * y_sorted[j]
-        m[1, 0] = m[0, 1]
-        m[2, 0] = m[0, 2]
-        m[2, 1] = m[1, 2]
-        coef = np.linalg.lstsq(m, r)[0]
-        out[i] = coef[0]
+            d2 = d * d
+            y = y_sorted[j]
+            s0 += w
+            s1 += w * d
+            s2 += w * d2
+            s3 += w * d2 * d
+            s4 += w * d2 * d2
+            r0 += w * y
+            r1 += w * d * y
+            r2 += w * d2 * y
+        det = s0 * (s2 * s4 - s3 * s3) - s1 * (s1 * s4 - s3 * s2) + s2 * (s1 * s3 - s2 * s2)
+        if abs(det) > 1e-12 * max(1.0, s0 * s2 * s4):
+            out[i] = (r0 * (s2 * s4 - s3 * s3) - s1 * (r1 * s4 - s3 * r2)
+                      + s2 * (r1 * s3 - s2 * r2)) / det
+        else:  # degenerate neighbourhood (tied x): fall back to the weighted mean
+            out[i] = r0 / s0 if s0 > 0 else y_sorted[i]
 
 
 def _loess_fit(x: np.ndarray, y: np.ndarray, span: float, method: str) -> np.ndarray:
