@@ -141,3 +141,31 @@ def test_real_h5ad_backed_loader_and_store(shared_data, tmp_path, name):
         assert (mb.to_scipy() != adata.X[mb.obs_idx]).nnz == 0
         if i == 3:
             break
+
+
+def test_10x_h5_v2_layout(rng, tmp_path):
+    X = random_counts(rng, 90, 30, density=0.3)
+    genes, barcodes = _names(rng, X)
+    with h5py.File(tmp_path / "v2.h5", "w") as f:
+        g = f.create_group("GRCh38")
+        g["barcodes"] = np.array(barcodes, dtype="S")
+        g["data"] = X.data.astype(np.int32)
+        g["indices"] = X.indices.astype(np.int64)
+        g["indptr"] = X.indptr.astype(np.int64)
+        g["shape"] = np.array([X.shape[1], X.shape[0]], dtype=np.int32)
+        g["genes"] = np.array([f"ENSG{i}" for i in range(30)], dtype="S")
+        g["gene_names"] = np.array(genes, dtype="S")
+    src = as_source(tmp_path / "v2.h5")
+    assert list(src.var_names) == genes
+    assert (src.get_rows(np.arange(90)) != X).nnz == 0
+
+
+def test_backed_h5ad_with_gene_subset(small_adata, tmp_path):
+    small_adata.write_h5ad(tmp_path / "a.h5ad")
+    genes = list(small_adata.var_names[::3])
+    ref = small_adata[:, genes]
+    keep = np.asarray(ref.X.sum(axis=1)).ravel() > 0
+    store = CSRStore.create(tmp_path / "s", tmp_path / "a.h5ad", genes=genes, check=False,
+                            batch_key="batch")
+    assert (store.to_scipy() != sp.csr_matrix(ref.X)).nnz == 0
+    assert keep.all() or store.n_cells == ref.n_obs
