@@ -33,6 +33,7 @@ __all__ = [
     "reparam_kl",
 ]
 
+
 def interpreting() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read now, as Triton does)."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")

@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from scvi_fast.kernels.triton import interpreting
 from scvi_fast.kernels.triton._common import (

@@ -19,17 +19,17 @@ on the cells sorted by category (segments = categories, src = dy, weight 1).
 Why a transposed (CSC) pass for ``dW`` and not atomics: scattering from the CSR would issue one
 atomic add per non-zero *per hidden unit* (``nnz * H``: 420M at the Census shape, many on the same
 rows of highly expressed genes), and its float sums would depend on scheduling order. The CSC
-costs one stable sort of the ``nnz`` gene ids (``O(nnz)`` work, no ``H`` factor), writes every
-``dW`` row exactly once (genes without non-zeros get zeros, no separate fill) and is
-deterministic run to run.
+costs one stable sort of the ``nnz`` gene ids (a radix sort on the GPU, no ``H`` factor),
+writes every ``dW`` row exactly once (genes without non-zeros get zeros, no separate fill) and
+is deterministic run to run.
 """
 
 from __future__ import annotations
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from scvi_fast.kernels.triton import interpreting
 from scvi_fast.kernels.triton._common import (
