@@ -28,11 +28,15 @@ def _read_input(path: str, backed: bool = False):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import numpy as np
-
     import scvi_fast
     from scvi_fast.data import synthetic_anndata
+    from scvi_fast.train import _distributed
 
+    # Under torchrun every rank runs this command; rank 0 alone reports and writes.
+    ranked = _distributed.env_world_size() > 1
+    main = _distributed.is_main_process()
+    if not main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank
     out = Path(args.out)
     t0 = time.perf_counter()
     if args.input is None:
@@ -65,11 +69,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model.train(
         seed=args.seed, device=args.device, checkpoint_dir=out / "checkpoints",
         resume=args.resume, progress_bar=not args.quiet, **train_kwargs,
+        strategy="ddp" if ranked or args.nproc_per_node else "auto",
+        devices=args.nproc_per_node or "auto", max_restarts=args.max_restarts,
     )
     h = model.history_
     t_train = model.trainer.train_time_s
-    model.save(out / "model", overwrite=True)
-    latent = model.get_latent_representation()
+    if main:
+        model.save(out / "model", overwrite=True)
+    # a store's embedding is written straight into X_scVI.npy (each rank its rows under torchrun)
+    latent = model.get_latent_representation(out=out / "X_scVI.npy" if isinstance(adata, str) else None)
+    if not main:
+        return 0
     written = [out / "model"]
     if not isinstance(adata, str):
         adata.obsm["X_scVI"] = latent
@@ -77,7 +87,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         adata.write_h5ad(out / "adata_scvi.h5ad")
         written.append(out / "adata_scvi.h5ad")
     else:
-        np.save(out / "X_scVI.npy", latent)
         written.append(out / "X_scVI.npy")
     msg = (
         f"Trained {len(h['elbo_train'])} epochs in {t_train:.1f} s "
@@ -193,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--impl", default="auto", choices=["auto", "triton", "native", "torch"])
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    t.add_argument("--nproc-per-node", type=int, default=None,
+                   help="data-parallel training in N local processes (one per GPU, or CPU "
+                   "shares) through torch's elastic launcher; on clusters run "
+                   "`torchrun --nproc-per-node N -m scvi_fast.cli train ...` instead")
+    t.add_argument("--max-restarts", type=int, default=0,
+                   help="with --nproc-per-node: restart failed ranks up to this many times "
+                   "(each restart resumes from OUT/checkpoints when --resume is given)")
     t.add_argument("--quiet", action="store_true")
     t.add_argument("--out", default="scvi_fast_out", help="output folder (default: scvi_fast_out)")
     t.set_defaults(func=_cmd_train)

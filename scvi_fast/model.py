@@ -27,6 +27,7 @@ import torch
 from scvi_fast import data as _data
 from scvi_fast.module import VAE
 from scvi_fast.train import Trainer, resolve_device
+from scvi_fast.train import _distributed
 
 SETUP_KEY = "_scvi_fast_setup"
 FORMAT_VERSION = 1
@@ -333,7 +334,8 @@ class SCVI:
         )
 
     # --------------------------------------------------------------- training --
-    def _split(self, n: int, train_size: float, validation_size: float | None, batch_size: int, seed: int):
+    def _split(self, n: int, train_size: float, validation_size: float | None, batch_size: int, seed: int,
+               world_size: int = 1):
         if not 0.0 < train_size <= 1.0:
             raise ValueError(f"train_size must be in (0, 1]; got {train_size}")
         n_train = math.ceil(train_size * n)
@@ -343,12 +345,15 @@ class SCVI:
             if not 0.0 <= validation_size < 1.0 or train_size + validation_size > 1.0:
                 raise ValueError("validation_size must be in [0, 1) with train_size + validation_size <= 1")
             n_val = math.floor(n * validation_size)
+        # Data-parallel: every rank the same number of cells, so that each training cell is
+        # seen exactly once per epoch (no wrap-around padding).
+        n_val, n_train = n_val + n_train % world_size, n_train - n_train % world_size
         # BatchNorm cannot train on a final minibatch of one or two cells: move
-        # them to validation as scvi-tools does.
-        rest = n_train % batch_size
-        if 0 < rest < 3 and n_train > rest:
-            n_train -= rest
-            n_val += rest
+        # them to validation as scvi-tools does (on every rank).
+        rest = (n_train // world_size) % batch_size
+        if 0 < rest < 3 and n_train > rest * world_size:
+            n_train -= rest * world_size
+            n_val += rest * world_size
         perm = np.random.RandomState(seed=seed).permutation(n)
         return np.sort(perm[n_val : n_val + n_train]), np.sort(perm[:n_val])
 
@@ -379,6 +384,9 @@ class SCVI:
         allow_tf32: bool = False,
         precision: Literal["32", "bf16-mixed"] = "32",
         compile_dense: bool = False,
+        strategy: Literal["auto", "ddp"] = "auto",
+        devices: int | Literal["auto"] = "auto",
+        max_restarts: int = 0,
         **loader_kwargs,
     ) -> SCVI:
         """Train the model (scvi-tools' defaults unless a preset says otherwise).
@@ -409,10 +417,29 @@ class SCVI:
             CUDA speed options (TF32 GEMMs; ``"bf16-mixed"`` autocast of the GEMMs with the
             likelihood in fp32; ``torch.compile`` of the dense stacks). Off by default, and
             ignored on the CPU.
+        strategy, devices, max_restarts
+            ``"ddp"``: data-parallel training (``DistributedDataParallel``), one process per
+            GPU (NCCL) or per CPU share (gloo). Under ``torchrun`` every rank calls ``train``
+            and trains its shard of each epoch (``"auto"`` becomes ``"ddp"`` there);
+            elsewhere ``devices`` local ranks (``"auto"``: every visible GPU) are launched
+            through torch's elastic launcher, restarted up to ``max_restarts`` times after a
+            failure (with ``resume=True`` each restart continues from the checkpoint), and
+            the trained weights come back to this object. ``batch_size`` is per rank: the
+            global minibatch is ``batch_size * world_size``. See ``scvi_fast.train._distributed``
+            for the BatchNorm choice (local, running statistics averaged over ranks).
         **loader_kwargs
             Passed to :class:`scvi_fast.data.CSRLoader` (``block_size``, ``buffer_size``,
             ``prefetch``...).
         """
+        call = dict(locals())
+        if strategy not in ("auto", "ddp"):
+            raise ValueError(f"strategy must be 'auto' or 'ddp'; got {strategy!r}")
+        if strategy == "auto" and _distributed.env_world_size() > 1:
+            strategy = "ddp"
+        if strategy == "ddp" and not _distributed.launched():
+            return self._train_launched(call)
+        ctx = _distributed.setup(accelerator or device) if strategy == "ddp" else None
+        rank, world_size = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         plan_kwargs = dict(plan_kwargs or {})
         defaults = dict(TRAIN_DEFAULTS)
         if self.preset:
@@ -431,18 +458,20 @@ class SCVI:
         n = source.n_cells
         if max_epochs is None:
             max_epochs = defaults["max_epochs"] or min(round((20000 / n) * 400), 400)
-        train_idx, val_idx = self._split(n, train_size, validation_size, batch_size, seed)
+        train_idx, val_idx = self._split(n, train_size, validation_size, batch_size, seed, world_size)
         self.train_indices, self.validation_indices = train_idx, val_idx
         train_loader = _data.CSRLoader(
             source, batch_size=batch_size, shuffle=True, seed=seed, indices=train_idx,
-            drop_last=False, **loader_kwargs,
+            drop_last=False, rank=rank, world_size=world_size, **loader_kwargs,
         )
         val_loader = (
-            _data.CSRLoader(source, batch_size=max(batch_size, INFERENCE_BATCH_SIZE),
-                            shuffle=False, indices=val_idx, **loader_kwargs)
+            _data.CSRLoader(source, batch_size=max(batch_size, INFERENCE_BATCH_SIZE), shuffle=False,
+                            indices=np.array_split(val_idx, world_size)[rank], **loader_kwargs)
             if len(val_idx) else None
         )
         self.device = resolve_device(accelerator if accelerator not in (None, "auto") else device)
+        if ctx is not None:
+            self.device = ctx.device
         trainer = Trainer(
             self.module, train_loader, val_loader,
             lr=lr, weight_decay=weight_decay, adam_eps=eps,
@@ -454,6 +483,7 @@ class SCVI:
             checkpoint_dir=checkpoint_dir, checkpoint_every_n_steps=checkpoint_every_n_steps,
             device=self.device, seed=seed, progress_bar=progress_bar,
             allow_tf32=allow_tf32, precision=precision, compile_dense=compile_dense,
+            distributed=ctx,
         )
         self.trainer = trainer
         self.history_ = trainer.fit(max_epochs, resume=resume)
@@ -463,6 +493,40 @@ class SCVI:
             "max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
             "n_epochs_kl_warmup": n_epochs_kl_warmup, "train_size": train_size, "seed": seed,
         }
+        return self
+
+    def _train_launched(self, call: dict) -> SCVI:
+        """``train(strategy="ddp")`` outside a launcher: run it in local ranks, keep rank 0's result."""
+        from types import SimpleNamespace
+
+        dev = call["accelerator"] or call["device"]
+        on_cuda = torch.cuda.is_available() and str(dev) in ("auto", "gpu") or str(dev).startswith("cuda")
+        nproc = call["devices"]
+        if nproc == "auto":
+            nproc = torch.cuda.device_count() if on_cuda else 1
+        data = self.adata
+        if isinstance(data, _data.CSRStore):
+            data = str(data.path)
+        elif getattr(data, "isbacked", False):
+            data = ("h5ad", str(data.filename))
+        train_kwargs = {k: v for k, v in call.items()
+                        if k not in ("self", "devices", "max_restarts", "loader_kwargs")}
+        payload = {
+            "data": data, "registry": self.registry, "init": self.init_params_,
+            "state": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+            "train": train_kwargs | call["loader_kwargs"],
+        }
+        results = _distributed.launch(_ddp_train_worker, (payload,), nproc=int(nproc),
+                                      max_restarts=call["max_restarts"])
+        res = results[0]
+        self.module.load_state_dict(res["state"])
+        self.module.eval()
+        self.history_ = res["history"]
+        self.train_indices, self.validation_indices = res["train_indices"], res["validation_indices"]
+        self.train_params_ = res["train_params"]
+        self.trainer = SimpleNamespace(**res["trainer"])
+        self.device = resolve_device("cuda" if on_cuda else "cpu")
+        self.is_trained_ = True
         return self
 
     @property
@@ -510,7 +574,15 @@ class SCVI:
             returned.
         progress_bar
             Show cells/s while embedding.
+
+        Under a distributed job (``torchrun``, after ``train(strategy="ddp")``) this is a
+        collective, called on every rank: each rank embeds a contiguous share of the cells;
+        with ``out`` (on a filesystem all ranks see) the ranks write their own row ranges of
+        the file, otherwise the shares are gathered and every rank gets the whole array.
         """
+        ctx = _distributed.active()
+        if ctx is not None:
+            return self._latent_distributed(ctx, adata, indices, give_mean, batch_size, return_dist, out)
         source = self._source(adata)
         n = source.n_cells if indices is None else len(indices)
         Z = self.module.n_latent
@@ -551,6 +623,24 @@ class SCVI:
             os.replace(tmp, out)
             return np.load(out, mmap_mode="r")
         return (result, variances) if return_dist else result
+
+    def _latent_distributed(self, ctx, adata, indices, give_mean, batch_size, return_dist, out):
+        source = self._source(adata)
+        rows = np.arange(source.n_cells) if indices is None else np.asarray(indices, dtype=np.int64)
+        Z = self.module.n_latent
+        self.module.to(self.device).eval()
+
+        def latent(x):
+            q_m, q_v = self.module.encode(x)
+            if return_dist:
+                return torch.cat([q_m, q_v], dim=1)
+            return q_m if give_mean else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
+
+        res = _distributed.map_rows(
+            latent, lambda idx: self._loader(source, indices=idx, batch_size=batch_size), rows,
+            2 * Z if return_dist else Z, self.device, ctx=ctx, out=out,
+        )
+        return (res[:, :Z], res[:, Z:]) if return_dist else res
 
     def _batch_codes_of(self, transform_batch) -> list[int | None]:
         if transform_batch is None:
@@ -984,3 +1074,31 @@ class SCVI:
             "labels_categories": list(reg["labels_categories"]),
         }
         return adata
+
+
+def _ddp_train_worker(payload: dict):
+    """One rank of ``SCVI.train(strategy="ddp", devices=N)`` (started by the elastic launcher)."""
+    data = payload["data"]
+    if isinstance(data, tuple):
+        import anndata
+
+        data = anndata.read_h5ad(data[1], backed="r")
+    init = dict(payload["init"])
+    model = SCVI(data, _registry=payload["registry"], **init)
+    model.module.load_state_dict(payload["state"])
+    model.train(**payload["train"])
+    if not _distributed.is_main_process():
+        return None
+    t = model.trainer
+    return {
+        "state": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
+        "history": model.history_,
+        "train_indices": model.train_indices,
+        "validation_indices": model.validation_indices,
+        "train_params": model.train_params_,
+        "trainer": {
+            "global_step": t.global_step, "epoch": t.epoch, "stopped_early": t.stopped_early,
+            "train_time_s": t.train_time_s, "cells_trained": t.cells_trained,
+            "epoch_times": list(t.epoch_times), "world_size": _distributed.env_world_size(),
+        },
+    }

@@ -63,6 +63,13 @@ class Trainer:
         GEMMs to bfloat16; the NB likelihood, KL and optimiser stay in fp32.
     compile_dense
         ``torch.compile`` the dense encoder/decoder stacks (CUDA; off by default).
+    distributed
+        A :class:`~scvi_fast.train._distributed.DistContext` (from ``_distributed.setup``) to
+        train data-parallel: the module is wrapped in DDP, the loaders must be this rank's
+        shards, metrics are summed over ranks, BatchNorm running statistics are averaged
+        over ranks after each training pass and before each checkpoint, rank 0 alone writes
+        checkpoints (with every rank's RNG state), and on resume rank 0 reads the checkpoint
+        and broadcasts it.
     """
 
     def __init__(
@@ -89,7 +96,9 @@ class Trainer:
         allow_tf32: bool = False,
         precision: str = "32",
         compile_dense: bool = False,
+        distributed=None,
     ):
+        self.dist = distributed if distributed is not None and distributed.world_size > 1 else None
         self.device = resolve_device(device)
         if precision not in ("32", "bf16-mixed"):
             raise ValueError(f"precision must be '32' or 'bf16-mixed'; got {precision!r}")
@@ -101,6 +110,8 @@ class Trainer:
         if compile_dense and on_cuda:
             module.encoder.linears = torch.compile(module.encoder.linears)
             module.decoder = torch.compile(module.decoder)
+        # DDP wraps the module for training only: state-dict keys stay the module's own.
+        self._net = self.dist.wrap(self.module) if self.dist is not None else self.module
         self.train_loader, self.val_loader = train_loader, val_loader
         self.n_epochs_kl_warmup = n_epochs_kl_warmup
         self.max_kl_weight, self.min_kl_weight = max_kl_weight, min_kl_weight
@@ -154,7 +165,7 @@ class Trainer:
             "partial_n_obs": self._partial[1] if self._partial else 0,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
+        } | self._rank_rng_states()
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
@@ -165,20 +176,72 @@ class Trainer:
         self._best, self._wait = float(state["best"]), int(state["wait"])
         self.stopped_early = bool(state.get("stopped_early", False))
         self._partial = (state["partial_sums"], int(state["partial_n_obs"])) if self._step_in_epoch else None
+        if self.dist is not None:
+            self._load_rank_rng(state)
+            return
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint_path is not None:
+        if self.checkpoint_path is None:
+            return
+        if self.dist is None:
             atomic_torch_save(self.state_dict(), self.checkpoint_path)
+            return
+        self.dist.sync_buffers(self.module)
+        state = self.state_dict()  # collective: gathers every rank's RNG state
+        if self.dist.is_main:
+            atomic_torch_save(state, self.checkpoint_path)
+        self.dist.barrier()
+
+    # ---- distributed helpers (no-ops on one process) ----------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
+    def _rank_rng_states(self) -> dict:
+        if self.dist is None:
+            return {}
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {
+            "world_size": self.dist.world_size,
+            "rank_rng": self.dist.all_gather_object((torch.get_rng_state(), cuda)),
+        }
+
+    def _load_rank_rng(self, state: dict) -> None:
+        from scvi_fast.train._distributed import RNG_STRIDE
+
+        ws, rank = self.dist.world_size, self.dist.rank
+        saved = state.get("world_size", 1)
+        if saved != ws and self._step_in_epoch:
+            raise ValueError(
+                f"the checkpoint was written mid-epoch by {saved} rank(s); resume it with the "
+                f"same number of ranks (now {ws}), or from an end-of-epoch checkpoint"
+            )
+        if saved == ws and "rank_rng" in state:
+            cpu, cuda = state["rank_rng"][rank]
+            torch.set_rng_state(cpu)
+            if cuda is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda, self.device)
+        else:  # a different number of ranks at an epoch boundary: fresh per-rank streams
+            torch.manual_seed(self.seed + RNG_STRIDE * rank + self.global_step)
+
+    def _reduced(self, sums: torch.Tensor, n_obs: int) -> tuple[torch.Tensor, int]:
+        """``(sums, n_obs)`` over all ranks, on the CPU."""
+        if self.dist is None:
+            return sums.cpu(), n_obs
+        both = torch.cat([sums, sums.new_tensor([n_obs])])
+        self.dist.all_reduce_sum(both)
+        return both[:-1].cpu(), int(both[-1].item())
 
     # ---- one pass ------------------------------------------------------------------
     def _run_epoch(self, loader, train: bool, kl_w: float, skip: int = 0) -> dict[str, float]:
         self.module.train(train)
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         n_obs = 0
-        if skip and self._partial is not None:
+        if skip and self._partial is not None and self.is_main:
+            # the partial sums of a checkpoint are over all ranks: one rank adds them back
             sums += self._partial[0].to(self.device)
             n_obs = int(self._partial[1])
         if hasattr(loader, "set_epoch"):
@@ -197,7 +260,7 @@ class Trainer:
             for mb in it:
                 x = mb.to(self.device, non_blocking=True)
                 with autocast:
-                    _, _, out = self.module(x, kl_weight=kl_w)
+                    _, _, out = (self._net if train else self.module)(x, kl_weight=kl_w)
                 if train:
                     self.optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
@@ -213,8 +276,11 @@ class Trainer:
                     and self.checkpoint_every_n_steps
                     and self.global_step % self.checkpoint_every_n_steps == 0
                 ):
-                    self._partial = (sums.cpu(), n_obs)
+                    self._partial = self._reduced(sums, n_obs)
                     self.save_checkpoint()
+        if train and self.dist is not None:
+            self.dist.sync_buffers(self.module)
+        sums, n_obs = self._reduced(sums, n_obs)
         vals = (sums / max(n_obs, 1)).tolist()
         return {name: v for name, v in zip(METRICS, vals)} | {"_n_obs": n_obs}
 
@@ -230,16 +296,25 @@ class Trainer:
         resumes at the next minibatch of that epoch.
         """
         skip = 0
-        if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.load_state_dict(load_checkpoint(self.checkpoint_path, map_location=self.device))
+        state = None
+        if resume and self.checkpoint_path is not None and self.is_main and self.checkpoint_path.exists():
+            state = load_checkpoint(self.checkpoint_path, map_location="cpu")
+        if self.dist is not None and resume and self.checkpoint_path is not None:
+            # rank 0's checkpoint reaches every rank, with or without a shared filesystem
+            state = self.dist.broadcast_object(state)
+        if state is not None:
+            self.load_state_dict(state)
             skip = self._step_in_epoch
         else:
-            torch.manual_seed(self.seed)
-            np.random.seed(self.seed % (2**32))
+            from scvi_fast.train._distributed import RNG_STRIDE
+
+            rank = self.dist.rank if self.dist is not None else 0
+            torch.manual_seed(self.seed + RNG_STRIDE * rank)
+            np.random.seed((self.seed + RNG_STRIDE * rank) % (2**32))
         tf32_before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32 or tf32_before
         bar = None
-        if self.progress_bar:
+        if self.progress_bar and self.is_main:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=max_epochs, initial=self.epoch, desc="Training", unit="epoch")
