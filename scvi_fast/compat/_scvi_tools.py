@@ -199,6 +199,13 @@ def load_scvi_tools(cls, dir_path: str | os.PathLike, impl: str | None = None):
     model.module.load_state_dict(got["module_state"])
     model._passthrough = dict(got["passthrough"])
     attr = got["attr_dict"]
+    fields = attr.get("registry_", {}).get("field_registries", {})
+    # scvi-tools matches categories by value: keep the original (e.g. integer) mappings for export
+    model._scvi_tools_mappings = {
+        f: np.asarray(fields[f]["state_registry"]["categorical_mapping"])
+        for f in ("batch", "labels")
+        if "categorical_mapping" in fields.get(f, {}).get("state_registry", {})
+    }
     model.is_trained_ = bool(attr.get("is_trained_", True))
     model.history_ = _history_lists(attr.get("history_"))
     for name in ("train_indices", "validation_indices"):
@@ -209,9 +216,12 @@ def load_scvi_tools(cls, dir_path: str | os.PathLike, impl: str | None = None):
 
 
 # ------------------------------------------------------------------ writing --
-def _categorical_field(key: str, categories: list[str], default_key: str, count_name: str) -> dict:
+def _categorical_field(key: str, categories: list[str], default_key: str, count_name: str,
+                       original_mapping: np.ndarray | None = None) -> dict:
     if key:
         mapping = np.asarray(list(categories), dtype=object)
+        if original_mapping is not None and [str(c) for c in original_mapping.tolist()] == list(categories):
+            mapping = original_mapping
         original = key
     else:
         mapping = np.array([0])
@@ -235,8 +245,11 @@ def scvi_tools_registry(model, n_obs: int) -> dict:
         "state_registry": {"n_obs": int(n_obs), "n_vars": n_vars, "column_names": var_names},
         "summary_stats": {"n_vars": n_vars, "n_cells": int(n_obs)},
     }
-    fields["batch"] = _categorical_field(reg["batch_key"], reg["batch_categories"], "_scvi_batch", "n_batch")
-    fields["labels"] = _categorical_field(reg["labels_key"], reg["labels_categories"], "_scvi_labels", "n_labels")
+    original = getattr(model, "_scvi_tools_mappings", {})
+    fields["batch"] = _categorical_field(reg["batch_key"], reg["batch_categories"], "_scvi_batch", "n_batch",
+                                         original.get("batch"))
+    fields["labels"] = _categorical_field(reg["labels_key"], reg["labels_categories"], "_scvi_labels",
+                                          "n_labels", original.get("labels"))
     fields["size_factor"] = {"data_registry": {}, "state_registry": {}, "summary_stats": {}}
     fields["extra_categorical_covs"] = {
         "data_registry": {}, "state_registry": {}, "summary_stats": {"n_extra_categorical_covs": 0},
