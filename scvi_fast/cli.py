@@ -181,6 +181,40 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import scvi_fast
+    from scvi_fast import metrics
+
+    src = Path(args.input)
+    if src.is_dir():
+        data = _read_input(args.data) if args.data else None
+        model = scvi_fast.SCVI.load(src, adata=data, device=args.device)
+        adata = model.adata
+        if adata is None or not hasattr(adata, "obs"):
+            raise ValueError("the model folder holds no AnnData: pass --data H5AD with its cells")
+        embeddings = {"scvi_fast": model.get_latent_representation()}
+    else:
+        adata = _read_input(args.input)
+        if args.embedding_key not in adata.obsm:
+            raise KeyError(f"obsm[{args.embedding_key!r}] not found; available: {list(adata.obsm)}")
+        embeddings = {args.embedding_key: adata.obsm[args.embedding_key]}
+    for key in (args.label_key, args.batch_key):
+        if key not in adata.obs:
+            raise KeyError(f"{key!r} is not a column of obs: {list(adata.obs.columns)[:20]}")
+    labels, batch = adata.obs[args.label_key].to_numpy(), adata.obs[args.batch_key].to_numpy()
+    t0 = time.perf_counter()
+    table = metrics.summary_table(embeddings, labels, batch, max_cells=args.max_cells, seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "metrics.csv")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    print(f"Wrote {out / 'metrics.csv'} ({time.perf_counter() - t0:.1f} s)")
+    if not args.no_plot:
+        png = metrics.plot_summary(embeddings, labels, batch, table, out / "metrics.png", seed=args.seed)
+        print(f"Wrote {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scvi-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -237,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--genes", help="text file with one gene name per line to keep, in order")
     c.add_argument("--shuffle", action="store_true", help="pre-shuffle rows at write time")
     c.set_defaults(func=_cmd_convert)
+
+    v = sub.add_parser("evaluate", help="integration metrics (scib / Census benchmark) of an embedding")
+    v.add_argument("input", help="a model folder, or an .h5ad holding the embedding in obsm")
+    v.add_argument("--label-key", required=True, help="obs column of cell types (bio conservation)")
+    v.add_argument("--batch-key", required=True, help="obs column of batches (batch correction)")
+    v.add_argument("--embedding-key", default="X_scVI", help="obsm key when INPUT is an .h5ad")
+    v.add_argument("--data", help="with a model folder: the .h5ad of the cells to embed")
+    v.add_argument("--max-cells", type=int, default=None, help="evaluate a random subset of cells")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="auto")
+    v.add_argument("--no-plot", action="store_true", help="skip the UMAP/metrics PNG")
+    v.add_argument("--out", required=True, help="folder for metrics.csv and metrics.png")
+    v.set_defaults(func=_cmd_evaluate)
     return p
 
 

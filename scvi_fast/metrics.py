@@ -338,6 +338,8 @@ def summary_table(embeddings: Mapping[str, np.ndarray], labels, batch, **kwargs)
     table.loc["batch_mean"] = table.loc[list(BATCH)].mean()
     kind = {m: "bio" for m in BIO} | {m: "batch" for m in BATCH}
     kind |= {"bio_mean": "bio", "batch_mean": "batch"}
+    order = [*BIO, "bio_mean", *BATCH, "batch_mean"]
+    table = table.loc[order + [m for m in table.index if m not in order]]
     table.insert(0, "kind", [kind.get(m, "info") for m in table.index])
     table.index.name = "metric"
     return table
