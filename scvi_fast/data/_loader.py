@@ -5,13 +5,16 @@ Three parts, each replaceable on its own:
 * :class:`BlockShuffleSampler` decides *which rows*, per epoch and rank: contiguous blocks of
   ``block_size`` rows in a seeded random order, cut into buffers of ``buffer_size`` rows whose
   rows are permuted before being split into minibatches;
-* :class:`BufferFetcher` decides *how they are read*: a buffer's rows are staged into a
-  preallocated buffer in the source's compact dtypes (one numba ``prange`` gather, or one HDF5
-  read per block), then gathered in shuffled order into minibatch arrays (``int32`` indices,
-  ``float32`` counts, row sums) by a second numba pass;
-* :class:`CSRLoader` ties them together and runs the fetcher on a background thread.
+* :class:`BufferFetcher` decides *how they are read*: a buffer's blocks are staged into a
+  preallocated buffer in the source's compact dtypes (the store: one ``pread`` per block;
+  HDF5: one read per block; in-memory CSR needs no staging), then gathered in shuffled order
+  into minibatch arrays (``int32`` indices, ``float32`` counts, row sums) by a numba
+  ``prange`` pass;
+* :class:`CSRLoader` ties them together; with ``prefetch`` a reader thread stages the next
+  buffer while an emitter thread gathers the current one's minibatches.
 
-Host memory is bounded by the staging buffer and a few output buffers, whatever the data size.
+Host memory is bounded by the staging buffers and a few output buffers, whatever the number of
+non-zeros; per-cell metadata (row pointers, covariate codes) costs 24 bytes per cell.
 """
 
 from __future__ import annotations
