@@ -85,6 +85,9 @@ def test_query_models_save_and_load_in_both_formats(two_batches, tmp_path):
         assert back.batch_categories == model.batch_categories
         for k, v in model.module.state_dict().items():
             assert torch.equal(back.module.state_dict()[k], v), (folder, k)
+    for folder in ("native", "st"):
+        names = scvi_fast.SCVI.prepare_query_anndata(q, tmp_path / folder, return_reference_var_names=True)
+        assert list(names) == list(ref.var_names)
     # a reference given as a folder works too
     with pytest.warns(UserWarning, match="no new batch categories"):
         again = scvi_fast.SCVI.load_query_data(query.copy(), tmp_path / "st", freeze=True)
