@@ -17,6 +17,9 @@ static inline T min_(T a, T b) { return b < a ? b : a; }
 template <typename T>
 static inline T max_(T a, T b) { return a < b ? b : a; }
 
+// Below this many inner-loop elements a parallel region costs more than it saves.
+static constexpr int64_t kMinParallel = 1 << 16;
+
 // Contiguous [begin, end) share of n items for thread `tid` of `nt`.
 static inline void thread_range(int64_t n, int tid, int nt, int64_t& begin, int64_t& end) {
   begin = n * tid / nt;
@@ -192,15 +195,14 @@ static inline void count_gamma_diff(double x, double t, double lg_t, double dg_t
 // (W gene-major, so each stored value adds a contiguous H-vector).
 // Backward: dW[g, :] = sum_{(r, g) stored} f(v) dy[r, :].
 //
-// Both are memory-bound gathers of H-vectors, so they are tiled over H: a task
-// owns a column chunk of NV vectors, keeps its accumulators in registers, and
-// sweeps rows (forward) or genes (backward); the chunk's slice of W (G x chunk,
-// 1 MB for G = 8000 in float32) or of dy stays in the core's L2 across the
-// sweep instead of streaming the whole W from memory for every stored value.
-// Tasks are laid out chunk-major and split statically, so each thread works
-// on its own chunks (and no two threads ever write the same output element).
-// The backward sweeps genes over a transposed copy of the batch (a parallel
-// counting sort), so every dW row chunk is written once.
+// Both are memory-bound gathers of H-vectors (2 KB per stored value at H = 512
+// in float32), so the loop orders are chosen for cache reuse:
+// * forward, per block of rows: entries transposed by gene, W read once per
+//   block in gene order, the block's output rows kept in L2 (sl_fwd_block);
+// * backward, over a transposed copy of the whole batch (a parallel counting
+//   sort): tasks own a column chunk of kBwdVecs vectors of dW, keep it in
+//   registers while summing a gene's entries, and sweep genes, so the chunk's
+//   slice of dy stays in L2 and every dW element is written once, by one thread.
 // ---------------------------------------------------------------------------
 
 template <typename T>
@@ -233,23 +235,19 @@ static inline void vstore(T* p, V v) {
   __builtin_memcpy(p, &v, sizeof(V));
 }
 
-#ifndef SCVI_FAST_FWD_VECS
-#define SCVI_FAST_FWD_VECS 4
-#endif
 #ifndef SCVI_FAST_BWD_VECS
 #define SCVI_FAST_BWD_VECS 8
 #endif
-static constexpr int kFwdVecs = SCVI_FAST_FWD_VECS;  // forward chunk: 32 floats / 16 doubles
 static constexpr int kBwdVecs = SCVI_FAST_BWD_VECS;  // backward chunk: 64 floats / 32 doubles
-static constexpr int64_t kRowBlock = 128;
+static constexpr int64_t kFwdRows = 256;             // forward row block: 512 KB of output at H = 512
 static constexpr int64_t kGeneBlock = 512;
 
-// out[0:n] = sum_k f[k] * src[k][0:n] (+ init), for a column chunk of n < full
-// width (the ragged right edge of H).
+// out[0:n] = sum_k f[k] * src[k][0:n] (+ init), for the ragged right edge of H
+// (a column chunk narrower than kBwdVecs vectors).
 template <typename T>
 static inline void gather_tail(T* out, int64_t n, const T* init0, const T* init1, int64_t cnt,
                                const T* f, const T* const* src) {
-  T acc[64];
+  T acc[kBwdVecs * 32 / sizeof(T)];
   for (int64_t h = 0; h < n; ++h) {
     acc[h] = (init0 != nullptr ? init0[h] : T(0)) + (init1 != nullptr ? init1[h] : T(0));
   }
@@ -261,37 +259,62 @@ static inline void gather_tail(T* out, int64_t n, const T* init0, const T* init1
   for (int64_t h = 0; h < n; ++h) out[h] = acc[h];
 }
 
+// Forward, one block of rows: transpose the block's entries by gene (counting
+// sort), then walk the genes in order, so W is read once per block, front to
+// back, while the block's output rows (kFwdRows x H) stay in L2 and take the
+// axpys. Row-major order would instead fetch a random 2 KB row of W from memory
+// for every stored value.
 template <typename T, typename I>
-static void sl_fwd_tile(int64_t r0, int64_t r1, int64_t h0, int64_t H, const int64_t* indptr,
-                        const I* indices, const T* f, const T* W, const T* b,
-                        const int64_t* cov, const T* W_cov, T* y, const T** scratch) {
-  typedef typename Vec<T>::type V;
-  constexpr int L = Vec<T>::L;
-  constexpr int NV = kFwdVecs;
-  const int64_t width = min_<int64_t>(NV * L, H - h0);
+static int64_t sl_fwd_block(int64_t r0, int64_t r1, int64_t G, int64_t H, const int64_t* indptr,
+                            const I* indices, const T* values, int transform, const T* W,
+                            const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
+                            int64_t* cnt, int32_t* rid, T* fv) {
+  int64_t bad = 0;
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t p0 = indptr[r], p1 = indptr[r + 1];
-    const T* bb = b != nullptr ? b + h0 : nullptr;
-    const T* wc = W_cov != nullptr ? W_cov + cov[r] * H + h0 : nullptr;
-    if (width < NV * L) {
-      for (int64_t j = p0; j < p1; ++j) scratch[j - p0] = W + static_cast<int64_t>(indices[j]) * H + h0;
-      gather_tail(y + r * H + h0, width, bb, wc, p1 - p0, f + p0, scratch);
-      continue;
+    T* __restrict yr = y + r * H;
+    const T* wc = nullptr;
+    if (W_cov != nullptr) {
+      const int64_t c = cov[r];
+      if (c >= 0 && c < K) wc = W_cov + c * H; else ++bad;
     }
-    V acc[NV];
-    for (int v = 0; v < NV; ++v) {
-      acc[v] = V{} + T(0);
-      if (bb != nullptr) acc[v] += vload<V>(bb + v * L);
-      if (wc != nullptr) acc[v] += vload<V>(wc + v * L);
+    for (int64_t h = 0; h < H; ++h) {
+      yr[h] = (b != nullptr ? b[h] : T(0)) + (wc != nullptr ? wc[h] : T(0));
     }
-    for (int64_t j = p0; j < p1; ++j) {
-      if (j + 8 < p1) __builtin_prefetch(W + static_cast<int64_t>(indices[j + 8]) * H + h0);
-      const T* w = W + static_cast<int64_t>(indices[j]) * H + h0;
-      const V fj = V{} + f[j];
-      for (int v = 0; v < NV; ++v) acc[v] += fj * vload<V>(w + v * L);
-    }
-    for (int v = 0; v < NV; ++v) vstore(y + r * H + h0 + v * L, acc[v]);
   }
+  for (int64_t g = 0; g <= G; ++g) cnt[g] = 0;
+  for (int64_t j = indptr[r0]; j < indptr[r1]; ++j) {
+    const int64_t g = static_cast<int64_t>(indices[j]);
+    if (g >= 0 && g < G) ++cnt[g + 1]; else ++bad;
+  }
+  for (int64_t g = 0; g < G; ++g) cnt[g + 1] += cnt[g];
+  T fbuf[256];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p1 = indptr[r + 1];
+    for (int64_t c0 = indptr[r]; c0 < p1; c0 += 256) {
+      const int64_t n = min_<int64_t>(256, p1 - c0);
+      transform_values(values + c0, n, transform, fbuf);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t g = static_cast<int64_t>(indices[c0 + j]);
+        if (g < 0 || g >= G) continue;
+        const int64_t at = cnt[g]++;
+        rid[at] = static_cast<int32_t>(r);
+        fv[at] = fbuf[j];
+      }
+    }
+  }
+  // cnt[g] is now the end of gene g's entries (and the start of gene g + 1's).
+  int64_t k = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t k1 = cnt[g];
+    const T* __restrict w = W + g * H;
+    for (; k < k1; ++k) {
+      T* __restrict yr = y + static_cast<int64_t>(rid[k]) * H;
+      const T fk = fv[k];
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) yr[h] += fk * w[h];
+    }
+  }
+  return bad;
 }
 
 template <typename T, typename I>
@@ -299,45 +322,30 @@ int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr
                           const I* indices, const T* values, int transform, const T* W,
                           const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
                           int n_threads) {
-  const int64_t nnz = indptr[B];
+  const int nt = n_threads > 0 ? n_threads : 1;
+  // Blocks of at most kFwdRows rows (their outputs fit in L2), at least one per thread.
+  const int64_t rows = max_<int64_t>(1, min_<int64_t>(kFwdRows, (B + nt - 1) / nt));
+  const int64_t n_blocks = (B + rows - 1) / rows;
+  int64_t max_nnz = 0;
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    max_nnz = max_(max_nnz, indptr[min_(B, (i + 1) * rows)] - indptr[i * rows]);
+  }
   int64_t bad = 0;
-  // Validate indices and codes first: the tiles below index W without checks.
-#pragma omp parallel for num_threads(n_threads) reduction(+ : bad) schedule(static)
-  for (int64_t j = 0; j < nnz; ++j) {
-    const int64_t g = static_cast<int64_t>(indices[j]);
-    bad += (g < 0 || g >= G) ? 1 : 0;
-  }
-  if (W_cov != nullptr) {
-    for (int64_t r = 0; r < B; ++r) bad += (cov[r] < 0 || cov[r] >= K) ? 1 : 0;
-  }
-  if (bad != 0) return bad;
-
-  T* fbuf = nullptr;
-  const T* f = values;
-  if (transform != kIdentity) {
-    fbuf = new T[nnz > 0 ? nnz : 1];
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t c = 0; c < nnz; c += 4096) transform_values(values + c, min_<int64_t>(4096, nnz - c), transform, fbuf + c);
-    f = fbuf;
-  }
-  int64_t max_row = 0;
-  for (int64_t r = 0; r < B; ++r) max_row = max_(max_row, indptr[r + 1] - indptr[r]);
-  const int64_t chunk = kFwdVecs * Vec<T>::L;
-  const int64_t n_chunks = (H + chunk - 1) / chunk;
-  const int64_t n_rb = (B + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel num_threads(n_threads)
+#pragma omp parallel num_threads(nt) reduction(+ : bad) if (n_blocks > 1)
   {
-    const T** scratch = new const T*[max_row > 0 ? max_row : 1];
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < n_chunks * n_rb; ++task) {
-      const int64_t c = task / n_rb, rb = task % n_rb;
-      sl_fwd_tile<T, I>(rb * kRowBlock, min_(B, (rb + 1) * kRowBlock), c * chunk, H, indptr,
-                        indices, f, W, b, cov, W_cov, y, scratch);
+    int64_t* cnt = new int64_t[G + 1];
+    int32_t* rid = new int32_t[max_nnz > 0 ? max_nnz : 1];
+    T* fv = new T[max_nnz > 0 ? max_nnz : 1];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_blocks; ++i) {
+      bad += sl_fwd_block<T, I>(i * rows, min_(B, (i + 1) * rows), G, H, indptr, indices, values,
+                                transform, W, b, cov, K, W_cov, y, cnt, rid, fv);
     }
-    delete[] scratch;
+    delete[] fv;
+    delete[] rid;
+    delete[] cnt;
   }
-  delete[] fbuf;
-  return 0;
+  return bad;
 }
 
 template <typename T>
@@ -381,7 +389,7 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
   T* fval = new T[nnz > 0 ? nnz : 1];
   int64_t bad = 0;
   int64_t max_col = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : bad)
+#pragma omp parallel num_threads(nt) reduction(+ : bad) if (nnz * H > kMinParallel)
   {
     const int tid = omp_get_thread_num();
     const int nth = omp_get_num_threads();
@@ -480,7 +488,7 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
   const double eps_d = a.eps;
   const double* table = lgamma1p_table();
   int64_t bad = 0;
-#pragma omp parallel num_threads(a.n_threads) reduction(+ : bad)
+#pragma omp parallel num_threads(a.n_threads) reduction(+ : bad) if (B * G > kMinParallel)
   {
     const int tid = omp_get_thread_num();
     double* theta_acc = THETA ? theta_acc_all + static_cast<size_t>(tid) * G : nullptr;
@@ -625,7 +633,7 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
 
   if (want_theta) {
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
     for (int64_t g = 0; g < G; ++g) {
       double s = 0.0;
       for (int t = 0; t < nt; ++t) s += acc[static_cast<size_t>(t) * G + g];
