@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("sklearn")
@@ -136,3 +137,26 @@ def test_bad_inputs():
         metrics.silhouette_label(np.zeros((5, 2)), list("aab"))
     with pytest.raises(ValueError, match="NaN"):
         metrics.silhouette_label(np.full((4, 2), np.nan), list("aabb"))
+
+
+def test_cli_evaluate_h5ad(blobs, tmp_path, capsys):
+    pytest.importorskip("leidenalg")
+    anndata = pytest.importorskip("anndata")
+    from scvi_fast.cli import main
+
+    X, labels, batch = blobs
+    adata = anndata.AnnData(np.zeros((len(labels), 2), dtype=np.float32))
+    adata.obs["cell_type"] = labels
+    adata.obs["donor"] = batch
+    adata.obsm["X_emb"] = X
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    rc = main(["evaluate", str(tmp_path / "a.h5ad"), "--label-key", "cell_type", "--batch-key", "donor",
+               "--embedding-key", "X_emb", "--out", str(tmp_path / "ev"), "--no-plot"])
+    assert rc == 0
+    table = pd.read_csv(tmp_path / "ev" / "metrics.csv", index_col=0)
+    assert table.loc["leiden_nmi", "X_emb"] == pytest.approx(1.0)
+    assert "batch_entropy" in capsys.readouterr().out
+    # a missing key is a clear error, not a traceback
+    rc = main(["evaluate", str(tmp_path / "a.h5ad"), "--label-key", "nope", "--batch-key", "donor",
+               "--embedding-key", "X_emb", "--out", str(tmp_path / "ev2"), "--no-plot"])
+    assert rc == 2 and "nope" in capsys.readouterr().err
