@@ -1,7 +1,8 @@
-"""Special functions in plain Triton: ``lgamma`` and ``digamma`` for positive arguments.
+"""Math shared by the kernels: ``exp`` / ``log`` / ``log1p``, and ``lgamma`` / ``digamma`` in
+plain Triton for positive arguments.
 
-Written with ``tl.log`` and arithmetic only, so they run on every Triton target and under
-``TRITON_INTERPRET=1`` (which cannot call libdevice). Both use the same scheme:
+``lgamma`` and ``digamma`` use ``log`` and arithmetic only, so they run on every Triton target
+and under ``TRITON_INTERPRET=1`` (which cannot call libdevice). Both use the same scheme:
 
 1. shift the argument up with the recurrence until it is at least ``SHIFT = 12``::
 
@@ -31,6 +32,59 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from scvi_fast.kernels.triton import interpreting
+
+# Compiled: exp / log / log1p from libdevice, as torch's CUDA kernels use. Triton's own float32
+# tl.exp is ex2.approx(x * log2 e), off by up to ~|x| * 6e-8 relative (1e-6 at x = -20, a common
+# z - lse) against ~1 ulp for libdevice; on a memory-bound kernel the precise version is free.
+# The interpreter has no libdevice: it takes the tl.* path (numpy, correctly rounded anyway).
+_LIBDEVICE = tl.constexpr(not interpreting())
+
+
+@triton.jit
+def exp(x):
+    """``exp(x)``, element-wise (libdevice when compiled)."""
+    if _LIBDEVICE:
+        y = libdevice.exp(x)
+    else:
+        y = tl.exp(x)
+    return y
+
+
+@triton.jit
+def log(x):
+    """``log(x)``, element-wise (libdevice when compiled)."""
+    if _LIBDEVICE:
+        y = libdevice.log(x)
+    else:
+        y = tl.log(x)
+    return y
+
+
+@triton.jit
+def sqrt(x):
+    """``sqrt(x)``, correctly rounded (float32 tl.sqrt may lower to an approximation)."""
+    if x.dtype == tl.float32:
+        y = tl.sqrt_rn(x)
+    else:
+        y = tl.sqrt(x)
+    return y
+
+
+@triton.jit
+def log1p(x):
+    """``log(1 + x)`` accurate for small ``x`` (libdevice when compiled; else Goldberg's
+    ``log(u) * x / (u - 1)`` with ``u = 1 + x``, where the rounding of ``u`` cancels in the
+    ratio; exact 0 at ``x = 0``)."""
+    if _LIBDEVICE:
+        y = libdevice.log1p(x)
+    else:
+        u = 1.0 + x
+        d = u - 1.0
+        y = tl.where(d == 0.0, x, tl.log(u) * (x / tl.where(d == 0.0, 1.0, d)))
+    return y
 
 
 @triton.jit
@@ -43,7 +97,7 @@ def lgamma(x):
     for i in tl.static_range(1, 12):
         p = p * (xs + i)
     y = tl.where(small, x + 12.0, x)
-    shift = tl.where(small, tl.log(p), 0.0)
+    shift = tl.where(small, log(p), 0.0)
     r = 1.0 / y
     r2 = r * r
     # B_2k / (2k (2k-1)) for k = 1..6, Horner in 1/y^2
@@ -57,7 +111,7 @@ def lgamma(x):
     )
     # the literal is log(2 pi) / 2; kept inline: a Python float bound to a local name becomes a
     # float32 tensor, an inline one takes the dtype of the other operand
-    return (y - 0.5) * tl.log(y) - y + 0.91893853320467274178 + series - shift
+    return (y - 0.5) * log(y) - y + 0.91893853320467274178 + series - shift
 
 
 @triton.jit
@@ -82,7 +136,7 @@ def digamma(x):
         + r2 * (1.0 / 132.0
         + r2 * (-691.0 / 32760.0
         + r2 * (1.0 / 12.0)))))))
-    return tl.log(y) - 0.5 * r - series - shift
+    return log(y) - 0.5 * r - series - shift
 
 
 @triton.jit

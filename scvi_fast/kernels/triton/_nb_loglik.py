@@ -60,7 +60,7 @@ from scvi_fast.kernels.triton._common import (
     on_device,
     torch_acc_dtype,
 )
-from scvi_fast.kernels.triton._math import digamma, lgamma
+from scvi_fast.kernels.triton._math import digamma, exp, lgamma, log
 from scvi_fast.reference import csr_parts, csr_to_dense
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
@@ -84,7 +84,7 @@ def _nb_fwd_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * logits_row_stride
-    lib = tl.exp(tl.load(log_lib_ptr + row).to(ACC))  # library size exp(l)
+    lib = exp(tl.load(log_lib_ptr + row).to(ACC))  # library size exp(l)
 
     # pass 1: per-lane online log-sum-exp. Lanes start at a finite floor (-1e30) so that a lane
     # that only ever sees masked columns keeps s = 0 and never computes exp(-inf + inf).
@@ -95,10 +95,10 @@ def _nb_fwd_kernel(
         mask = cols < G
         z = tl.load(z_row + cols, mask=mask, other=-1e30).to(ACC)
         m_new = tl.maximum(m_vec, z)
-        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.where(mask, tl.exp(z - m_new), 0.0)
+        s_vec = s_vec * exp(m_vec - m_new) + tl.where(mask, exp(z - m_new), 0.0)
         m_vec = m_new
     m = tl.max(m_vec, axis=0)
-    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), axis=0))
+    lse = m + log(tl.sum(s_vec * exp(m_vec - m), axis=0))
 
     # pass 2: dense term theta (log(theta+eps) - log(D)) and c0 = -theta mu / D, at x = 0
     ll_vec = tl.zeros([BLOCK_G], ACC)
@@ -107,10 +107,10 @@ def _nb_fwd_kernel(
         cols = g0 + tl.arange(0, BLOCK_G)
         mask = cols < G
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(ACC)
-        theta = tl.exp(tl.load(px_r_ptr + cols, mask=mask, other=0.0).to(ACC))
-        mu = lib * tl.exp(z - lse)
+        theta = exp(tl.load(px_r_ptr + cols, mask=mask, other=0.0).to(ACC))
+        mu = lib * exp(z - lse)
         d = theta + mu + EPS
-        ll_vec += tl.where(mask, theta * (tl.log(theta + EPS) - tl.log(d)), 0.0)
+        ll_vec += tl.where(mask, theta * (log(theta + EPS) - log(d)), 0.0)
         c_vec += tl.where(mask, -theta * mu / d, 0.0)
 
     # non-zeros of this cell: x-term, lgamma terms, and the correction to c
@@ -124,11 +124,11 @@ def _nb_fwd_kernel(
         g = tl.load(indices_ptr + ks, mask=kmask, other=0).to(tl.int64)
         x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
         z = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
-        theta = tl.exp(tl.load(px_r_ptr + g, mask=kmask, other=0.0).to(ACC))
-        mu = lib * tl.exp(z - lse)
+        theta = exp(tl.load(px_r_ptr + g, mask=kmask, other=0.0).to(ACC))
+        mu = lib * exp(z - lse)
         d = theta + mu + EPS
         term = (
-            x * (tl.log(mu + EPS) - tl.log(d))
+            x * (log(mu + EPS) - log(d))
             + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1.0)
         )
         ll_nz += tl.where(kmask, term, 0.0)
@@ -163,13 +163,13 @@ def _nb_bwd_dense_kernel(
     cmask = cols < G
     mask = rmask[:, None] & cmask[None, :]
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0).to(ACC)
-    lib = tl.exp(tl.load(log_lib_ptr + rows, mask=rmask, other=0.0).to(ACC))
+    lib = exp(tl.load(log_lib_ptr + rows, mask=rmask, other=0.0).to(ACC))
     w = tl.load(w_ptr + rows, mask=rmask, other=0.0).to(ACC)
     z = tl.load(
         logits_ptr + rows[:, None] * logits_row_stride + cols[None, :], mask=mask, other=0.0
     ).to(ACC)
-    theta = tl.exp(tl.load(px_r_ptr + cols, mask=cmask, other=0.0).to(ACC))[None, :]
-    rho = tl.exp(z - lse[:, None])
+    theta = exp(tl.load(px_r_ptr + cols, mask=cmask, other=0.0).to(ACC))[None, :]
+    rho = exp(z - lse[:, None])
     mu = lib[:, None] * rho
     d = theta + mu + EPS
     if NEED_DZ:
@@ -183,7 +183,7 @@ def _nb_bwd_dense_kernel(
         )
     if NEED_DR:
         # dll/dtheta at x = 0: log(theta+eps) - log D + theta/(theta+eps) - theta/D
-        t0 = tl.log(theta + EPS) - tl.log(d) + theta / (theta + EPS) - theta / d
+        t0 = log(theta + EPS) - log(d) + theta / (theta + EPS) - theta / d
         part = tl.sum(tl.where(mask, w[:, None] * t0, 0.0), axis=0)
         tl.store(part_ptr + pid_b * G + cols, part, mask=cmask)
 
@@ -206,7 +206,7 @@ def _nb_bwd_sparse_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * logits_row_stride
     lse = tl.load(lse_ptr + row).to(ACC)
-    lib = tl.exp(tl.load(log_lib_ptr + row).to(ACC))
+    lib = exp(tl.load(log_lib_ptr + row).to(ACC))
     w = tl.load(w_ptr + row).to(ACC)
     start = tl.load(indptr_ptr + row).to(tl.int64)
     end = tl.load(indptr_ptr + row + 1).to(tl.int64)
@@ -216,8 +216,8 @@ def _nb_bwd_sparse_kernel(
         g = tl.load(indices_ptr + ks, mask=kmask, other=0).to(tl.int64)
         x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
         z = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
-        theta = tl.exp(tl.load(px_r_ptr + g, mask=kmask, other=0.0).to(ACC))
-        mu = lib * tl.exp(z - lse)
+        theta = exp(tl.load(px_r_ptr + g, mask=kmask, other=0.0).to(ACC))
+        mu = lib * exp(z - lse)
         d = theta + mu + EPS
         if NEED_DZ:
             # c - c0 = x mu / (mu + eps) - x mu / D; the -rho C part is already in dz

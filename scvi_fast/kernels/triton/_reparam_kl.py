@@ -31,6 +31,7 @@ from scvi_fast.kernels.triton._common import (
     check_tensors,
     on_device,
 )
+from scvi_fast.kernels.triton._math import exp, log, sqrt
 from scvi_fast.reference import VAR_EPS
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
@@ -59,10 +60,10 @@ def _reparam_kl_fwd_kernel(
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
         e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(ACC)
-        q_v = tl.exp(r) + VAR_EPS
-        z = m + tl.sqrt(q_v) * e
+        q_v = exp(r) + VAR_EPS
+        z = m + sqrt(q_v) * e
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
-        term = q_v + m * m - 1.0 - tl.log(q_v)
+        term = q_v + m * m - 1.0 - log(q_v)
         kl += tl.sum(tl.where(mask, term, 0.0), axis=1)
     tl.store(kl_ptr + rows, (0.5 * kl).to(kl_ptr.dtype.element_ty), mask=row_mask)
 
@@ -95,9 +96,9 @@ def _reparam_kl_bwd_kernel(
         if NEED_DR or NEED_DE:
             r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC)
             e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(ACC)
-            ex = tl.exp(r)
+            ex = exp(r)
             q_v = ex + VAR_EPS
-            s = tl.sqrt(q_v)
+            s = sqrt(q_v)
             if NEED_DR:
                 dr = ex * (gz * e / (2.0 * s) + 0.5 * gk[:, None] * (1.0 - 1.0 / q_v))
                 tl.store(dr_ptr + offs, dr.to(dr_ptr.dtype.element_ty), mask=mask)

@@ -39,21 +39,13 @@ from scvi_fast.kernels.triton._common import (
     check_tensors,
     on_device,
 )
+from scvi_fast.kernels.triton._math import log1p
 from scvi_fast.reference import csr_row_ids
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
 _INTERPRETED = interpreting()
 
 _TRANSFORMS = ("log1p", "identity")
-
-
-@triton.jit
-def _log1p(v):
-    """``log(1 + v)`` accurate for small ``v``: ``log(u) * v / (u - 1)`` with ``u = 1 + v``
-    (Goldberg's trick: the rounding of ``u`` cancels in the ratio); exact 0 at ``v = 0``."""
-    u = 1.0 + v
-    d = u - 1.0
-    return tl.where(d == 0.0, v, tl.log(u) * (v / tl.where(d == 0.0, 1.0, d)))
 
 
 @triton.jit
@@ -98,7 +90,7 @@ def _segment_gather_kernel(
         if HAS_VAL:
             w = tl.load(val_ptr + ks, mask=k_mask, other=0.0).to(ACC)
             if LOG1P:
-                w = _log1p(w)
+                w = log1p(w)
             tile = tile * w[:, None]
         acc += tl.sum(tile, axis=0)
     if HAS_BIAS:
