@@ -240,7 +240,6 @@ static inline void vstore(T* p, V v) {
 #endif
 static constexpr int kBwdVecs = SCVI_FAST_BWD_VECS;  // backward chunk: 64 floats / 32 doubles
 static constexpr int64_t kFwdRows = 256;             // forward row block: 512 KB of output at H = 512
-static constexpr int64_t kGeneBlock = 512;
 
 // out[0:n] = sum_k f[k] * src[k][0:n] (+ init), for the ragged right edge of H
 // (a column chunk narrower than kBwdVecs vectors).
@@ -380,73 +379,66 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
                             const I* indices, const T* values, int transform, const T* dy,
                             T* dW, int n_threads) {
   const int64_t nnz = indptr[B];
-  const int nt = n_threads > 0 ? n_threads : 1;
-  // Per-thread gene counts over a contiguous block of rows; thread t's entries
-  // of gene g go after those of threads < t, so every column stays row-sorted.
-  int64_t* offs = new int64_t[static_cast<size_t>(nt) * (G + 1)]();
-  int64_t* colptr = new int64_t[G + 1];
-  int32_t* rowid = new int32_t[nnz > 0 ? nnz : 1];
-  T* fval = new T[nnz > 0 ? nnz : 1];
   int64_t bad = 0;
-  int64_t max_col = 0;
-#pragma omp parallel num_threads(nt) reduction(+ : bad) if (nnz * H > kMinParallel)
+  // Each thread owns a contiguous range of genes and transposes just the entries
+  // of its genes (scanning all indices, which is cheap next to the H-wide work),
+  // so threads never wait for each other and each dW row is written by one thread.
+  // Entries of a gene stay in row order.
+#pragma omp parallel num_threads(n_threads) reduction(+ : bad) if (nnz * H > kMinParallel)
   {
     const int tid = omp_get_thread_num();
     const int nth = omp_get_num_threads();
-    int64_t r0, r1;
-    thread_range(B, tid, nth, r0, r1);
-    int64_t* cnt = offs + static_cast<size_t>(tid) * (G + 1);
-    for (int64_t j = indptr[r0]; j < indptr[r1]; ++j) {
+    int64_t g0, g1;
+    thread_range(G, tid, nth, g0, g1);
+    const int64_t ng = g1 - g0;
+    int64_t* colptr = new int64_t[ng + 1]();
+    for (int64_t j = 0; j < nnz; ++j) {
       const int64_t g = static_cast<int64_t>(indices[j]);
-      if (g >= 0 && g < G) ++cnt[g]; else ++bad;
+      if (g >= g0 && g < g1) ++colptr[g - g0 + 1];
+      else if (tid == 0 && (g < 0 || g >= G)) ++bad;
     }
-#pragma omp barrier
-#pragma omp single
-    {
-      int64_t pos = 0;
-      for (int64_t g = 0; g < G; ++g) {
-        colptr[g] = pos;
-        for (int t = 0; t < nth; ++t) {
-          const int64_t c = offs[static_cast<size_t>(t) * (G + 1) + g];
-          offs[static_cast<size_t>(t) * (G + 1) + g] = pos;
-          pos += c;
-        }
-        max_col = max_(max_col, pos - colptr[g]);
-      }
-      colptr[G] = pos;
+    for (int64_t g = 0; g < ng; ++g) colptr[g + 1] += colptr[g];
+    const int64_t mine = colptr[ng];
+    int64_t* fill = new int64_t[ng > 0 ? ng : 1];
+    int64_t max_col = 0;
+    for (int64_t g = 0; g < ng; ++g) {
+      fill[g] = colptr[g];
+      max_col = max_(max_col, colptr[g + 1] - colptr[g]);
     }
+    int32_t* rowid = new int32_t[mine > 0 ? mine : 1];
+    T* fval = new T[mine > 0 ? mine : 1];
     T fbuf[256];
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t p0 = indptr[r], p1 = indptr[r + 1];
-      for (int64_t c0 = p0; c0 < p1; c0 += 256) {
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t p1 = indptr[r + 1];
+      for (int64_t c0 = indptr[r]; c0 < p1; c0 += 256) {
         const int64_t n = min_<int64_t>(256, p1 - c0);
+        int64_t any = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t g = static_cast<int64_t>(indices[c0 + j]);
+          any += (g >= g0 && g < g1) ? 1 : 0;
+        }
+        if (any == 0) continue;
         transform_values(values + c0, n, transform, fbuf);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t g = static_cast<int64_t>(indices[c0 + j]);
-          if (g < 0 || g >= G) continue;
-          const int64_t at = cnt[g]++;
+          if (g < g0 || g >= g1) continue;
+          const int64_t at = fill[g - g0]++;
           rowid[at] = static_cast<int32_t>(r);
           fval[at] = fbuf[j];
         }
       }
     }
-#pragma omp barrier
     const T** scratch = new const T*[max_col > 0 ? max_col : 1];
     const int64_t chunk = kBwdVecs * Vec<T>::L;
-    const int64_t n_chunks = (H + chunk - 1) / chunk;
-    const int64_t n_gb = (G + kGeneBlock - 1) / kGeneBlock;
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < n_chunks * n_gb; ++task) {
-      const int64_t c = task / n_gb, gb = task % n_gb;
-      sl_bwd_tile<T>(gb * kGeneBlock, min_(G, (gb + 1) * kGeneBlock), c * chunk, H, colptr,
-                     rowid, fval, dy, dW, scratch);
+    for (int64_t h0 = 0; h0 < H; h0 += chunk) {
+      sl_bwd_tile<T>(0, ng, h0, H, colptr, rowid, fval, dy, dW + g0 * H, scratch);
     }
     delete[] scratch;
+    delete[] fval;
+    delete[] rowid;
+    delete[] fill;
+    delete[] colptr;
   }
-  delete[] fval;
-  delete[] rowid;
-  delete[] colptr;
-  delete[] offs;
   return bad;
 }
 
@@ -657,19 +649,25 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
 // dq_m = dz + dKL q_m;  dq_v_raw = exp(raw) [dz eps / (2 sqrt(q_v)) + dKL (1 - 1/q_v) / 2]
 // ---------------------------------------------------------------------------
 
+// Elementwise and small (B x Z), so parallel only for large batches; the float
+// loops use the vectorised exp/log above.
+static constexpr int64_t kReparamParallel = 1 << 20;
+
 template <typename T>
 void reparam_kl_fwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw, const T* noise,
                     double var_eps, T* z, T* kl, int n_threads) {
   const T ve = static_cast<T>(var_eps);
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (B * Z > 32768)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (B * Z > kReparamParallel)
   for (int64_t r = 0; r < B; ++r) {
-    double s = 0.0;
-    for (int64_t k = r * Z; k < (r + 1) * Z; ++k) {
-      const T qv = std::exp(q_v_raw[k]) + ve;
+    const int64_t k0 = r * Z;
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = k0; k < k0 + Z; ++k) {
+      const T qv = vexp(q_v_raw[k]) + ve;
       z[k] = q_m[k] + std::sqrt(qv) * noise[k];
-      s += static_cast<double>(qv + q_m[k] * q_m[k] - T(1) - std::log(qv));
+      s += qv + q_m[k] * q_m[k] - T(1) - vlog(qv);
     }
-    kl[r] = static_cast<T>(0.5 * s);
+    kl[r] = T(0.5) * s;
   }
 }
 
@@ -678,14 +676,19 @@ void reparam_kl_bwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw, const 
                     double var_eps, const T* dz, const T* dkl, T* dq_m, T* dq_v_raw,
                     int n_threads) {
   const T ve = static_cast<T>(var_eps);
-#pragma omp parallel for num_threads(n_threads) schedule(static) if (B * Z > 32768)
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (B * Z > kReparamParallel)
   for (int64_t r = 0; r < B; ++r) {
     const T gk = dkl != nullptr ? dkl[r] : T(0);
-    for (int64_t k = r * Z; k < (r + 1) * Z; ++k) {
-      const T gz = dz != nullptr ? dz[k] : T(0);
-      if (dq_m != nullptr) dq_m[k] = gz + gk * q_m[k];
-      if (dq_v_raw != nullptr) {
-        const T ev = std::exp(q_v_raw[k]);
+    const int64_t k0 = r * Z;
+    if (dq_m != nullptr) {
+#pragma omp simd
+      for (int64_t k = k0; k < k0 + Z; ++k) dq_m[k] = (dz != nullptr ? dz[k] : T(0)) + gk * q_m[k];
+    }
+    if (dq_v_raw != nullptr) {
+#pragma omp simd
+      for (int64_t k = k0; k < k0 + Z; ++k) {
+        const T gz = dz != nullptr ? dz[k] : T(0);
+        const T ev = vexp(q_v_raw[k]);
         const T qv = ev + ve;
         dq_v_raw[k] = ev * (gz * noise[k] * (T(0.5) / std::sqrt(qv)) + T(0.5) * gk * (T(1) - T(1) / qv));
       }
