@@ -106,9 +106,11 @@ def _reparam_kl_bwd_kernel(
                 tl.store(de_ptr + offs, (gz * s).to(de_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(Z: int) -> tuple[int, int]:
+def launch_config(Z: int) -> dict:
+    """Tile sizes and warps: ~512 elements per tile (4 per thread), which keeps the float64
+    backward (several live temporaries per element) clear of register spills on sm_90."""
     block_z = block_size(Z, 64)
-    return max(1, 2048 // block_z), block_z  # ~2048 elements per tile
+    return dict(BLOCK_B=max(1, 512 // block_z), BLOCK_Z=block_z, num_warps=4)
 
 
 def reparam_kl_forward(q_m, q_v_raw, eps_noise, var_eps=VAR_EPS):
@@ -120,10 +122,9 @@ def reparam_kl_forward(q_m, q_v_raw, eps_noise, var_eps=VAR_EPS):
         return z, kl
     if Z == 0:
         return z, kl.zero_()
-    block_b, block_z = _blocks(Z)
-    _reparam_kl_fwd_kernel[(triton.cdiv(B, block_b),)](
-        q_m, q_v_raw, eps_noise, z, kl, B, Z, VAR_EPS=var_eps,
-        ACC=acc_dtype(q_m.dtype), BLOCK_B=block_b, BLOCK_Z=block_z,
+    cfg = launch_config(Z)
+    _reparam_kl_fwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
+        q_m, q_v_raw, eps_noise, z, kl, B, Z, VAR_EPS=var_eps, ACC=acc_dtype(q_m.dtype), **cfg,
     )
     return z, kl
 
@@ -134,16 +135,15 @@ def reparam_kl_backward(q_m, q_v_raw, eps_noise, grad_z, grad_kl, needs, var_eps
     dm, dr, de = (torch.empty_like(q_m) if n else None for n in needs)
     if B == 0 or Z == 0 or not any(needs):
         return dm, dr, de
-    block_b, block_z = _blocks(Z)
+    cfg = launch_config(Z)
     dummy = q_m  # never written: its NEED_* flag is off
-    _reparam_kl_bwd_kernel[(triton.cdiv(B, block_b),)](
+    _reparam_kl_bwd_kernel[(triton.cdiv(B, cfg["BLOCK_B"]),)](
         q_m, q_v_raw, eps_noise, grad_z, grad_kl,
         dm if dm is not None else dummy,
         dr if dr is not None else dummy,
         de if de is not None else dummy,
         B, Z, VAR_EPS=var_eps,
-        NEED_DM=needs[0], NEED_DR=needs[1], NEED_DE=needs[2],
-        ACC=acc_dtype(q_m.dtype), BLOCK_B=block_b, BLOCK_Z=block_z,
+        NEED_DM=needs[0], NEED_DR=needs[1], NEED_DE=needs[2], ACC=acc_dtype(q_m.dtype), **cfg,
     )
     return dm, dr, de
 

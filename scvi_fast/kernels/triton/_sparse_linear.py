@@ -101,6 +101,13 @@ def _segment_gather_kernel(
     tl.store(out_ptr + s * out_row_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
+def launch_config(H: int) -> dict:
+    """Tile sizes and warps: a (BLOCK_E, BLOCK_H) gather tile of ~2048 elements (16 loads in
+    flight per thread; wider entry steps when the column block is narrow)."""
+    block_h = block_size(H, 128)
+    return dict(BLOCK_E=max(16, min(64, 2048 // block_h)), BLOCK_H=block_h, num_warps=4)
+
+
 def segment_gather(
     n_segments, seg, idx, val, src, out_dtype, log1p=False, bias=None, cov=None, cov_w=None
 ):
@@ -109,11 +116,9 @@ def segment_gather(
     out = torch.empty(n_segments, H, dtype=out_dtype, device=src.device)
     if n_segments == 0 or H == 0:
         return out
-    block_h = block_size(H, 128)
-    # wider entry steps when the column block is narrow keep the tile near 4096 elements
-    block_e = max(16, min(64, 4096 // block_h))
+    cfg = launch_config(H)
     dummy = src
-    _segment_gather_kernel[(n_segments, triton.cdiv(H, block_h))](
+    _segment_gather_kernel[(n_segments, triton.cdiv(H, cfg["BLOCK_H"]))](
         out, out.stride(0),
         seg, idx,
         val if val is not None else dummy,
@@ -124,8 +129,7 @@ def segment_gather(
         cov_w.stride(0) if cov_w is not None else 0,
         H,
         HAS_VAL=val is not None, LOG1P=log1p,
-        HAS_BIAS=bias is not None, HAS_COV=cov is not None,
-        ACC=acc_dtype(out_dtype), BLOCK_E=block_e, BLOCK_H=block_h,
+        HAS_BIAS=bias is not None, HAS_COV=cov is not None, ACC=acc_dtype(out_dtype), **cfg,
     )
     return out
 
