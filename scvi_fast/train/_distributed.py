@@ -38,6 +38,7 @@ import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +197,15 @@ def setup(device: str | torch.device = "auto", backend: str | None = None) -> Di
     if not dist.is_initialized():
         backend = backend or ("nccl" if use_cuda else "gloo")
         kwargs = {"device_id": dev} if use_cuda else {}
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # The elastic agent's store outlives a restart and still holds the failed
+            # attempt's keys: without a namespace per attempt, a restarted gloo rank can
+            # read a dead rank's address and fail to connect.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                  is_master=False, timeout=timedelta(minutes=30))
+            kwargs |= {"store": dist.PrefixStore(f"scvi_fast/attempt_{attempt}/", store),
+                       "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
         dist.init_process_group(backend=backend, **kwargs)
         atexit.register(_destroy)
     world_size = dist.get_world_size()

@@ -1,0 +1,205 @@
+"""Data-parallel training throughput: cells/s at 1 and N processes, and the scaling efficiency.
+
+CPU (default): gloo, 1 and 2 processes on the same machine. Every process gets
+``--threads-per-proc`` torch/numba threads (default ``cpu_count // 2``, so 1 on a 2-core
+machine), the single-process baseline too, so that the ratio measures what data parallelism
+adds rather than how one process uses more threads; a one-process run with all the cores is
+recorded beside it for reference. ``--device cuda``: NCCL, 1 process and one per visible GPU.
+
+Each rank trains on its own shard of a synthetic CSR store (``batch_size`` cells per rank and
+step, so the global minibatch grows with the ranks: weak scaling, as users scale out).
+Throughput is all ranks' cells per second of training time (validation excluded), from the
+epochs after the first (which pays numba compilation and first-touch allocations): the median
+and the min/max over those epochs. Scaling efficiency = cells/s(N) / (N x cells/s(1)).
+
+Rows are appended to ``benchmarks/results/ddp.csv`` with the date, git sha, device, versions
+and the machine's load average (a shared machine inflates the spread).
+
+    python benchmarks/bench_ddp.py                      # CPU, 1 and 2 processes
+    python benchmarks/bench_ddp.py --device cuda        # 1 and every GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "ddp.csv"
+FIELDS = [
+    "date", "git_sha", "device", "backend", "n_procs", "threads_per_proc", "n_cells", "n_genes",
+    "n_hidden", "n_latent", "n_layers", "batch_size_per_rank", "epochs_timed",
+    "cells_per_s_median", "cells_per_s_min", "cells_per_s_max", "scaling_efficiency",
+    "startup_s", "load_avg", "torch", "numpy", "numba", "python", "impl", "note",
+]
+
+
+def _worker(cfg: dict):
+    """One rank: train and report the per-epoch training times (rank 0 only)."""
+    import scvi_fast
+    from scvi_fast.functional import resolve_impl
+    from scvi_fast.train import _distributed
+
+    model = scvi_fast.SCVI(cfg["store"], n_hidden=cfg["n_hidden"], n_latent=cfg["n_latent"],
+                           n_layers=cfg["n_layers"], impl=cfg["impl"])
+    model.train(strategy="ddp", device=cfg["device"], max_epochs=cfg["epochs"],
+                batch_size=cfg["batch_size"], train_size=1.0, progress_bar=False,
+                n_epochs_kl_warmup=None)
+    if not _distributed.is_main_process():
+        return None
+    import torch
+
+    t = model.trainer
+    return {
+        "epoch_times": list(t.epoch_times),
+        "cells_per_epoch": t.cells_trained / max(t.epoch, 1),
+        "threads": torch.get_num_threads(),
+        "impl": resolve_impl(model.module.impl, model.device),
+        "backend": _distributed.active().backend if _distributed.active() else
+        ("nccl" if model.device.type == "cuda" else "gloo"),
+    }
+
+
+def _run(nproc: int, threads: int, cfg: dict) -> dict:
+    from scvi_fast.train import _distributed
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # read by each rank's setup
+    t0 = time.perf_counter()
+    res = _distributed.launch(_worker, (cfg,), nproc=nproc)[0]
+    wall = time.perf_counter() - t0
+    timed = res["epoch_times"][1:] or res["epoch_times"]
+    rates = sorted(res["cells_per_epoch"] / t for t in timed)
+    return {
+        "n_procs": nproc, "threads_per_proc": res["threads"], "epochs_timed": len(timed),
+        "cells_per_s_median": rates[len(rates) // 2] if len(rates) % 2 else
+        0.5 * (rates[len(rates) // 2 - 1] + rates[len(rates) // 2]),
+        "cells_per_s_min": rates[0], "cells_per_s_max": rates[-1],
+        "startup_s": wall - sum(res["epoch_times"]), "impl": res["impl"], "backend": res["backend"],
+    }
+
+
+def _git_sha() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "scvi_fast"], cwd=ROOT).returncode
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--n-cells", type=int, default=None, help="default: 16000 (CPU), 400000 (CUDA)")
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--n-hidden", type=int, default=128)
+    p.add_argument("--n-latent", type=int, default=10)
+    p.add_argument("--n-layers", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="per rank; default 256 (CPU), 1024 (CUDA)")
+    p.add_argument("--epochs", type=int, default=4, help="the first is not timed")
+    p.add_argument("--threads-per-proc", type=int, default=None)
+    p.add_argument("--impl", default="auto")
+    p.add_argument("--store", help="reuse this CSR store instead of a synthetic one")
+    p.add_argument("--note", default="")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+
+    import numba
+    import numpy as np
+    import torch
+
+    from scvi_fast.data import CSRStore, synthetic_anndata
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    n_cells = args.n_cells or (400_000 if cuda else 16_000)
+    batch = args.batch_size or (1024 if cuda else 256)
+    n_max = torch.cuda.device_count() if cuda else 2
+    threads = args.threads_per_proc or max(1, (os.cpu_count() or 1) // 2)
+    with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
+        store = args.store
+        if store is None:
+            store = str(Path(tmp) / "store")
+            t0 = time.perf_counter()
+            ad = synthetic_anndata(n_cells=n_cells, n_genes=args.n_genes, n_batches=4,
+                                   n_cell_types=8, seed=0)
+            CSRStore.create(store, ad, batch_key="batch", labels_key="cell_type")
+            del ad
+            print(f"synthetic store {n_cells} x {args.n_genes} in {time.perf_counter() - t0:.1f} s")
+        n_cells = CSRStore.open(store).n_cells
+        cfg = dict(store=store, device=args.device, n_hidden=args.n_hidden, n_latent=args.n_latent,
+                   n_layers=args.n_layers, batch_size=batch, epochs=args.epochs, impl=args.impl)
+        cases = [(1, threads, "baseline")]
+        if not cuda:
+            cases.append((1, os.cpu_count() or 1, "reference: one process, all cores"))
+        if n_max > 1:
+            cases.append((n_max, threads, ""))
+        rows = []
+        for nproc, thr, note in cases:
+            print(f"{nproc} process(es) x {thr if not cuda else '-'} thread(s) ...", flush=True)
+            r = _run(nproc, thr, cfg)
+            r["note"] = "; ".join(x for x in (note, args.note) if x)
+            rows.append(r)
+            print(f"  {r['cells_per_s_median']:,.0f} cells/s (min {r['cells_per_s_min']:,.0f}, "
+                  f"max {r['cells_per_s_max']:,.0f}; startup {r['startup_s']:.1f} s)", flush=True)
+    base = rows[0]["cells_per_s_median"]
+    for r in rows:
+        r["scaling_efficiency"] = (
+            r["cells_per_s_median"] / (r["n_procs"] * base) if r["threads_per_proc"] == rows[0]["threads_per_proc"]
+            or cuda else ""
+        )
+    if n_max > 1:
+        eff = rows[-1]["scaling_efficiency"]
+        print(f"scaling efficiency at {n_max} processes: {eff:.2f} "
+              f"({rows[-1]['cells_per_s_median'] / base:.2f}x the 1-process throughput)")
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    common = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": _git_sha(), "device": _device_name(args.device), "n_cells": n_cells,
+        "n_genes": args.n_genes, "n_hidden": args.n_hidden, "n_latent": args.n_latent,
+        "n_layers": args.n_layers, "batch_size_per_rank": batch, "load_avg": load,
+        "torch": torch.__version__, "numpy": np.__version__, "numba": numba.__version__,
+        "python": platform.python_version(),
+    }
+    print(f"load average (1, 5, 15 min): {load}")
+    if not args.no_save:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        new = not RESULTS.exists()
+        with open(RESULTS, "a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=FIELDS)
+            if new:
+                w.writeheader()
+            for r in rows:
+                row = common | r
+                w.writerow({k: (f"{row[k]:.4g}" if isinstance(row.get(k), float) else row.get(k, ""))
+                            for k in FIELDS})
+        print(f"appended {len(rows)} rows to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
