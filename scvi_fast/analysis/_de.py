@@ -322,9 +322,12 @@ def comparisons(
         return [(None, None, m1, m2)]
     if groupby is None:
         raise ValueError("pass groupby (an obs column) with group1/group2, or idx1/idx2")
-    if obs is None or groupby not in obs:
-        cols = [] if obs is None else list(obs.columns)[:20]
-        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; available: {cols}")
+    if obs is None:
+        raise ValueError(f"groupby={groupby!r} needs an obs table; this data has none (a CSR "
+                         "store?): select cells with idx1/idx2 instead")
+    if groupby not in obs:
+        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; available: "
+                       f"{list(obs.columns)[:20]}")
     col = obs[groupby].astype(str).to_numpy()
     if group1 is None:
         group1 = [str(c) for c in obs[groupby].astype("category").cat.categories]
