@@ -266,7 +266,7 @@ def _timeit(fn, repeats, device):
 def _nb_bytes(tk, t):
     """Bytes moved by the NB kernels, as the package counts them."""
     B, G = t["logits"].shape
-    return tk._kernels("_nb_loglik").bytes_moved(
+    return tk.nb_bytes_moved(
         B, G, t["indices"].numel(), t["logits"].element_size(),
         t["indices"].element_size(), t["values"].element_size(),
     )

@@ -31,6 +31,7 @@ __all__ = [
     "sparse_linear",
     "nb_softmax_loglik",
     "reparam_kl",
+    "nb_bytes_moved",
 ]
 
 
@@ -89,3 +90,20 @@ def reparam_kl(q_m, q_v_raw, eps_noise):
     """``(z, kl)`` with ``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise``; see
     :func:`scvi_fast.reference.reparam_kl`."""
     return _kernels("_reparam_kl").reparam_kl(q_m, q_v_raw, eps_noise)
+
+
+def nb_bytes_moved(B, G, nnz, elem=4, index_elem=8, value_elem=4):
+    """``(forward, backward)`` bytes the NB kernels request from memory, for GB/s reports.
+
+    For ``B`` cells, ``G`` genes and ``nnz`` stored counts; no Triton needed to call it.
+
+    Each pass over the ``B x G`` logits counts (2 forward; backward 1 read of the logits and 1
+    write of their gradient), plus the CSR (row pointer, indices, values), the gathers and
+    updates at the non-zeros, the per-cell scalars and the backward's per-tile px_r partials.
+    Per-gene vectors (``px_r``) are left out: they stay in L2. ``elem``: bytes per logit.
+    """
+    csr = (B + 1) * index_elem + nnz * (index_elem + value_elem)
+    fwd = 2 * B * G * elem + csr + nnz * elem + 4 * B * 4
+    partials = -(-B // 16) * G * 4  # one float32 row of G per 16-cell tile (bwd_dense_config)
+    bwd = 2 * B * G * elem + partials + csr + 3 * nnz * elem + nnz * 4 + 4 * B * 4
+    return fwd, bwd

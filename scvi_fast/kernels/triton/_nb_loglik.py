@@ -305,20 +305,6 @@ def nb_backward(
     return dz, dpx_r
 
 
-def bytes_moved(B, G, nnz, elem=4, index_elem=8, value_elem=4):
-    """``(forward, backward)`` bytes the NB kernels request from memory, for GB/s reports.
-
-    Each pass over the ``B x G`` logits counts (2 forward; backward 1 read of the logits and 1
-    write of their gradient), plus the CSR (row pointer, indices, values), the gathers and
-    updates at the non-zeros, the per-cell scalars and the backward's per-tile px_r partials.
-    Per-gene vectors (``px_r``) are left out: they stay in L2. ``elem``: bytes per logit.
-    """
-    csr = (B + 1) * index_elem + nnz * (index_elem + value_elem)
-    fwd = 2 * B * G * elem + csr + nnz * elem + 4 * B * 4
-    bwd = 2 * B * G * elem + -(-B // 16) * G * 4 + csr + 3 * nnz * elem + nnz * 4 + 4 * B * 4
-    return fwd, bwd
-
-
 def term_magnitudes(logits, log_library, px_r, X_csr, w, eps=1e-8):
     """For accuracy checks: per output element, the sum of the absolute values of the terms it
     adds up, in float64 (dense ``B x G``: small shapes or a GPU).
