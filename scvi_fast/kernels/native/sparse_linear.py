@@ -1,13 +1,16 @@
 """``y = f(X_csr) @ W + b (+ W_cov[cov])`` on the CPU, W gene-major ``(G, H)``.
 
-Forward (C++, parallel over rows): each stored value adds ``f(v) * W[gene, :]``,
-a contiguous H-vector, to its row; ``f`` is applied on the fly. Cost 2·nnz·H
-instead of 2·B·G·H for the dense layer.
+Forward (C++): each stored value adds ``f(v) * W[gene, :]``, a contiguous
+H-vector, to its row, with ``f`` applied on the fly: 2·nnz·H instead of
+2·B·G·H for the dense layer. The rows are cut into blocks whose outputs fit in
+L2; each block's entries are transposed by gene so that W is read once per
+block, in order, instead of one random 2 KB row of W per stored value.
 
-Backward (no gradient to the data):
-``dW = f(X)^T dy`` (C++, parallel over genes of a transposed copy of the batch,
-so every dW row is written once by one thread), ``db = dy.sum(0)`` and
-``dW_cov = index_add(dy by cov)``; only those that ``ctx.needs_input_grad`` asks for.
+Backward (no gradient to the data): ``dW = f(X)^T dy`` (C++: each thread owns a
+range of genes, transposes their entries and sums them per gene with the dW
+chunk in registers, so every dW row is written once, without races),
+``db = dy.sum(0)`` and ``dW_cov = index_add(dy by cov)``; only those that
+``ctx.needs_input_grad`` asks for.
 """
 
 from __future__ import annotations
