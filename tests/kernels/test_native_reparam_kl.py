@@ -20,7 +20,7 @@ def _run(fn, leaves, noise, dz, dkl):
     return [z.detach(), kl.detach(), *grads]
 
 
-@pytest.mark.parametrize("shape", [(1024, 50), (37, 13), (1, 1), (0, 10), (3, 5, 7)])
+@pytest.mark.parametrize("shape", [(1024, 50), (37, 13), (1, 1), (0, 10), (4, 0), (3, 5, 7)])
 def test_matches_reference(shape, gen, isa):
     q_m = torch.randn(shape, generator=gen) * 2
     q_v_raw = torch.randn(shape, generator=gen) * 3  # variances from ~1e-4 to ~1e4

@@ -10,6 +10,8 @@ No gradient to the noise.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from scvi_fast._native import load
@@ -51,11 +53,11 @@ def reparam_kl(
     Any leading shape ``(..., Z)`` is accepted; the kernel sees ``(-1, Z)``.
     """
     shape = q_m.shape
-    n_z = shape[-1] if len(shape) > 0 else 1
+    rows = math.prod(shape[:-1])
     z, kl = ReparamKLFunction.apply(
-        q_m.reshape(-1, n_z).contiguous(),
-        q_v_raw.reshape(-1, n_z).contiguous(),
-        eps_noise.to(q_m.dtype).reshape(-1, n_z).contiguous(),
+        q_m.reshape(rows, shape[-1]).contiguous(),
+        q_v_raw.reshape(rows, shape[-1]).contiguous(),
+        eps_noise.to(q_m.dtype).reshape(rows, shape[-1]).contiguous(),
         float(var_eps),
     )
     return z.reshape(shape), kl.reshape(shape[:-1])
