@@ -6,7 +6,8 @@
 // Precision: the dense passes run in the input precision T with per-block
 // partial sums in T and block totals in double; per-cell sums, the
 // per-gene px_r gradient and every non-zero term (lgamma / digamma of counts up
-// to 2^24 and beyond) are accumulated and evaluated in double.
+// to 2^24 and beyond) are accumulated and evaluated in double. sparse_linear
+// accumulates in T (as torch's matmul does); reparam_kl sums its Z terms in T.
 
 // ---------------------------------------------------------------------------
 // Small helpers
@@ -29,9 +30,10 @@ static inline void thread_range(int64_t n, int tid, int nt, int64_t& begin, int6
 // exp and log for the dense float passes: branch-free Cephes polynomials that
 // the compiler vectorises (libm calls would not be; the selects below only
 // if-convert with -fno-trapping-math, which the build sets). exp: relative error below
-// 2 ulp on [-87.3, 88], exactly 0 below -87.3 (the softmax only evaluates
-// arguments <= 0). log: below 2 ulp for positive normal finite inputs, which is
-// all it is called on (theta + mu + eps and mu + eps are >= eps = 1e-8).
+// 2 ulp on [-87.3, 88], exactly 0 below -87.3 and clamped above 88 (the softmax
+// only evaluates arguments <= 0). log: below 2 ulp for positive normal finite
+// inputs, which is all it is called on (theta + mu + eps >= 1e-8, 1 + count,
+// exp(raw) + 1e-4).
 static inline float vexp(float x) {
   const float lo = -87.33654475f, hi = 88.0f;
   float xc = x > hi ? hi : x;
