@@ -200,3 +200,15 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "model.pt").write_bytes(buf.getvalue())
     with pytest.raises(Exception):
         read_scvi_tools_folder(tmp_path)
+
+
+def test_folder_with_saved_anndata(tmp_path):
+    """``model.save(dir, save_anndata=True)`` in scvi-tools leaves adata.h5ad beside model.pt."""
+    import shutil
+
+    adata, arrays, _ = _fixture_adata("default")
+    shutil.copy(_folder("default") / "model.pt", tmp_path / "model.pt")
+    adata.obs["_scvi_batch"] = adata.obs["donor"].cat.codes  # what scvi-tools adds to obs
+    adata.write_h5ad(tmp_path / "adata.h5ad")
+    model = scvi_fast.SCVI.load(tmp_path, impl="torch")
+    np.testing.assert_allclose(model.get_latent_representation(), arrays["latent_mean"], rtol=2e-5, atol=2e-6)
