@@ -69,25 +69,31 @@ def _cell_covariates_inner(seed, start, n, n_cells, n_batches, type_cdf, lib_bin
 
 @njit(nogil=True, parallel=True, cache=True)
 def _count_nnz_inner(seed, start, cell_type, cell_batch, cell_bin, p0, n_bins, n_batches,
-                     out_nnz):
-    """Pass 1: number of non-zero genes per cell (``u >= P(x = 0)``)."""
+                     out_nnz, out_mask):
+    """Pass 1: which genes are non-zero (``u >= P(x = 0)``), as a bit mask per cell, and how
+    many; pass 2 then visits only those genes."""
     n_genes = p0.shape[1]
     for i in prange(cell_type.shape[0]):
         key = _cell_key(seed, start + i)
         row = (cell_type[i] * n_batches + cell_batch[i]) * n_bins + cell_bin[i]
         cnt = 0
-        for g in range(n_genes):
-            u = _uniform(key + np.uint64(g + 16) * _GENE_STRIDE)
-            if u >= p0[row, g]:
-                cnt += 1
+        for w in range(out_mask.shape[1]):
+            bits = np.uint64(0)
+            g0 = w * 64
+            for j in range(min(64, n_genes - g0)):
+                g = g0 + j
+                u = _uniform(key + np.uint64(g + 16) * _GENE_STRIDE)
+                if u >= p0[row, g]:
+                    bits |= np.uint64(1) << np.uint64(j)
+                    cnt += 1
+            out_mask[i, w] = bits
         out_nnz[i] = cnt
 
 
 @njit(nogil=True, parallel=True, cache=True)
 def _fill_counts_inner(seed, start, cell_type, cell_batch, cell_bin, p0, rho, beta, theta,
-                       lib_values, n_bins, n_batches, indptr, out_indices, out_data):
-    """Pass 2: the same uniforms, inverted through the NB CDF for the non-zero genes."""
-    n_genes = p0.shape[1]
+                       lib_values, n_bins, n_batches, mask, indptr, out_indices, out_data):
+    """Pass 2: the same uniforms of the non-zero genes, inverted through the NB CDF."""
     for i in prange(cell_type.shape[0]):
         key = _cell_key(seed, start + i)
         t = cell_type[i]
@@ -95,27 +101,32 @@ def _fill_counts_inner(seed, start, cell_type, cell_batch, cell_bin, p0, rho, be
         row = (t * n_batches + b) * n_bins + cell_bin[i]
         lib = lib_values[b, cell_bin[i]]
         o = indptr[i]
-        for g in range(n_genes):
-            u = _uniform(key + np.uint64(g + 16) * _GENE_STRIDE)
-            p = np.float64(p0[row, g])
-            if u < p:
-                continue
-            mu = lib * rho[t, g] * beta[b, g]
-            th = theta[g]
-            q = mu / (th + mu)
-            # walk the NB pmf: P(k+1) = P(k) * (k + theta) / (k + 1) * q
-            pk = p
-            cdf = p
-            k = 0
-            while True:
-                pk *= (k + th) / (k + 1.0) * q
-                k += 1
-                cdf += pk
-                if cdf > u or pk < 1e-300 or k > 1000000:
-                    break
-            out_indices[o] = g
-            out_data[o] = k
-            o += 1
+        for w in range(mask.shape[1]):
+            bits = mask[i, w]
+            j = 0
+            while bits != np.uint64(0):
+                if bits & np.uint64(1):
+                    g = w * 64 + j
+                    u = _uniform(key + np.uint64(g + 16) * _GENE_STRIDE)
+                    p = np.float64(p0[row, g])
+                    mu = lib * rho[t, g] * beta[b, g]
+                    th = theta[g]
+                    q = mu / (th + mu)
+                    # walk the NB pmf: P(k+1) = P(k) * (k + theta) / (k + 1) * q
+                    pk = p
+                    cdf = p
+                    k = 0
+                    while True:
+                        pk *= (k + th) / (k + 1.0) * q
+                        k += 1
+                        cdf += pk
+                        if cdf > u or pk < 1e-300 or k > 1000000:
+                            break
+                    out_indices[o] = g
+                    out_data[o] = k
+                    o += 1
+                bits >>= np.uint64(1)
+                j += 1
 
 
 class _Params:
@@ -184,13 +195,16 @@ def _generate_chunk(params: _Params, seed, start, n, n_cells):
     _cell_covariates_inner(seed, start, n, n_cells, params.n_batches,
                            np.cumsum(params.type_p), np.cumsum(params.bin_p), ct, cb, cbin)
     nnz = np.empty(n, np.int64)
-    _count_nnz_inner(seed, start, ct, cb, cbin, params.p0, _N_LIB_BINS, params.n_batches, nnz)
+    n_genes = params.p0.shape[1]
+    mask = np.empty((n, (n_genes + 63) // 64), np.uint64)
+    _count_nnz_inner(seed, start, ct, cb, cbin, params.p0, _N_LIB_BINS, params.n_batches, nnz,
+                     mask)
     indptr = np.zeros(n + 1, np.int64)
     np.cumsum(nnz, out=indptr[1:])
     indices = np.empty(indptr[-1], np.int32)
     data = np.empty(indptr[-1], np.float32)
     _fill_counts_inner(seed, start, ct, cb, cbin, params.p0, params.rho, params.beta,
-                       params.theta, params.lib, _N_LIB_BINS, params.n_batches, indptr,
+                       params.theta, params.lib, _N_LIB_BINS, params.n_batches, mask, indptr,
                        indices, data)
     return indptr, indices, data, ct, cb
 
