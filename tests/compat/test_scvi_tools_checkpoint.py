@@ -212,3 +212,24 @@ def test_folder_with_saved_anndata(tmp_path):
     adata.write_h5ad(tmp_path / "adata.h5ad")
     model = scvi_fast.SCVI.load(tmp_path, impl="torch")
     np.testing.assert_allclose(model.get_latent_representation(), arrays["latent_mean"], rtol=2e-5, atol=2e-6)
+
+
+def test_census_layout_round_trip(tmp_path):
+    """The Census model's layout (2 layers, 7,400 batch categories) at a small width, both ways."""
+    cats = [f"donor_{i}" for i in range(7400)]
+    registry = {"source": "anndata", "batch_key": "batch", "labels_key": "", "layer": "",
+                "batch_categories": cats, "labels_categories": ["0"],
+                "var_names": [f"ENSG{i:011d}" for i in range(40)]}
+    torch.manual_seed(0)
+    model = scvi_fast.SCVI(None, n_hidden=16, n_latent=8, n_layers=2, _registry=registry, impl="torch")
+    model.save(tmp_path / "st", format="scvi-tools")
+    state = safe_load_checkpoint(tmp_path / "st" / "model.pt")["model_state_dict"]
+    for i, n_in in enumerate((8, 16)):
+        w = state[f"decoder.px_decoder.fc_layers.Layer {i}.0.weight"]
+        assert tuple(w.shape) == (16, n_in + 7400)
+        cov = model.module.state_dict()[f"decoder.linears.{i}.weight_cov"]
+        assert torch.equal(w[:, n_in:], cov.t())
+    back = scvi_fast.SCVI.load(tmp_path / "st")
+    assert back.batch_categories == cats and back.init_params_["n_layers"] == 2
+    for k, v in model.module.state_dict().items():
+        assert torch.equal(back.module.state_dict()[k], v), k
