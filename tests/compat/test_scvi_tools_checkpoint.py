@@ -233,3 +233,9 @@ def test_census_layout_round_trip(tmp_path):
     assert back.batch_categories == cats and back.init_params_["n_layers"] == 2
     for k, v in model.module.state_dict().items():
         assert torch.equal(back.module.state_dict()[k], v), k
+
+
+def test_loads_under_torch_force_weights_only(monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    model = scvi_fast.SCVI.load(_folder("nobatch"))
+    assert model.is_trained and os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
