@@ -472,6 +472,7 @@ class SCVI:
         self.device = resolve_device(accelerator if accelerator not in (None, "auto") else device)
         if ctx is not None:
             self.device = ctx.device
+        self.trainer = None  # a previous run's DDP wrapper releases its gradient hooks first
         trainer = Trainer(
             self.module, train_loader, val_loader,
             lr=lr, weight_decay=weight_decay, adam_eps=eps,
