@@ -262,9 +262,12 @@ def launch(fn: Callable, args: tuple = (), nproc: int = 1, max_restarts: int = 0
         return elastic_launch(config, fn)(*args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
+        msg = failure.message
+        if isinstance(msg, dict):  # the worker's error file: message and its traceback
+            msg = f"{msg.get('message')}\n{msg.get('extraInfo', {}).get('py_callstack', '')}"
         raise RuntimeError(
             f"distributed run failed on local rank {rank} (exit code {failure.exitcode}): "
-            f"{failure.message or 'see the log above'}"
+            f"{msg or 'see the log above'}"
         ) from err
 
 
