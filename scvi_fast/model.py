@@ -420,7 +420,8 @@ class SCVI:
         strategy, devices, max_restarts
             ``"ddp"``: data-parallel training (``DistributedDataParallel``), one process per
             GPU (NCCL) or per CPU share (gloo). Under ``torchrun`` every rank calls ``train``
-            and trains its shard of each epoch (``"auto"`` becomes ``"ddp"`` there);
+            and trains its shard of each epoch (``"auto"`` becomes ``"ddp"`` there, and
+            with ``devices > 1``);
             elsewhere ``devices`` local ranks (``"auto"``: every visible GPU) are launched
             through torch's elastic launcher, restarted up to ``max_restarts`` times after a
             failure (with ``resume=True`` each restart continues from the checkpoint), and
@@ -434,7 +435,8 @@ class SCVI:
         call = dict(locals())
         if strategy not in ("auto", "ddp"):
             raise ValueError(f"strategy must be 'auto' or 'ddp'; got {strategy!r}")
-        if strategy == "auto" and _distributed.env_world_size() > 1:
+        if strategy == "auto" and (_distributed.env_world_size() > 1
+                                   or (isinstance(devices, int) and devices > 1)):
             strategy = "ddp"
         if strategy == "ddp" and not _distributed.launched():
             return self._train_launched(call)
@@ -512,6 +514,7 @@ class SCVI:
             data = ("h5ad", str(data.filename))
         train_kwargs = {k: v for k, v in call.items()
                         if k not in ("self", "devices", "max_restarts", "loader_kwargs")}
+        train_kwargs["strategy"] = "ddp"
         payload = {
             "data": data, "registry": self.registry, "init": self.init_params_,
             "state": {k: v.detach().cpu() for k, v in self.module.state_dict().items()},

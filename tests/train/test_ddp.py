@@ -163,7 +163,7 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(store):
     one.train(max_epochs=EPOCHS, batch_size=2 * BATCH, seed=0, progress_bar=False, device="cpu")
     two = scvi_fast.SCVI(str(store), **MODEL)
     two.train(max_epochs=EPOCHS, batch_size=BATCH, seed=0, progress_bar=False, device="cpu",
-              strategy="ddp", devices=2)
+              devices=2)  # strategy "auto" becomes "ddp" with several devices
     assert two.is_trained_ and two.trainer.world_size == 2
     assert two.trainer.global_step == one.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
     assert two.trainer.cells_trained == one.trainer.cells_trained == EPOCHS * 360
@@ -200,6 +200,23 @@ def test_ddp_without_a_launcher_or_devices_is_explained(monkeypatch):
     assert not _distributed.launched() and _distributed.is_main_process()
     with pytest.raises(RuntimeError, match="torchrun"):
         _distributed.setup("cpu")
+
+
+def test_mid_epoch_checkpoint_needs_the_same_number_of_ranks(store):
+    from types import SimpleNamespace
+
+    from scvi_fast.train import Trainer
+
+    model = scvi_fast.SCVI(str(store), **MODEL)
+    loader = scvi_fast.data.CSRLoader(str(store), batch_size=BATCH)
+    trainer = Trainer(model.module, loader, device="cpu", progress_bar=False)
+    state = trainer.state_dict() | {"world_size": 2, "step_in_epoch": 3, "rank_rng": [None, None]}
+    trainer.dist = SimpleNamespace(world_size=3, rank=0, is_main=True)
+    with pytest.raises(ValueError, match="same number of ranks"):
+        trainer.load_state_dict(state)
+    # at an epoch boundary a different number of ranks is fine: fresh per-rank noise streams
+    trainer.load_state_dict(state | {"step_in_epoch": 0})
+    assert trainer.global_step == 0 and trainer.epoch == 0
 
 
 def test_cli_takes_launcher_options():
