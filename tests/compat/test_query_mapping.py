@@ -113,7 +113,8 @@ def test_prepare_query_anndata_dense_layers_and_refusals(two_batches):
     X = np.arange(12, dtype=np.float32).reshape(3, 4) + 1
     q = anndata.AnnData(X=X, var=pd.DataFrame(index=[genes[3], "other", genes[0], genes[1]]))
     q.layers["counts"] = X.copy()
-    out = scvi_fast.SCVI.prepare_query_anndata(q, ref, inplace=False)
+    with pytest.warns(UserWarning, match="less than 80%"):
+        out = scvi_fast.SCVI.prepare_query_anndata(q, ref, inplace=False)
     assert out is not q and q.shape == (3, 4)
     assert list(out.var_names) == genes
     np.testing.assert_array_equal(out.X[:, 0], X[:, 2])
