@@ -31,9 +31,9 @@ GROUP_COLUMNS = ["comparison", "group1", "group2"]
 def kang():
     adata = anndata.read_h5ad(shared_file("kang_ctrlstim_muscat_example.h5ad"))
     scvi_fast.SCVI.setup_anndata(adata, batch_key="donor")
-    # the pure-PyTorch back-end: no compiled extension needed, same numbers as "native"
-    model = scvi_fast.SCVI(adata, impl="torch")
-    model.train(max_epochs=100, seed=0, progress_bar=False)
+    # a quick model: 50 epochs of 6 minibatches (batch 256, lr 4e-3)
+    model = scvi_fast.SCVI(adata)
+    model.train(max_epochs=50, batch_size=256, lr=4e-3, seed=0, progress_bar=False)
     return adata, model
 
 
@@ -54,15 +54,13 @@ def test_change_mode_recovers_interferon_genes(kang, de_change):
     assert de.index.is_unique and set(de.index) == set(adata.var_names)
     assert (de["comparison"] == "stim vs ctrl").all()
     ranks = {g: int(np.flatnonzero(de.index == g)[0]) + 1 for g in present}
-    # Observed over training seeds 0-2, DE seeds 0-1 and 1000 or 5000 samples (1267 genes):
-    # five of the six ISGs rank 1-19, with LFC 2.5-5 (stim over ctrl); IFIT3 is the outlier
-    # after 40 epochs (rank 230-490, LFC 1.0-1.5: the model still over-predicts it in ctrl).
-    best5 = sorted(ranks, key=ranks.get)[:5]
-    assert ranks[best5[-1]] <= 30, ranks
-    assert (de.loc[best5, "lfc_mean"] > 2.0).all()
-    assert (de.loc[best5, "proba_de"] > 0.95).all()
-    assert de.loc[best5, "is_de_fdr_0.05"].all()
-    assert (de.loc[present, "lfc_mean"] > 0.5).all()
+    # Observed over training seeds 0-2 and DE seeds 0-1 (1267 genes): every ISG ranks 1-15,
+    # with LFC 3.5-7 (stim over ctrl). (With scvi-tools' defaults, 100 epochs give the same;
+    # after only 40, IFIT3 is still over-predicted in ctrl cells and drops to rank ~250.)
+    assert max(ranks.values()) <= 25, ranks
+    assert (de.loc[present, "lfc_mean"] > 2.5).all()
+    assert (de.loc[present, "proba_de"] > 0.95).all()
+    assert de.loc[present, "is_de_fdr_0.05"].all()
     print("ISG ranks (change mode, stim vs ctrl):", ranks)
     # sorted by proba_de; the FDR calls are a prefix of that order
     assert de["proba_de"].is_monotonic_decreasing
@@ -85,7 +83,7 @@ def test_vanilla_mode_and_selection_forms(kang):
     assert list(de.columns) == VANILLA_COLUMNS + RAW_COLUMNS + GROUP_COLUMNS
     assert de["bayes_factor"].is_monotonic_decreasing
     top = set(de.index[:30])
-    assert sum(g in top for g in ISG) >= 4, [int(np.flatnonzero(de.index == g)[0]) + 1 for g in ISG]
+    assert sum(g in top for g in ISG) >= 5, [int(np.flatnonzero(de.index == g)[0]) + 1 for g in ISG]
     np.testing.assert_allclose(de["proba_m1"] + de["proba_m2"], 1.0)
     # idx1 / idx2 as a mask, indices or a query: anonymous groups, no comparison columns
     stim = (adata.obs["condition"] == "stim").to_numpy()
