@@ -141,6 +141,11 @@ class ArraySource(Source):
             m = matrix.tocsr() if matrix.format != "csr" else matrix
         else:
             m = sp.csr_matrix(np.asarray(matrix))
+        if not m.has_canonical_format:
+            # duplicated entries would reach the model as split counts (log1p(a) + log1p(b)
+            # instead of log1p(a + b)); sum them on a copy, leaving the caller's matrix alone
+            m = m.copy()
+            m.sum_duplicates()
         return cls(m.indptr, m.indices, m.data, m.shape[1], **kwargs)
 
     def read_rows(self, rows, out_indptr, out_indices, out_data) -> None:

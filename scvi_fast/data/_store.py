@@ -153,6 +153,9 @@ class StoreWriter:
         """Append a chunk of cells (a scipy CSR matrix with ``n_genes`` columns)."""
         if not sp.issparse(chunk) or chunk.format != "csr":
             chunk = sp.csr_matrix(chunk)
+        if not chunk.has_canonical_format:  # sorted genes, duplicates summed
+            chunk = chunk.copy()
+            chunk.sum_duplicates()
         n = chunk.shape[0]
         if chunk.shape[1] != self.n_genes:
             raise ValueError(f"chunk has {chunk.shape[1]} genes, the store {self.n_genes}")

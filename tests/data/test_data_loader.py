@@ -238,3 +238,21 @@ def test_to_cuda_uses_pinned_non_blocking_copies(rng):
     torch.cuda.synchronize()
     assert t.values.is_cuda and t.indices.dtype == torch.int64
     np.testing.assert_array_equal(t.to_dense().cpu().numpy(), X[:128].toarray())
+
+
+def test_duplicate_entries_are_summed(rng, tmp_path):
+    from scvi_fast.data import CSRStore
+
+    X = random_counts(rng, 60, 12, density=0.4)
+    e = X.indptr[1]  # append a second entry for row 0's first gene at the end of row 0
+    dup = sp.csr_matrix((np.insert(X.data, e, 3.0), np.insert(X.indices, e, X.indices[0]),
+                         np.concatenate([X.indptr[:1], X.indptr[1:] + 1])), shape=X.shape)
+    # row 0 now holds gene X.indices[0] twice; canonical form sums it
+    assert not dup.has_canonical_format
+    ref = dup.copy()
+    ref.sum_duplicates()
+    for src in (dup, CSRStore.create(tmp_path / "s", dup)):
+        mb = next(iter(CSRLoader(src, batch_size=60, shuffle=False)))
+        np.testing.assert_array_equal(mb.to_dense(), ref.toarray())
+        np.testing.assert_array_equal(mb.indices, ref.indices)
+    assert not dup.has_canonical_format  # the caller's matrix is untouched
