@@ -244,10 +244,12 @@ def test_duplicate_entries_are_summed(rng, tmp_path):
     from scvi_fast.data import CSRStore
 
     X = random_counts(rng, 60, 12, density=0.4)
-    e = X.indptr[1]  # append a second entry for row 0's first gene at the end of row 0
-    dup = sp.csr_matrix((np.insert(X.data, e, 3.0), np.insert(X.indices, e, X.indices[0]),
-                         np.concatenate([X.indptr[:1], X.indptr[1:] + 1])), shape=X.shape)
-    # row 0 now holds gene X.indices[0] twice; canonical form sums it
+    r = int(np.flatnonzero(np.diff(X.indptr))[0])  # a non-empty row
+    e = X.indptr[r + 1]  # append a second entry for its first gene at its end
+    indptr = X.indptr.copy()
+    indptr[r + 1 :] += 1
+    dup = sp.csr_matrix((np.insert(X.data, e, 3.0),
+                         np.insert(X.indices, e, X.indices[X.indptr[r]]), indptr), shape=X.shape)
     assert not dup.has_canonical_format
     ref = dup.copy()
     ref.sum_duplicates()
