@@ -81,11 +81,23 @@ class CSRMinibatch:
     def to(self, device="cpu", non_blocking: bool = True, indices_dtype=None) -> TorchMinibatch:
         """Move to a torch device.
 
-        Returns a :class:`TorchMinibatch` with the same fields as tensors: ``indptr`` int64,
-        ``indices`` int64 (or ``indices_dtype``), ``values`` float32, ``batch``/``labels``
-        int64, ``library`` float32, ``obs_idx`` int64. For CUDA devices the arrays are copied
-        through pinned host memory with ``non_blocking`` copies and ``indices`` is widened on
-        the device; on the CPU tensors share memory with the arrays where dtypes allow.
+        Parameters
+        ----------
+        device
+            A torch device or its name (``"cuda"``, ``"cuda:1"``, ``"cpu"``, ...).
+        non_blocking
+            Use asynchronous host-to-device copies (CUDA, from pinned memory).
+        indices_dtype
+            torch dtype of ``indices`` on the device (default ``torch.int64``; the int32 host
+            array is sent as is and widened on the device).
+
+        Returns
+        -------
+        TorchMinibatch
+            The same fields as tensors: ``indptr`` int64, ``indices`` int64 (or
+            ``indices_dtype``), ``values`` float32, ``batch``/``labels`` int64, ``library``
+            float32, ``obs_idx`` int64. On the CPU, tensors share memory with the arrays
+            where dtypes allow.
         """
         import torch
 
