@@ -7,7 +7,9 @@
 #   bash benchmarks/gpu_suite.sh [--cpu] [--out DIR] [--wheels DIR]
 #
 #   --cpu     run the same steps on the CPU at tiny sizes (Triton under the interpreter): the
-#             check that the suite works end to end on a machine without a GPU
+#             check that the suite works end to end on a machine without a GPU; its rows go to
+#             the --out folder only, benchmarks/results is left as it was
+#   PYTHON    environment variable: the interpreter to use (default python3)
 #   --out     folder for the logs and CSV copies (default: benchmarks/results/suite-<date>)
 #   --wheels  folder of wheels for packages the GPU machine lacks (e.g. anndata, safetensors,
 #             tqdm, ninja, scvi-tools and its dependencies); installed into /tmp/site first
@@ -29,6 +31,11 @@ done
 OUT="${OUT:-benchmarks/results/suite-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
+# A --cpu check must not leave rows in the recorded results: keep the CSVs as they were.
+KEEP=""
+if [ "$CPU" = 1 ]; then
+  KEEP="$(mktemp -d)"; cp benchmarks/results/*.csv "$KEEP"/ 2>/dev/null
+fi
 if [ -n "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEELS"/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -83,6 +90,9 @@ if [ "$CPU" = 0 ] && [ "$NGPU" -gt 1 ]; then
   step ddp 120 "$PY" benchmarks/bench_ddp.py --device cuda
 fi
 cp benchmarks/results/*.csv "$OUT"/ 2>/dev/null
+if [ -n "$KEEP" ]; then
+  rm -f benchmarks/results/*.csv; cp "$KEEP"/*.csv benchmarks/results/ 2>/dev/null; rm -rf "$KEEP"
+fi
 echo "results in $OUT" | tee -a "$OUT/suite.log"
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "failed steps: ${FAILED[*]}" | tee -a "$OUT/suite.log"
