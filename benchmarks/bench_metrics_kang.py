@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scvi-python", default="/work/venv-scvi/bin/python",
                     help="python of a virtualenv with scvi-tools ('' to skip it)")
     ap.add_argument("--max-cells", type=int, default=None, help="evaluate metrics on a random subset")
+    ap.add_argument("--leiden-iterations", type=int, default=-1,
+                    help="Leiden passes per resolution (-1: until stable, as scib)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
 
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     notes["pca"] = "PCA(50) of log1p(1e4-normalised counts)"
 
     t0 = time.perf_counter()
-    table = metrics.summary_table(embeddings, labels, batch, max_cells=args.max_cells, seed=args.seed)
+    table = metrics.summary_table(embeddings, labels, batch, max_cells=args.max_cells, seed=args.seed,
+                                  leiden_iterations=args.leiden_iterations)
     t_metrics = time.perf_counter() - t0
     table.loc["train_time_s"] = ["info", *[train_time[c] for c in embeddings]]
     table.loc["embedding_dims"] = ["info", *[float(embeddings[c].shape[1]) for c in embeddings]]

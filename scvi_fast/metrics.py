@@ -126,19 +126,22 @@ def umap_connectivities(knn_indices: np.ndarray, knn_dists: np.ndarray, n_iter: 
     return (W + Wt - W.multiply(Wt)).tocsr()
 
 
-def leiden(connectivities: sp.spmatrix, resolution: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Leiden clusters (leidenalg RBConfiguration, weighted, directed, until convergence).
+def leiden(connectivities: sp.spmatrix, resolution: float = 1.0, seed: int = 0,
+           n_iterations: int = -1) -> np.ndarray:
+    """Leiden clusters (leidenalg RBConfiguration, weighted, directed).
 
-    The settings of ``scanpy.tl.leiden`` with its default ``flavor="leidenalg"``.
+    The settings of ``scanpy.tl.leiden`` with its default ``flavor="leidenalg"``, which
+    iterates until the partition is stable (``n_iterations=-1``); a small positive number
+    (2, scanpy's future default) is several times faster on large graphs.
     """
     ig = _require("igraph", "igraph", "Leiden clustering")
     la = _require("leidenalg", "leidenalg", "Leiden clustering")
     A = sp.coo_matrix(connectivities)
-    g = ig.Graph(n=A.shape[0], edges=list(zip(A.row.tolist(), A.col.tolist())), directed=True)
+    g = ig.Graph(n=A.shape[0], edges=np.column_stack([A.row, A.col]).tolist(), directed=True)
     g.es["weight"] = A.data.astype(np.float64).tolist()
     part = la.find_partition(
         g, la.RBConfigurationVertexPartition, weights=np.asarray(g.es["weight"], dtype=np.float64),
-        resolution_parameter=resolution, n_iterations=-1, seed=seed,
+        resolution_parameter=resolution, n_iterations=n_iterations, seed=seed,
     )
     return np.asarray(part.membership, dtype=np.int64)
 
@@ -165,6 +168,7 @@ def leiden_nmi_ari(
     n_neighbors: int = 15,
     seed: int = 0,
     connectivities: sp.spmatrix | None = None,
+    n_iterations: int = -1,
 ) -> dict:
     """Leiden clusterings over ``resolutions``; the best NMI and the ARI of that clustering.
 
@@ -175,7 +179,7 @@ def leiden_nmi_ari(
         connectivities = umap_connectivities(*knn(X, n_neighbors))
     best = None
     for res in resolutions:
-        cl = leiden(connectivities, res, seed)
+        cl = leiden(connectivities, res, seed, n_iterations)
         score = nmi(labels, cl)
         if best is None or score > best[0]:
             best = (score, res, cl)
@@ -297,11 +301,13 @@ def evaluate(
     resolutions: Sequence[float] = LEIDEN_RESOLUTIONS,
     max_cells: int | None = None,
     seed: int = 0,
+    leiden_iterations: int = -1,
 ) -> pd.Series:
     """Every metric of the module on one embedding: a Series indexed by metric name.
 
     ``max_cells`` evaluates a random subset of that many cells (silhouettes are quadratic in
-    the number of cells). Also records ``leiden_resolution`` and ``leiden_n_clusters``.
+    the number of cells); ``leiden_iterations`` is passed to :func:`leiden`. Also records
+    ``leiden_resolution`` and ``leiden_n_clusters``.
     """
     X = _check(X, labels, batch)
     labels = np.asarray(labels).astype(str)
@@ -311,7 +317,8 @@ def evaluate(
         X, labels, batch = X[keep], labels[keep], batch[keep]
     idx, dist = knn(X, max(n_neighbors, entropy_neighbors + 1))
     conn = umap_connectivities(idx[:, :n_neighbors], dist[:, :n_neighbors])
-    cl = leiden_nmi_ari(X, labels, resolutions=resolutions, seed=seed, connectivities=conn)
+    cl = leiden_nmi_ari(X, labels, resolutions=resolutions, seed=seed, connectivities=conn,
+                        n_iterations=leiden_iterations)
     out = {
         "leiden_nmi": cl["leiden_nmi"],
         "leiden_ari": cl["leiden_ari"],
