@@ -62,7 +62,7 @@ def _worker_scvi_tools(a) -> dict:
 
     ad = anndata.read_h5ad(a.data)
     scvi.model.SCVI.setup_anndata(ad, batch_key="batch")
-    model = scvi.model.SCVI(ad, **ARCH)
+    model = scvi.model.SCVI(ad, gene_likelihood="nb", **ARCH)  # same model as scvi_fast
     model.is_trained_ = True  # throughput does not depend on the weights; skip training
     model.module.to(torch.device(a.device))
     model.module.eval()

@@ -100,7 +100,9 @@ def _worker_scvi_tools(a) -> dict:
     scvi.settings.seed = a.seed
     ad = anndata.read_h5ad(a.data)
     scvi.model.SCVI.setup_anndata(ad, batch_key=a.batch_key)
-    model = scvi.model.SCVI(ad, n_hidden=a.n_hidden, n_latent=a.n_latent, n_layers=a.n_layers)
+    # scvi-tools defaults to ZINB; scvi_fast is scVI with the NB likelihood (as the Census model)
+    model = scvi.model.SCVI(ad, n_hidden=a.n_hidden, n_latent=a.n_latent, n_layers=a.n_layers,
+                            gene_likelihood="nb")
     timer = EpochTimer()
     t0 = time.perf_counter()
     if a.precision == "tf32":
