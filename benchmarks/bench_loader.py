@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "loader.csv"
 FIELDS = [
     "date", "git_sha", "device", "load_avg_start", "load_avg_end", "case", "n_cells", "n_genes",
@@ -171,35 +174,15 @@ def worker(args) -> None:
 
 # ------------------------------------------------------------------------------- driver
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return C.cpu_name()
 
 
 def _git_sha() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                       text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return C.git_sha()
 
 
 def _versions(python: str) -> str:
-    code = ("import importlib.metadata as m, json\n"
-            "out = {}\n"
-            "for p in ('numpy', 'scipy', 'numba', 'torch', 'anndata', 'scvi-tools'):\n"
-            "    try: out[p] = m.version(p)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))")
-    try:
-        return subprocess.check_output([python, "-c", code], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "{}"
+    return C.versions(python)
 
 
 def _ensure_store(path: Path, n_cells: int, n_genes: int, density: float):
