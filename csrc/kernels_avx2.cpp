@@ -30,28 +30,7 @@ namespace avx2 {
 
 #include "kernels_impl.h"
 
-#define SCVI_FAST_INSTANTIATE(T, I)                                                       \
-  template int64_t sparse_linear_fwd<T, I>(int64_t, int64_t, int64_t, const int64_t*,    \
-                                           const I*, const T*, int, const T*, const T*,  \
-                                           const int64_t*, int64_t, const T*, T*, int);  \
-  template int64_t sparse_linear_bwd_w<T, I>(int64_t, int64_t, int64_t, const int64_t*,  \
-                                             const I*, const T*, int, const T*, T*, int); \
-  template int64_t nb_softmax_loglik_fwd<T, I>(const NbArgs<T, I>&);
-
-SCVI_FAST_INSTANTIATE(float, int32_t)
-SCVI_FAST_INSTANTIATE(float, int64_t)
-SCVI_FAST_INSTANTIATE(double, int32_t)
-SCVI_FAST_INSTANTIATE(double, int64_t)
-
-template void reparam_kl_fwd<float>(int64_t, int64_t, const float*, const float*, const float*,
-                                    double, float*, float*, int);
-template void reparam_kl_fwd<double>(int64_t, int64_t, const double*, const double*,
-                                     const double*, double, double*, double*, int);
-template void reparam_kl_bwd<float>(int64_t, int64_t, const float*, const float*, const float*,
-                                    double, const float*, const float*, float*, float*, int);
-template void reparam_kl_bwd<double>(int64_t, int64_t, const double*, const double*,
-                                     const double*, double, const double*, const double*,
-                                     double*, double*, int);
+#include "kernels_instantiate.inc"
 
 }  // namespace avx2
 }  // namespace scvi_fast
