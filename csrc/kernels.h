@@ -31,6 +31,8 @@ struct NbArgs {
   T* grad_logits = nullptr;          // out (B, G) or nullptr: d loglik_b / d logits_b
   T* sum_a = nullptr;                // out (B,) or nullptr: d loglik_b / d l_b
   T* grad_px_r = nullptr;            // out (G,) or nullptr: sum_b w_b d loglik_b / d px_r
+  T* grad_colsum = nullptr;          // out (G,) or nullptr: sum_b grad_logits[b, :] (needs
+                                     // grad_logits): the bias gradient of a fused output layer
   int n_threads = 1;
 };
 

@@ -476,7 +476,7 @@ static constexpr int64_t kBlock = 512;
 template <typename T, typename I, bool GRAD, bool THETA>
 static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, const T* c_theta,
                        const double* theta_d, const double* lgamma_t, const double* digamma_t,
-                       double* theta_acc_all, int64_t max_row) {
+                       double* theta_acc_all, double* col_acc_all, int64_t max_row) {
   const int64_t B = a.B, G = a.G;
   const T eps = static_cast<T>(a.eps);
   const double eps_d = a.eps;
@@ -486,6 +486,7 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
   {
     const int tid = omp_get_thread_num();
     double* theta_acc = THETA ? theta_acc_all + static_cast<size_t>(tid) * G : nullptr;
+    double* col_acc = col_acc_all != nullptr ? col_acc_all + static_cast<size_t>(tid) * G : nullptr;
     T* scratch = a.grad_logits == nullptr ? new T[G > 0 ? G : 1] : nullptr;
     double* da = new double[max_row > 0 ? max_row : 1];
 #pragma omp for schedule(dynamic, 4)
@@ -574,6 +575,10 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
           const int64_t g = static_cast<int64_t>(a.indices[p0 + j]);
           if (g >= 0 && g < G) buf[g] += static_cast<T>(da[j]);
         }
+        if (col_acc != nullptr) {
+#pragma omp simd
+          for (int64_t g = 0; g < G; ++g) col_acc[g] += static_cast<double>(buf[g]);
+        }
       }
     }
     delete[] da;
@@ -618,13 +623,15 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   int64_t max_row = 0;
   for (int64_t r = 0; r < B; ++r) max_row = max_(max_row, a.indptr[r + 1] - a.indptr[r]);
   double* acc = want_theta ? new double[static_cast<size_t>(nt) * G]() : nullptr;
+  const bool want_colsum = a.grad_colsum != nullptr && a.grad_logits != nullptr;
+  double* col = want_colsum ? new double[static_cast<size_t>(nt) * G]() : nullptr;
   lgamma1p_table();  // build outside the parallel region
 
   int64_t bad;
-  if (grad && want_theta) bad = nb_rows<T, I, true, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
-  else if (grad) bad = nb_rows<T, I, true, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
-  else if (want_theta) bad = nb_rows<T, I, false, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
-  else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, max_row);
+  if (grad && want_theta) bad = nb_rows<T, I, true, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
+  else if (grad) bad = nb_rows<T, I, true, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
+  else if (want_theta) bad = nb_rows<T, I, false, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
+  else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
 
   if (want_theta) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
@@ -634,6 +641,15 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
       a.grad_px_r[g] = static_cast<T>(s);
     }
   }
+  if (want_colsum) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
+    for (int64_t g = 0; g < G; ++g) {
+      double s = 0.0;
+      for (int t = 0; t < nt; ++t) s += col[static_cast<size_t>(t) * G + g];
+      a.grad_colsum[g] = static_cast<T>(s);
+    }
+  }
+  delete[] col;
   delete[] acc;
   delete[] digamma_t;
   delete[] lgamma_t;

@@ -192,14 +192,16 @@ at::Tensor sparse_linear_backward_weight(const at::Tensor& indptr, const at::Ten
 // ---------------------------------------------------------------------------
 
 // Returns (loglik (B,), grad_logits (B, G) or empty, sum_a (B,) or empty,
-// grad_px_r (G,) or empty). grad_logits is d loglik_b / d logits_b, sum_a is
-// d loglik_b / d l_b and grad_px_r is sum_b w_b d loglik_b / d px_r with
-// w = row_weight (ones when None).
+// grad_px_r (G,) or empty, grad_colsum (G,) or empty). grad_logits is
+// d loglik_b / d logits_b (written into grad_logits_out when given, a reusable
+// buffer), grad_colsum its sum over cells, sum_a is d loglik_b / d l_b and
+// grad_px_r is sum_b w_b d loglik_b / d px_r with w = row_weight (ones when None).
 std::vector<at::Tensor> nb_softmax_loglik_forward(
     const at::Tensor& logits, const at::Tensor& log_library, const at::Tensor& px_r,
     const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values, double eps,
     const std::optional<at::Tensor>& row_weight, bool want_grad_logits, bool want_sum_a,
-    bool want_grad_px_r) {
+    bool want_grad_px_r, const std::optional<at::Tensor>& grad_logits_out,
+    bool want_grad_colsum) {
   const char* op = "nb_softmax_loglik";
   check_tensor(logits, op, "logits");
   const auto dtype = logits.scalar_type();
@@ -220,7 +222,21 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
     TORCH_CHECK(row_weight->numel() == B, op, ": row_weight must have ", B, " elements");
   }
   at::Tensor loglik = at::empty({B}, logits.options());
-  at::Tensor grad_logits = want_grad_logits ? at::empty({B, G}, logits.options()) : at::Tensor();
+  at::Tensor grad_logits;
+  if (want_grad_logits && grad_logits_out.has_value()) {
+    grad_logits = *grad_logits_out;
+    check_tensor(grad_logits, op, "grad_logits_out");
+    TORCH_CHECK(grad_logits.scalar_type() == dtype && grad_logits.dim() == 2 &&
+                    grad_logits.size(0) == B && grad_logits.size(1) == G,
+                op, ": grad_logits_out must be a (", B, ", ", G, ") ", dtype, " tensor; got ",
+                grad_logits.scalar_type(), " ", grad_logits.sizes());
+    TORCH_CHECK(!grad_logits.is_same(logits), op, ": grad_logits_out must not be logits");
+  } else if (want_grad_logits) {
+    grad_logits = at::empty({B, G}, logits.options());
+  }
+  TORCH_CHECK(!want_grad_colsum || want_grad_logits, op,
+              ": the column sum of the logit gradient needs want_grad_logits");
+  at::Tensor grad_colsum = want_grad_colsum ? at::empty({G}, logits.options()) : at::Tensor();
   at::Tensor sum_a = want_sum_a ? at::empty({B}, logits.options()) : at::Tensor();
   at::Tensor grad_px_r = want_grad_px_r ? at::empty({G}, logits.options()) : at::Tensor();
   int64_t bad = 0;
@@ -243,6 +259,7 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
       a.grad_logits = want_grad_logits ? grad_logits.data_ptr<T>() : nullptr;
       a.sum_a = want_sum_a ? sum_a.data_ptr<T>() : nullptr;
       a.grad_px_r = want_grad_px_r ? grad_px_r.data_ptr<T>() : nullptr;
+      a.grad_colsum = want_grad_colsum ? grad_colsum.data_ptr<T>() : nullptr;
       a.n_threads = n_threads();
       auto fn = use_avx2() ? &avx2::nb_softmax_loglik_fwd<T, I>
                            : &generic::nb_softmax_loglik_fwd<T, I>;
@@ -252,7 +269,7 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
     else run(indices.data_ptr<int64_t>());
   });
   check_bad(bad, op, "gene indices");
-  return {loglik, grad_logits, sum_a, grad_px_r};
+  return {loglik, grad_logits, sum_a, grad_px_r, grad_colsum};
 }
 
 // ---------------------------------------------------------------------------

@@ -119,6 +119,39 @@ def nb_softmax_loglik(
     return backend(which).nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
 
 
+def nb_softmax_loglik_linear(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    log_library: torch.Tensor,
+    px_r: torch.Tensor,
+    X_csr,
+    eps: float = 1e-8,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """:func:`nb_softmax_loglik` of the output layer ``logits = h @ weight.T + bias``.
+
+    The native back-end fuses the layer with the likelihood (the ``B x G`` logits and their
+    gradient stay in reused buffers and the backward never forms the scaled logit gradient,
+    see :mod:`scvi_fast.kernels.native.nb_linear_loglik`); the other back-ends compose
+    ``F.linear`` and :func:`nb_softmax_loglik`. Under autocast, or for mixed dtypes, the
+    composition is used.
+    """
+    which = resolve_impl(impl, h.device)
+    if (
+        which == "native"
+        and not torch.is_autocast_enabled(h.device.type)
+        and h.dtype == weight.dtype
+    ):
+        return backend("native").nb_softmax_loglik_linear(
+            h, weight, bias, log_library, px_r, X_csr, eps
+        )
+    logits = torch.nn.functional.linear(h, weight, bias)
+    if logits.dtype == torch.bfloat16:
+        logits = logits.float()
+    return nb_softmax_loglik(logits, log_library, px_r, X_csr, eps, impl=which)
+
+
 def reparam_kl(
     q_m: torch.Tensor,
     q_v_raw: torch.Tensor,

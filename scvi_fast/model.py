@@ -45,6 +45,24 @@ TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 128, "max_epochs": None, "n_epochs_k
 INFERENCE_BATCH_SIZE = 1024
 
 
+def _prefetch_default(device: torch.device) -> bool:
+    """Whether minibatches are gathered on a background thread by default.
+
+    Yes when the model runs on a GPU (the host is otherwise idle during a step) or when the
+    CPU has cores that torch's compute threads leave free. When torch already uses every
+    core, a reader thread only takes cycles from the step (and makes its OpenMP workers
+    wait for each other): on a 2-core machine at the Census preset, training was about 4%
+    faster gathering each minibatch in the main thread (1.4 ms per 1024 cells).
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
 def _categories(values: pd.Series) -> tuple[np.ndarray, list[str]]:
     """Integer codes and category names, the way scvi-tools categorises a column."""
     cat = values if isinstance(values.dtype, pd.CategoricalDtype) else values.astype("category")
@@ -331,6 +349,7 @@ class SCVI:
             seed=seed,
             indices=None if indices is None else np.asarray(indices, dtype=np.int64),
             drop_last=drop_last,
+            prefetch=_prefetch_default(self.device),
         )
 
     # --------------------------------------------------------------- training --
@@ -462,6 +481,10 @@ class SCVI:
             max_epochs = defaults["max_epochs"] or min(round((20000 / n) * 400), 400)
         train_idx, val_idx = self._split(n, train_size, validation_size, batch_size, seed, world_size)
         self.train_indices, self.validation_indices = train_idx, val_idx
+        self.device = resolve_device(accelerator if accelerator not in (None, "auto") else device)
+        if ctx is not None:
+            self.device = ctx.device
+        loader_kwargs.setdefault("prefetch", _prefetch_default(self.device))
         train_loader = _data.CSRLoader(
             source, batch_size=batch_size, shuffle=True, seed=seed, indices=train_idx,
             drop_last=False, rank=rank, world_size=world_size, **loader_kwargs,
@@ -471,9 +494,6 @@ class SCVI:
                             indices=np.array_split(val_idx, world_size)[rank], **loader_kwargs)
             if len(val_idx) else None
         )
-        self.device = resolve_device(accelerator if accelerator not in (None, "auto") else device)
-        if ctx is not None:
-            self.device = ctx.device
         self.trainer = None  # a previous run's DDP wrapper releases its gradient hooks first
         trainer = Trainer(
             self.module, train_loader, val_loader,

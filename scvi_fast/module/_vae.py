@@ -80,11 +80,15 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList([DenseBlock(n_hidden, 0.0) for _ in range(n_layers)])
         self.scale = nn.Linear(n_hidden, n_output)
 
-    def forward(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
+    def hidden(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
+        """The last hidden layer, the input of the output layer ``scale``."""
         h = z
         for linear, block in zip(self.linears, self.blocks):
             h = block(linear(h, batch))
-        return self.scale(h)
+        return h
+
+    def forward(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
+        return self.scale(self.hidden(z, batch))
 
 
 class VAE(nn.Module):
@@ -210,9 +214,25 @@ class VAE(nn.Module):
         return LossOutput(loss=(rec + kl_weight * kl).mean(), reconstruction_loss=rec, kl_local=kl)
 
     def forward(self, x, kl_weight: float = 1.0, eps_noise=None):
+        """Inference, decoder and loss of a CSR minibatch: ``(inference, generative, loss)``.
+
+        The decoder's output layer and the likelihood run as one op
+        (:func:`scvi_fast.functional.nb_softmax_loglik_linear`), so the generative dict holds
+        the last hidden layer (``"hidden"``) and ``px_r``, not the ``B x G`` logits; use
+        :meth:`generative` for those. The loss is the same as
+        ``loss(x, inf, generative(z, batch))``.
+        """
         inf = self.inference(x, eps_noise=eps_noise)
-        gen = self.generative(inf["z"], x.batch)
-        return inf, gen, self.loss(x, inf, gen, kl_weight)
+        z = inf["z"]
+        codes = self._batch_codes(x.batch, z.shape[0], z.device)
+        h = self.decoder.hidden(z, codes)
+        scale = self.decoder.scale
+        rec = -F_ops.nb_softmax_loglik_linear(
+            h, scale.weight, scale.bias, inf["library"], self.px_r, x, impl=self.impl
+        )
+        kl = inf["kl"]
+        out = LossOutput(loss=(rec + kl_weight * kl).mean(), reconstruction_loss=rec, kl_local=kl)
+        return inf, {"hidden": h, "px_r": self.px_r}, out
 
     # ---- derived quantities --------------------------------------------------------
     @staticmethod

@@ -58,3 +58,23 @@ def nb_softmax_loglik(
     mu = torch.exp(log_library.reshape(-1, 1).to(logits.dtype)) * torch.softmax(logits, dim=-1)
     theta = torch.exp(px_r).to(logits.dtype)
     return log_nb_positive(x, mu, theta, eps).sum(-1)
+
+
+def nb_softmax_loglik_linear(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    log_library: torch.Tensor,
+    px_r: torch.Tensor,
+    X_csr,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """:func:`nb_softmax_loglik` of ``logits = h @ weight.T + bias`` (the decoder's output layer).
+
+    ``h`` is ``(B, H)``, ``weight`` ``(G, H)`` and ``bias`` ``(G,)`` or None, as in
+    ``torch.nn.Linear``. Gradients flow to ``h``, ``weight``, ``bias`` and ``px_r``.
+    """
+    logits = torch.nn.functional.linear(h, weight, bias)
+    if logits.dtype == torch.bfloat16:  # autocast: the likelihood is evaluated in fp32
+        logits = logits.float()
+    return nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)

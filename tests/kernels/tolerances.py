@@ -30,6 +30,9 @@ F64_RTOL = {
     "nb_softmax_loglik": 1e-10,
     # Elementwise formulas identical to the reference's up to operation order.
     "reparam_kl": 1e-13,
+    # The NB kernel's error, plus GEMMs over H (a few ulps times H) for the logits and
+    # over B or G for the weight and input gradients: same bound as the NB kernel.
+    "nb_softmax_loglik_linear": 1e-10,
 }
 
 #: float32 kernels: allowed multiple of torch's own float32 error against float64.
@@ -44,6 +47,9 @@ F32_FACTOR = {
     # Elementwise float math with < 2 ulp exp/log polynomials, like torch's own
     # vectorised ones, and the KL summed over Z in float as torch does.
     "reparam_kl": 4.0,
+    # The NB kernel's factor; the GEMMs are torch's own (same calls as the reference),
+    # only the upstream scaling moves from the B x G gradient onto B x H tensors.
+    "nb_softmax_loglik_linear": 4.0,
 }
 
 #: float32 kernels: absolute floor on the norm-wise error (see module docstring).
@@ -51,6 +57,7 @@ F32_FLOOR = {
     "sparse_linear": 8 * F32_EPS,
     "nb_softmax_loglik": 8 * F32_EPS,
     "reparam_kl": 8 * F32_EPS,
+    "nb_softmax_loglik_linear": 8 * F32_EPS,
 }
 
 

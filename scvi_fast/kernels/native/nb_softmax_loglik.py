@@ -37,9 +37,9 @@ class NBSoftmaxLoglikFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, log_library, px_r, indptr, indices, values, eps):
         need_logits, need_lib, need_r = ctx.needs_input_grad[:3]
-        loglik, grad_logits, sum_a, grad_r = load().nb_softmax_loglik_forward(
+        loglik, grad_logits, sum_a, grad_r, _ = load().nb_softmax_loglik_forward(
             logits, log_library, px_r, indptr, indices, values, eps, None,
-            need_logits, need_lib, need_r,
+            need_logits, need_lib, need_r, None, False,
         )
         ctx.eps = eps
         ctx.lib_shape = log_library.shape
@@ -72,7 +72,7 @@ class NBSoftmaxLoglikFunction(torch.autograd.Function):
                 logits, log_library, px_r, indptr, indices, values = saved[3:]
                 d_r = load().nb_softmax_loglik_forward(
                     logits, log_library, px_r, indptr, indices, values, ctx.eps, g,
-                    False, False, True,
+                    False, False, True, None, False,
                 )[3]
         return d_logits, d_lib, d_r, None, None, None, None
 
