@@ -349,30 +349,48 @@ int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr
   return bad;
 }
 
+// One column chunk [h0, h0 + width) of dW for genes [g0, g1): dW[g, chunk] is summed in
+// registers over the gene's entries, reading row r's chunk of dy at src + r * ld.
 template <typename T>
-static void sl_bwd_tile(int64_t g0, int64_t g1, int64_t h0, int64_t H, const int64_t* colptr,
-                        const int32_t* rowid, const T* fval, const T* dy, T* dW,
+static void sl_bwd_tile(int64_t g0, int64_t g1, int64_t width, int64_t H, const int64_t* colptr,
+                        const int32_t* rowid, const T* fval, const T* src, int64_t ld, T* dW,
                         const T** scratch) {
   typedef typename Vec<T>::type V;
   constexpr int L = Vec<T>::L;
   constexpr int NV = kBwdVecs;
-  const int64_t width = min_<int64_t>(NV * L, H - h0);
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t k0 = colptr[g], k1 = colptr[g + 1];
     if (width < NV * L) {
-      for (int64_t k = k0; k < k1; ++k) scratch[k - k0] = dy + static_cast<int64_t>(rowid[k]) * H + h0;
-      gather_tail(dW + g * H + h0, width, static_cast<const T*>(nullptr),
+      for (int64_t k = k0; k < k1; ++k) scratch[k - k0] = src + static_cast<int64_t>(rowid[k]) * ld;
+      gather_tail(dW + g * H, width, static_cast<const T*>(nullptr),
                   static_cast<const T*>(nullptr), k1 - k0, fval + k0, scratch);
       continue;
     }
     V acc[NV];
     for (int v = 0; v < NV; ++v) acc[v] = V{} + T(0);
     for (int64_t k = k0; k < k1; ++k) {
-      const T* d = dy + static_cast<int64_t>(rowid[k]) * H + h0;
+      const T* d = src + static_cast<int64_t>(rowid[k]) * ld;
       const V fk = V{} + fval[k];
       for (int v = 0; v < NV; ++v) acc[v] += fk * vload<V>(d + v * L);
     }
-    for (int v = 0; v < NV; ++v) vstore(dW + g * H + h0 + v * L, acc[v]);
+    for (int v = 0; v < NV; ++v) vstore(dW + g * H + v * L, acc[v]);
+  }
+}
+
+// dy (B x H, row-major) copied chunk-major: chunk c (columns [c * cw, c * cw + w_c)) is a
+// contiguous B x w_c block at out + c * B * cw. Reading one chunk of every row of dy in
+// place strides by H floats, a power of two at the usual widths, so the rows' chunks all
+// land in a few cache sets and evict each other; the copy makes each chunk's slice one
+// contiguous array that stays in L2 while the gene loop reads it.
+template <typename T>
+static void chunk_major(int64_t B, int64_t H, int64_t cw, const T* dy, T* out, int nt) {
+  const int64_t n_chunks = (H + cw - 1) / cw;
+#pragma omp parallel for num_threads(nt) schedule(static) collapse(2) if (B * H > kMinParallel)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t h0 = c * cw, w = min_(cw, H - h0);
+      std::memcpy(out + c * B * cw + r * w, dy + r * H + h0, static_cast<size_t>(w) * sizeof(T));
+    }
   }
 }
 
@@ -382,6 +400,9 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
                             T* dW, int n_threads) {
   const int64_t nnz = indptr[B];
   int64_t bad = 0;
+  const int64_t chunk = kBwdVecs * Vec<T>::L;
+  T* dyc = H > chunk && nnz > 0 ? new T[static_cast<size_t>(B) * H] : nullptr;
+  if (dyc != nullptr) chunk_major(B, H, chunk, dy, dyc, n_threads);
   // Each thread owns a contiguous range of genes and transposes just the entries
   // of its genes (scanning all indices, which is cheap next to the H-wide work),
   // so threads never wait for each other and each dW row is written by one thread.
@@ -431,9 +452,11 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
       }
     }
     const T** scratch = new const T*[max_col > 0 ? max_col : 1];
-    const int64_t chunk = kBwdVecs * Vec<T>::L;
     for (int64_t h0 = 0; h0 < H; h0 += chunk) {
-      sl_bwd_tile<T>(0, ng, h0, H, colptr, rowid, fval, dy, dW + g0 * H, scratch);
+      const int64_t w = min_(chunk, H - h0);
+      const T* src = dyc != nullptr ? dyc + (h0 / chunk) * B * chunk : dy + h0;
+      sl_bwd_tile<T>(0, ng, w, H, colptr, rowid, fval, src, dyc != nullptr ? w : H,
+                     dW + g0 * H + h0, scratch);
     }
     delete[] scratch;
     delete[] fval;
@@ -441,6 +464,7 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
     delete[] fill;
     delete[] colptr;
   }
+  delete[] dyc;
   return bad;
 }
 
@@ -472,10 +496,14 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
 // ---------------------------------------------------------------------------
 
 static constexpr int64_t kBlock = 512;
+// Counts 1..kCountTable (most of the non-zeros of a count matrix) take their lgamma and
+// digamma differences from a per-gene table.
+static constexpr int kCountTable = 4;
 
 template <typename T, typename I, bool GRAD, bool THETA>
 static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, const T* c_theta,
                        const double* theta_d, const double* lgamma_t, const double* digamma_t,
+                       const double* small_lg, const double* small_dg,
                        double* theta_acc_all, double* col_acc_all, int64_t max_row) {
   const int64_t B = a.B, G = a.G;
   const T eps = static_cast<T>(a.eps);
@@ -547,7 +575,13 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
         const double m = scale_d * static_cast<double>(buf[g]);
         const double u = m + eps_d, tme = t + u, rinv = 1.0 / tme;
         double lgd, dgd = 0.0;
-        count_gamma_diff<THETA>(x, t, lgamma_t[g], THETA ? digamma_t[g] : 0.0, lgd, dgd);
+        const int64_t xi = static_cast<int64_t>(x);
+        if (x >= 1.0 && x <= kCountTable && x == static_cast<double>(xi)) {
+          lgd = small_lg[g * kCountTable + xi - 1];
+          if (THETA) dgd = small_dg[g * kCountTable + xi - 1];
+        } else {
+          count_gamma_diff<THETA>(x, t, lgamma_t[g], THETA ? digamma_t[g] : 0.0, lgd, dgd);
+        }
         // x (log(mu+eps) - log(theta+mu+eps)) with one log of the ratio.
         loss += x * std::log(u * rinv) + lgd - lgamma1p_count(x, table);
         if (GRAD) {
@@ -608,6 +642,11 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   double* theta_d = new double[G];
   double* lgamma_t = new double[G];
   double* digamma_t = want_theta ? new double[G] : nullptr;
+  // The count terms of the commonest counts, x = 1..kCountTable, per gene (the same
+  // count_gamma_diff calls the row loop would make, once per gene instead of once per entry).
+  double* small_lg = new double[static_cast<size_t>(G) * kCountTable];
+  double* small_dg = want_theta ? new double[static_cast<size_t>(G) * kCountTable] : nullptr;
+#pragma omp parallel for num_threads(nt) schedule(static) if (G > 2048)
   for (int64_t g = 0; g < G; ++g) {
     const T t = static_cast<T>(std::exp(static_cast<double>(a.px_r[g])));
     const double td = static_cast<double>(t);
@@ -619,6 +658,13 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
     c_theta[g] = static_cast<T>(td * (lte + td / (td + a.eps)));
     if (want_theta) lgamma_digamma_pos(td, lgamma_t[g], digamma_t[g]);
     else lgamma_t[g] = lgamma_pos(td);
+    for (int k = 0; k < kCountTable; ++k) {
+      double lg, dg = 0.0;
+      if (want_theta) count_gamma_diff<true>(k + 1.0, td, lgamma_t[g], digamma_t[g], lg, dg);
+      else count_gamma_diff<false>(k + 1.0, td, lgamma_t[g], 0.0, lg, dg);
+      small_lg[g * kCountTable + k] = lg;
+      if (want_theta) small_dg[g * kCountTable + k] = dg;
+    }
   }
   int64_t max_row = 0;
   for (int64_t r = 0; r < B; ++r) max_row = max_(max_row, a.indptr[r + 1] - a.indptr[r]);
@@ -628,10 +674,10 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   lgamma1p_table();  // build outside the parallel region
 
   int64_t bad;
-  if (grad && want_theta) bad = nb_rows<T, I, true, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
-  else if (grad) bad = nb_rows<T, I, true, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
-  else if (want_theta) bad = nb_rows<T, I, false, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
-  else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, acc, col, max_row);
+  if (grad && want_theta) bad = nb_rows<T, I, true, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, small_lg, small_dg, acc, col, max_row);
+  else if (grad) bad = nb_rows<T, I, true, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, small_lg, small_dg, acc, col, max_row);
+  else if (want_theta) bad = nb_rows<T, I, false, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, small_lg, small_dg, acc, col, max_row);
+  else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, small_lg, small_dg, acc, col, max_row);
 
   if (want_theta) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
@@ -651,6 +697,8 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   }
   delete[] col;
   delete[] acc;
+  delete[] small_dg;
+  delete[] small_lg;
   delete[] digamma_t;
   delete[] lgamma_t;
   delete[] theta_d;
