@@ -4,9 +4,10 @@
 op, so that the ``B x G`` tensors of the step (the logits and their gradient) are never
 handed to autograd:
 
-* forward: the logits are computed into a pooled buffer (``addmm(out=)``); the C++
+* forward: the logits are computed (float32: by oneDNN, see :mod:`scvi_fast.kernels._gemm`;
+  float64: ``addmm`` into a pooled buffer); the C++
   likelihood kernel writes ``d loglik_b / d logits_b`` into a second pooled buffer and also
-  returns its column sum; the logits buffer goes straight back to the pool.
+  returns its column sum; the logits are freed (or go back to the pool) straight away.
 * backward, upstream gradient ``g`` (B,): the logit gradient is ``diag(g) D`` with ``D``
   the buffer, and it is never formed. ``dh = diag(g) (D W)``, ``dW = D^T (diag(g) h)`` and
   ``db = D^T g`` (the stored column sum times ``g_0`` when ``g`` is uniform, as for a mean
@@ -23,21 +24,26 @@ from __future__ import annotations
 import torch
 
 from scvi_fast._native import load
+from scvi_fast.kernels import _gemm
 from scvi_fast.kernels._scratch import POOL
 from scvi_fast.reference import csr_parts
 
 
-def _logits_into(out: torch.Tensor, h, weight, bias) -> torch.Tensor:
+def _logits(h, weight, bias) -> tuple[torch.Tensor, bool]:
+    """``h @ weight.T + bias`` and whether the tensor is pooled scratch."""
+    if _gemm.onednn_available() and h.dtype == torch.float32:
+        return _gemm.linear(h, weight, bias), False
+    out = POOL.take((h.shape[0], weight.shape[0]), h.dtype, h.device)
     if bias is not None:
-        return torch.addmm(bias, h, weight.t(), out=out)
-    return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out), True
+    return torch.mm(h, weight.t(), out=out), True
 
 
 def _run(h, weight, bias, log_library, px_r, indptr, indices, values, eps, row_weight,
          need_logits, need_lib, need_r, need_colsum):
     """(loglik, grad buffer or None, sum_a, grad_px_r, colsum) with pooled scratch."""
     shape = (h.shape[0], weight.shape[0])
-    logits = _logits_into(POOL.take(shape, h.dtype, h.device), h, weight, bias)
+    logits, pooled = _logits(h, weight, bias)
     gbuf = POOL.take(shape, h.dtype, h.device) if need_logits else None
     try:
         loglik, _, sum_a, grad_r, colsum = load().nb_softmax_loglik_forward(
@@ -48,7 +54,9 @@ def _run(h, weight, bias, log_library, px_r, indptr, indices, values, eps, row_w
         POOL.give(gbuf)
         raise
     finally:
-        POOL.give(logits)
+        if pooled:
+            POOL.give(logits)
+        del logits
     return loglik, gbuf, sum_a, grad_r, colsum
 
 
@@ -95,9 +103,9 @@ class NBLinearLoglikFunction(torch.autograd.Function):
                 )
             gs = g[0] if uniform else g.unsqueeze(1)
             if need_h:
-                dh = torch.mm(gbuf, weight).mul_(gs)
+                dh = _gemm.mm(gbuf, weight).mul_(gs)
             if need_w:
-                dW = torch.mm(gbuf.t(), h * gs)
+                dW = _gemm.mm_t(gbuf, h * gs)
             if need_b:
                 db = colsum * g[0] if uniform else torch.mv(gbuf.t(), g)
             POOL.give(gbuf)
