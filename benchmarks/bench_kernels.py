@@ -17,7 +17,9 @@ Back-ends are just names in ``--impl``:
   only its elementwise part, see ``_compiled_reference``; skipped, with a note,
   where compilation fails, as for the sparse matmul);
 * ``dense`` (sparse_linear only): ``addmm`` of the same layer on the dense batch,
-  what an ``nn.Linear`` encoder does.
+  what an ``nn.Linear`` encoder does;
+* ``composed`` (nb_softmax_loglik_linear only): ``F.linear`` followed by the native
+  ``nb_softmax_loglik``, the unfused way to run the decoder output layer and likelihood.
 
 ``speedup_vs_reference`` is the eager reference's median over the row's median.
 """
@@ -59,7 +61,7 @@ COLUMNS = [
     "p90_ms",
     "speedup_vs_reference",
 ]
-OPS = ("sparse_linear", "nb_softmax_loglik", "reparam_kl")
+OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "reparam_kl")
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -169,6 +171,31 @@ def nb_case(impl, shape, density, device, gen) -> Case:
     return fwd, fwd_bwd
 
 
+def nb_linear_case(impl, shape, density, device, gen) -> Case:
+    """The decoder output layer (H -> G) and the likelihood, as in a training step."""
+    x, csr = make_counts(shape, density, device, gen)
+    h = torch.relu(torch.randn(shape.B, shape.H, generator=gen)).to(device).requires_grad_()
+    W = (torch.randn(shape.G, shape.H, generator=gen) / shape.H**0.5).to(device).requires_grad_()
+    b = torch.zeros(shape.G, device=device, requires_grad=True)
+    log_lib = torch.log(x.sum(1) + 1.0)
+    px_r = torch.randn(shape.G, generator=gen).to(device).requires_grad_()
+    if impl == "composed":
+        def fn(h, W, b, log_lib, px_r, csr):
+            logits = torch.nn.functional.linear(h, W, b)
+            return functional.nb_softmax_loglik(logits, log_lib, px_r, csr, impl="native")
+    else:
+        fn = _op_fn("nb_softmax_loglik_linear", impl)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(h, W, b, log_lib, px_r, csr)
+
+    def fwd_bwd():
+        fn(h, W, b, log_lib, px_r, csr).mean().backward()
+
+    return fwd, fwd_bwd
+
+
 def reparam_case(impl, shape, density, device, gen) -> Case:
     q_m = torch.randn(shape.B, shape.Z, generator=gen).to(device).requires_grad_()
     q_v_raw = torch.randn(shape.B, shape.Z, generator=gen).to(device).requires_grad_()
@@ -189,6 +216,7 @@ def reparam_case(impl, shape, density, device, gen) -> Case:
 CASES = {
     "sparse_linear": sparse_linear_case,
     "nb_softmax_loglik": nb_case,
+    "nb_softmax_loglik_linear": nb_linear_case,
     "reparam_kl": reparam_case,
 }
 
@@ -284,11 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     for op in args.ops:
         densities = args.densities if op != "reparam_kl" else [float("nan")]
         shape_s = (f"B={shape.B},Z={shape.Z}" if op == "reparam_kl"
-                   else f"B={shape.B},G={shape.G}" + (f",H={shape.H}" if op == "sparse_linear" else ""))
+                   else f"B={shape.B},G={shape.G}" + (f",H={shape.H}" if op in ("sparse_linear", "nb_softmax_loglik_linear") else ""))
         for density in densities:
             baseline: dict[str, float] = {}
             for impl in impls:
-                if impl == "dense" and op != "sparse_linear":
+                if (impl == "dense" and op != "sparse_linear") or (
+                    impl == "composed" and op != "nb_softmax_loglik_linear"
+                ):
                     continue
                 gen = torch.Generator().manual_seed(args.seed)
                 try:
