@@ -56,6 +56,9 @@ struct NbArgs {
   void reparam_kl_bwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw,              \
                       const T* noise, double var_eps, const T* dz, const T* dkl,         \
                       T* dq_m, T* dq_v_raw, int n_threads);                               \
+  template <typename T>                                                                  \
+  void dropout_apply(int64_t n, const T* x, uint64_t seed, uint32_t threshold,           \
+                     double scale, T* y, int n_threads);                                 \
   }
 
 SCVI_FAST_DECLARE_KERNELS(generic)

@@ -761,3 +761,41 @@ void reparam_kl_bwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw, const 
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// dropout
+//
+// y_i = x_i * scale where the keep-hash of (seed, i) is >= threshold, else 0. The hash is
+// a counter-based 32-bit mixer (two rounds of a lowbias32-style finaliser keyed by the
+// two halves of the seed), so the mask is a pure function of (seed, i): the backward
+// regenerates it instead of storing it, threads need no shared RNG state, and the loop
+// vectorises. P(keep) = 1 - threshold / 2^32.
+// ---------------------------------------------------------------------------
+
+static inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+template <typename T>
+void dropout_apply(int64_t n, const T* x, uint64_t seed, uint32_t threshold, double scale,
+                   T* y, int n_threads) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const T sc = static_cast<T>(scale);
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n > kMinParallel)
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t i0 = c * kChunk, i1 = min_(n, i0 + kChunk);
+    const uint32_t hi = mix32(static_cast<uint32_t>(static_cast<uint64_t>(i0) >> 32) ^ k1);
+#pragma omp simd
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ k0) + hi);
+      y[i] = h >= threshold ? x[i] * sc : T(0);
+    }
+  }
+}

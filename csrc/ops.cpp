@@ -335,6 +335,29 @@ std::vector<at::Tensor> reparam_kl_backward(const at::Tensor& q_m, const at::Ten
   return {dq_m, dq_v_raw};
 }
 
+// ---------------------------------------------------------------------------
+// dropout
+// ---------------------------------------------------------------------------
+
+// x * mask / (1 - p) with the mask a function of (seed, element index) (see
+// kernels_impl.h); the same call on the upstream gradient is the backward.
+at::Tensor dropout_apply_op(const at::Tensor& x, double p, int64_t seed) {
+  const char* op = "dropout";
+  check_tensor(x, op, "x");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64; got ", x.scalar_type());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1); got ", p);
+  const uint32_t threshold = static_cast<uint32_t>(p * 4294967296.0);
+  at::Tensor y = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dropout_apply", [&] {
+    using T = scalar_t;
+    auto fn = use_avx2() ? &avx2::dropout_apply<T> : &generic::dropout_apply<T>;
+    fn(x.numel(), x.data_ptr<T>(), static_cast<uint64_t>(seed), threshold, 1.0 / (1.0 - p),
+       y.data_ptr<T>(), n_threads());
+  });
+  return y;
+}
+
 }  // namespace
 }  // namespace scvi_fast
 
@@ -348,6 +371,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nb_softmax_loglik_forward", &nb_softmax_loglik_forward);
   m.def("reparam_kl_forward", &reparam_kl_forward);
   m.def("reparam_kl_backward", &reparam_kl_backward);
+  m.def("dropout_apply", &dropout_apply_op);
 #ifdef SCVI_FAST_SOURCE_HASH
   m.attr("SOURCE_HASH") = SCVI_FAST_SOURCE_HASH;
 #endif

@@ -84,11 +84,14 @@ class CovariateLinear(nn.Module):
 class DenseBlock(nn.Module):
     """``BatchNorm1d -> ReLU -> Dropout`` after a linear map (scvi-tools' FCLayers tail)."""
 
-    def __init__(self, n_out: int, dropout_rate: float = 0.0):
+    def __init__(self, n_out: int, dropout_rate: float = 0.0, impl: str = "auto"):
         super().__init__()
         self.norm = nn.BatchNorm1d(n_out, eps=BN_EPS, momentum=BN_MOMENTUM)
-        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else None
+        self.dropout_rate = dropout_rate
+        self.impl = impl
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.norm(y))
-        return self.dropout(y) if self.dropout is not None else y
+        if self.dropout_rate > 0:
+            y = F_ops.dropout(y, self.dropout_rate, self.training, impl=self.impl)
+        return y

@@ -57,7 +57,9 @@ class Encoder(nn.Module):
         self.linears = nn.ModuleList(
             [CovariateLinear(n_hidden, n_hidden) for _ in range(n_layers - 1)]
         )
-        self.blocks = nn.ModuleList([DenseBlock(n_hidden, dropout_rate) for _ in range(n_layers)])
+        self.blocks = nn.ModuleList(
+            [DenseBlock(n_hidden, dropout_rate, impl=impl) for _ in range(n_layers)]
+        )
         self.mean = nn.Linear(n_hidden, n_latent)
         self.var = nn.Linear(n_hidden, n_latent)
 
@@ -141,6 +143,8 @@ class VAE(nn.Module):
         F_ops._check_impl(value)
         self._impl = value
         self.encoder.first.impl = value
+        for block in self.encoder.blocks:
+            block.impl = value
 
     @property
     def has_covariates(self) -> bool:

@@ -7,12 +7,14 @@ package compiles nothing. Each op lives in its own module with its
 """
 
 from scvi_fast._native import is_available, load, unavailable_reason
+from scvi_fast.kernels.native.dropout import dropout
 from scvi_fast.kernels.native.nb_linear_loglik import nb_softmax_loglik_linear
 from scvi_fast.kernels.native.nb_softmax_loglik import nb_softmax_loglik
 from scvi_fast.kernels.native.reparam_kl import reparam_kl
 from scvi_fast.kernels.native.sparse_linear import sparse_linear
 
 __all__ = [
+    "dropout",
     "is_available",
     "load",
     "nb_softmax_loglik",
