@@ -146,9 +146,7 @@ def nb_softmax_loglik_linear(
         return backend("native").nb_softmax_loglik_linear(
             h, weight, bias, log_library, px_r, X_csr, eps
         )
-    logits = torch.nn.functional.linear(h, weight, bias)
-    if logits.dtype == torch.bfloat16:
-        logits = logits.float()
+    logits = reference.output_logits(h, weight, bias)
     return nb_softmax_loglik(logits, log_library, px_r, X_csr, eps, impl=which)
 
 

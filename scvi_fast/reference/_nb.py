@@ -74,7 +74,11 @@ def nb_softmax_loglik_linear(
     ``h`` is ``(B, H)``, ``weight`` ``(G, H)`` and ``bias`` ``(G,)`` or None, as in
     ``torch.nn.Linear``. Gradients flow to ``h``, ``weight``, ``bias`` and ``px_r``.
     """
+    return nb_softmax_loglik(output_logits(h, weight, bias), log_library, px_r, X_csr, eps)
+
+
+def output_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``h @ weight.T + bias``, in float32 when autocast ran the GEMM in bfloat16 (the
+    likelihood is always evaluated in float32 or better)."""
     logits = torch.nn.functional.linear(h, weight, bias)
-    if logits.dtype == torch.bfloat16:  # autocast: the likelihood is evaluated in fp32
-        logits = logits.float()
-    return nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
+    return logits.float() if logits.dtype == torch.bfloat16 else logits

@@ -26,7 +26,7 @@ import torch
 from scvi_fast._native import load
 from scvi_fast.kernels import _gemm
 from scvi_fast.kernels._scratch import POOL
-from scvi_fast.reference import csr_parts
+from scvi_fast.kernels.native.nb_softmax_loglik import kernel_args
 
 
 def _logits(h, weight, bias) -> tuple[torch.Tensor, bool]:
@@ -122,7 +122,6 @@ def nb_softmax_loglik_linear(
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """Native version of :func:`scvi_fast.reference.nb_softmax_loglik_linear` (same arguments)."""
-    indptr, indices, values = csr_parts(X_csr)
     dtype = h.dtype
     if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
         raise TypeError(
@@ -134,16 +133,9 @@ def nb_softmax_loglik_linear(
             f"nb_softmax_loglik_linear: h must be (B, H) and weight (G, H); got {tuple(h.shape)} "
             f"and {tuple(weight.shape)}"
         )
-    if indices.dtype not in (torch.int32, torch.int64):
-        indices = indices.to(torch.int64)
     return NBLinearLoglikFunction.apply(
         h.contiguous(),
         weight.contiguous(),
         bias.contiguous() if bias is not None else None,
-        log_library.to(dtype).reshape(-1).contiguous(),
-        px_r.to(dtype).contiguous(),
-        indptr.to(torch.int64).contiguous(),
-        indices.contiguous(),
-        values.to(dtype).contiguous(),
-        float(eps),
+        *kernel_args(log_library, px_r, X_csr, eps, dtype),
     )

@@ -90,12 +90,18 @@ def nb_softmax_loglik(
     integers up to 2^24 in float32); the non-zero terms are evaluated in double.
     Stored indices must be unique within a row (canonical CSR).
     """
+    return NBSoftmaxLoglikFunction.apply(
+        logits.contiguous(), *kernel_args(log_library, px_r, X_csr, eps, logits.dtype)
+    )
+
+
+def kernel_args(log_library, px_r, X_csr, eps, dtype) -> tuple:
+    """``(log_library, px_r, indptr, indices, values, eps)`` as the C++ kernel takes them:
+    contiguous, floats in ``dtype``, ``indptr`` int64, ``indices`` int32 or int64."""
     indptr, indices, values = csr_parts(X_csr)
-    dtype = logits.dtype
     if indices.dtype not in (torch.int32, torch.int64):
         indices = indices.to(torch.int64)
-    return NBSoftmaxLoglikFunction.apply(
-        logits.contiguous(),
+    return (
         log_library.to(dtype).reshape(-1).contiguous(),
         px_r.to(dtype).contiguous(),
         indptr.to(torch.int64).contiguous(),
