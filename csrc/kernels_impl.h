@@ -199,8 +199,12 @@ static inline void count_gamma_diff(double x, double t, double lg_t, double dg_t
 //
 // Both are memory-bound gathers of H-vectors (2 KB per stored value at H = 512
 // in float32), so the loop orders are chosen for cache reuse:
-// * forward, per block of rows: entries transposed by gene, W read once per
-//   block in gene order, the block's output rows kept in L2 (sl_fwd_block);
+// * forward, per block of rows whose indices are sorted (canonical CSR): W swept
+//   in L2-sized tiles of genes, each row summing its entries of the tile into a
+//   register chunk of the output, so the output row is touched once per tile,
+//   not once per stored value (sl_fwd_block_sorted);
+// * forward, any other block: entries transposed by gene, W read once per block
+//   in gene order, the block's output rows kept in L2 (sl_fwd_block);
 // * backward, over a transposed copy of the whole batch (a parallel counting
 //   sort): tasks own a column chunk of kBwdVecs vectors of dW, keep it in
 //   registers while summing a gene's entries, and sweep genes, so the chunk's
@@ -242,6 +246,7 @@ static inline void vstore(T* p, V v) {
 #endif
 static constexpr int kBwdVecs = SCVI_FAST_BWD_VECS;  // backward chunk: 64 floats / 32 doubles
 static constexpr int64_t kFwdRows = 256;             // forward row block: 512 KB of output at H = 512
+static constexpr int64_t kFwdRowsSorted = 512;       // row block of the sorted-row forward
 
 // out[0:n] = sum_k f[k] * src[k][0:n] (+ init), for the ragged right edge of H
 // (a column chunk narrower than kBwdVecs vectors).
@@ -260,16 +265,10 @@ static inline void gather_tail(T* out, int64_t n, const T* init0, const T* init1
   for (int64_t h = 0; h < n; ++h) out[h] = acc[h];
 }
 
-// Forward, one block of rows: transpose the block's entries by gene (counting
-// sort), then walk the genes in order, so W is read once per block, front to
-// back, while the block's output rows (kFwdRows x H) stay in L2 and take the
-// axpys. Row-major order would instead fetch a random 2 KB row of W from memory
-// for every stored value.
-template <typename T, typename I>
-static int64_t sl_fwd_block(int64_t r0, int64_t r1, int64_t G, int64_t H, const int64_t* indptr,
-                            const I* indices, const T* values, int transform, const T* W,
-                            const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
-                            int64_t* cnt, int32_t* rid, T* fv) {
+// y_r = b + W_cov[cov_r] for rows [r0, r1); returns the number of covariate codes out of range.
+template <typename T>
+static int64_t sl_fwd_init_rows(int64_t r0, int64_t r1, int64_t H, const T* b, const int64_t* cov,
+                                int64_t K, const T* W_cov, T* y) {
   int64_t bad = 0;
   for (int64_t r = r0; r < r1; ++r) {
     T* __restrict yr = y + r * H;
@@ -282,6 +281,20 @@ static int64_t sl_fwd_block(int64_t r0, int64_t r1, int64_t G, int64_t H, const 
       yr[h] = (b != nullptr ? b[h] : T(0)) + (wc != nullptr ? wc[h] : T(0));
     }
   }
+  return bad;
+}
+
+// Forward, one block of rows: transpose the block's entries by gene (counting
+// sort), then walk the genes in order, so W is read once per block, front to
+// back, while the block's output rows (kFwdRows x H) stay in L2 and take the
+// axpys. Row-major order would instead fetch a random 2 KB row of W from memory
+// for every stored value.
+template <typename T, typename I>
+static int64_t sl_fwd_block(int64_t r0, int64_t r1, int64_t G, int64_t H, const int64_t* indptr,
+                            const I* indices, const T* values, int transform, const T* W,
+                            const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
+                            int64_t* cnt, int32_t* rid, T* fv) {
+  int64_t bad = sl_fwd_init_rows<T>(r0, r1, H, b, cov, K, W_cov, y);
   for (int64_t g = 0; g <= G; ++g) cnt[g] = 0;
   for (int64_t j = indptr[r0]; j < indptr[r1]; ++j) {
     const int64_t g = static_cast<int64_t>(indices[j]);
@@ -318,14 +331,97 @@ static int64_t sl_fwd_block(int64_t r0, int64_t r1, int64_t G, int64_t H, const 
   return bad;
 }
 
+// Forward, one block of rows whose indices are sorted within each row (the
+// canonical CSR that stores and AnnData hold): genes are swept in tiles of
+// fwd_tile_genes(H) rows of W (a tile stays in L2); within a tile each row
+// accumulates its entries into a 64-float / 32-double chunk held in registers,
+// chunk by chunk across H, so the output row is read and written once per tile
+// rather than once per stored value, and W comes from L2. A cursor per row
+// remembers where the row's entries of the next tile begin.
+template <typename T>
+static inline int64_t fwd_tile_genes(int64_t H) {
+  const int64_t bytes = 192 * 1024;  // with the block's output rows streaming beside it
+  return max_<int64_t>(8, bytes / max_<int64_t>(1, H * static_cast<int64_t>(sizeof(T))));
+}
+
+template <typename T, typename I>
+static bool sl_rows_sorted(int64_t r0, int64_t r1, int64_t G, const int64_t* indptr,
+                           const I* indices) {
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t prev = 0;
+    for (int64_t j = indptr[r]; j < indptr[r + 1]; ++j) {
+      const int64_t g = static_cast<int64_t>(indices[j]);
+      if (g < prev || g >= G) return false;
+      prev = g;
+    }
+  }
+  return true;
+}
+
+template <typename T, typename I>
+static void sl_fwd_block_sorted(int64_t r0, int64_t r1, int64_t G, int64_t H,
+                                const int64_t* indptr, const I* indices, const T* values,
+                                int transform, const T* W, T* y, int64_t* cur, T* fv) {
+  typedef typename Vec<T>::type V;
+  constexpr int L = Vec<T>::L;
+  constexpr int NV = kBwdVecs;
+  constexpr int64_t CW = NV * L;
+  const int64_t base = indptr[r0];
+  const int64_t nnz = indptr[r1] - base;
+  for (int64_t c0 = 0; c0 < nnz; c0 += 4096) {
+    transform_values(values + base + c0, min_<int64_t>(4096, nnz - c0), transform, fv + c0);
+  }
+  for (int64_t r = r0; r < r1; ++r) cur[r - r0] = indptr[r];
+  const int64_t tile = fwd_tile_genes<T>(H);
+  for (int64_t t0 = 0; t0 < G; t0 += tile) {
+    const int64_t t1 = min_(G, t0 + tile);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t j0 = cur[r - r0], p1 = indptr[r + 1];
+      int64_t j1 = j0;
+      while (j1 < p1 && static_cast<int64_t>(indices[j1]) < t1) ++j1;
+      cur[r - r0] = j1;
+      if (j1 == j0) continue;
+      T* __restrict yr = y + r * H;
+      const I* idx = indices + j0;
+      const T* f = fv + (j0 - base);
+      const int64_t n = j1 - j0;
+      int64_t h0 = 0;
+      for (; h0 + CW <= H; h0 += CW) {
+        V acc[NV];
+        for (int v = 0; v < NV; ++v) acc[v] = vload<V>(yr + h0 + v * L);
+        const T* w0 = W + h0;
+        for (int64_t k = 0; k < n; ++k) {
+          const T* w = w0 + static_cast<int64_t>(idx[k]) * H;
+          const V fk = V{} + f[k];
+          for (int v = 0; v < NV; ++v) acc[v] += fk * vload<V>(w + v * L);
+        }
+        for (int v = 0; v < NV; ++v) vstore(yr + h0 + v * L, acc[v]);
+      }
+      if (h0 < H) {  // ragged right edge, narrower than one register chunk
+        const int64_t tw = H - h0;
+        T acc[CW];
+        for (int64_t h = 0; h < tw; ++h) acc[h] = yr[h0 + h];
+        for (int64_t k = 0; k < n; ++k) {
+          const T* w = W + static_cast<int64_t>(idx[k]) * H + h0;
+          const T fk = f[k];
+          for (int64_t h = 0; h < tw; ++h) acc[h] += fk * w[h];
+        }
+        for (int64_t h = 0; h < tw; ++h) yr[h0 + h] = acc[h];
+      }
+    }
+  }
+}
+
 template <typename T, typename I>
 int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr,
                           const I* indices, const T* values, int transform, const T* W,
                           const T* b, const int64_t* cov, int64_t K, const T* W_cov, T* y,
                           int n_threads) {
   const int nt = n_threads > 0 ? n_threads : 1;
-  // Blocks of at most kFwdRows rows (their outputs fit in L2), at least one per thread.
-  const int64_t rows = max_<int64_t>(1, min_<int64_t>(kFwdRows, (B + nt - 1) / nt));
+  // Blocks of at most kFwdRowsSorted rows, at least one per thread. A block whose rows
+  // are not all sorted (or hold an index out of range) goes through the transposing
+  // kernel in sub-blocks of kFwdRows rows, whose outputs fit in L2.
+  const int64_t rows = max_<int64_t>(1, min_<int64_t>(kFwdRowsSorted, (B + nt - 1) / nt));
   const int64_t n_blocks = (B + rows - 1) / rows;
   int64_t max_nnz = 0;
   for (int64_t i = 0; i < n_blocks; ++i) {
@@ -334,13 +430,22 @@ int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr
   int64_t bad = 0;
 #pragma omp parallel num_threads(nt) reduction(+ : bad) if (n_blocks > 1)
   {
-    int64_t* cnt = new int64_t[G + 1];
+    int64_t* cnt = new int64_t[max_(G, rows) + 1];
     int32_t* rid = new int32_t[max_nnz > 0 ? max_nnz : 1];
     T* fv = new T[max_nnz > 0 ? max_nnz : 1];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_blocks; ++i) {
-      bad += sl_fwd_block<T, I>(i * rows, min_(B, (i + 1) * rows), G, H, indptr, indices, values,
-                                transform, W, b, cov, K, W_cov, y, cnt, rid, fv);
+      const int64_t r0 = i * rows, r1 = min_(B, (i + 1) * rows);
+      if (sl_rows_sorted<T, I>(r0, r1, G, indptr, indices)) {
+        bad += sl_fwd_init_rows<T>(r0, r1, H, b, cov, K, W_cov, y);
+        sl_fwd_block_sorted<T, I>(r0, r1, G, H, indptr, indices, values, transform, W, y, cnt,
+                                  fv);
+        continue;
+      }
+      for (int64_t s0 = r0; s0 < r1; s0 += kFwdRows) {
+        bad += sl_fwd_block<T, I>(s0, min_(r1, s0 + kFwdRows), G, H, indptr, indices, values,
+                                  transform, W, b, cov, K, W_cov, y, cnt, rid, fv);
+      }
     }
     delete[] fv;
     delete[] rid;

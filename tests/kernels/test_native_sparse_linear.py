@@ -37,12 +37,16 @@ def _check(x, H, K, transform, gen, index_dtype=torch.int64, bias=True):
     Inputs are drawn in float32 and upcast exactly, so one float64 reference run is
     the truth for both precisions.
     """
-    B, G = x.shape
+    return _check_csr(csr_of(x, torch.float64, index_dtype), x.shape, H, K, transform, gen, bias)
+
+
+def _check_csr(csr64, shape, H, K, transform, gen, bias=True):
+    """:func:`_check` on given float64 CSR arrays (any entry order, duplicates allowed)."""
+    B, G = shape
     cov = torch.randint(0, K, (B,), generator=gen) if K else None
     p32, p64 = _params(G, H, K, gen, bias)
     dy32 = torch.randn(B, H, generator=gen)
     dy64 = dy32.double()
-    csr64 = csr_of(x, torch.float64, index_dtype)
     csr32 = (csr64[0], csr64[1], csr64[2].float())
     names = ["y", "dW"] + (["db"] if bias else []) + (["dW_cov"] if K else [])
 
@@ -78,6 +82,29 @@ def test_odd_shapes(B, G, H, density, transform, gen, isa):
     got = _check(x, H, K=4, transform=transform, gen=gen)
     if G > 1 and B > 0:
         assert (got[1][1] == 0).all(), "dW of a gene never observed must be exactly zero"
+
+
+# The forward takes a fast path for blocks of rows whose indices are sorted
+# (non-decreasing); these cover the other path, both paths in one batch, several
+# gene tiles with a ragged right edge of H, and repeated indices (which add).
+@pytest.mark.parametrize("B,G,H", [(700, 3000, 700), (1100, 500, 64), (9, 40, 5)])
+@pytest.mark.parametrize("layout", ["unsorted_rows", "duplicates", "sorted"])
+def test_entry_order_and_duplicates(B, G, H, layout, gen, isa):
+    x = random_counts(B, G, 0.05, gen, max_count=50)
+    indptr, indices, values = csr_of(x, torch.float64)
+    if layout != "sorted":
+        rows = torch.arange(B)[torch.rand(B, generator=gen) < 0.3]  # some rows, some blocks
+        indices, values = indices.clone(), values.clone()
+        for r in rows.tolist():
+            a, b = int(indptr[r]), int(indptr[r + 1])
+            if b - a < 2:
+                continue
+            if layout == "unsorted_rows":
+                p = torch.randperm(b - a, generator=gen) + a
+                indices[a:b], values[a:b] = indices[p], values[p]
+            else:  # every entry's gene repeated as its neighbour's: a sorted row with repeats
+                indices[a + 1:b:2] = indices[a:b - 1:2]
+    _check_csr((indptr, indices, values), (B, G), H, K=3, transform="log1p", gen=gen)
 
 
 def test_empty_batch(native_ext):
