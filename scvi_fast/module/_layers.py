@@ -81,6 +81,60 @@ class CovariateLinear(nn.Module):
         return y
 
 
+class OutputLinear(nn.Module):
+    """``nn.Linear(n_in, n_out)`` whose ``(n_out, n_in)`` weight is stored column-major.
+
+    The parameter is ``weight_t``, an ``(n_in, n_out)`` row-major array; ``weight`` is its
+    transposed view, and ``state_dict`` / ``load_state_dict`` speak of ``weight`` with
+    ``nn.Linear``'s shape, so checkpoints are unchanged. Reason: for the decoder's
+    ``H -> G`` output layer the weight gradient ``D^T h`` comes out of the CPU GEMM fastest
+    as ``(H, G)``; with a row-major parameter autograd would copy it into ``(G, H)`` order
+    (a 4M-element transposing copy per step), and the fused Adam update would copy a
+    strided parameter again. Initialised exactly like ``nn.Linear``.
+    """
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        w = torch.empty(n_out, n_in)
+        self.bias = nn.Parameter(torch.empty(n_out))
+        _linear_init_(w, self.bias, n_in)  # drawn in nn.Linear's order: same values per seed
+        self.weight_t = nn.Parameter(w.t().contiguous())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``(n_out, n_in)``, a transposed view of ``weight_t``."""
+        return self.weight_t.t()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(h, self.weight, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        w = destination.pop(prefix + "weight_t")
+        destination[prefix + "weight"] = w.t().contiguous() if not keep_vars else w.t()
+        destination.move_to_end(prefix + "bias")  # nn.Linear's key order
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        mine = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if prefix + "weight" in mine:
+            w = mine.pop(prefix + "weight")
+            if w.dim() == 2 and w.shape == (self.n_out, self.n_in):
+                w = w.t()
+            else:  # keep the shape error in nn.Linear's terms
+                error_msgs.append(
+                    f"size mismatch for {prefix}weight: copying a param with shape "
+                    f"{tuple(w.shape)}, the shape in current model is ({self.n_out}, {self.n_in})."
+                )
+                w = self.weight_t
+            mine[prefix + "weight_t"] = w
+        super()._load_from_state_dict(mine, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        missing_keys[:] = [prefix + "weight" if k == prefix + "weight_t" else k
+                           for k in missing_keys]
+
+
 class DenseBlock(nn.Module):
     """``BatchNorm1d -> ReLU -> Dropout`` after a linear map (scvi-tools' FCLayers tail)."""
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from scvi_fast import functional as F_ops
-from scvi_fast.module._layers import CovariateLinear, DenseBlock, SparseInputLinear
+from scvi_fast.module._layers import CovariateLinear, DenseBlock, OutputLinear, SparseInputLinear
 
 
 def kl_weight(
@@ -80,7 +80,7 @@ class Decoder(nn.Module):
             [CovariateLinear(dims[i], dims[i + 1], n_cov) for i in range(n_layers)]
         )
         self.blocks = nn.ModuleList([DenseBlock(n_hidden, 0.0) for _ in range(n_layers)])
-        self.scale = nn.Linear(n_hidden, n_output)
+        self.scale = OutputLinear(n_hidden, n_output)  # column-major weight, see there
 
     def hidden(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
         """The last hidden layer, the input of the output layer ``scale``."""

@@ -133,9 +133,11 @@ def nb_softmax_loglik_linear(
             f"nb_softmax_loglik_linear: h must be (B, H) and weight (G, H); got {tuple(h.shape)} "
             f"and {tuple(weight.shape)}"
         )
+    if not (weight.is_contiguous() or weight.t().is_contiguous()):
+        weight = weight.contiguous()  # row- or column-major (the decoder's) are read in place
     return NBLinearLoglikFunction.apply(
         h.contiguous(),
-        weight.contiguous(),
+        weight,
         bias.contiguous() if bias is not None else None,
         *kernel_args(log_library, px_r, X_csr, eps, dtype),
     )

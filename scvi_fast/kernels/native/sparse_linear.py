@@ -2,9 +2,11 @@
 
 Forward (C++): each stored value adds ``f(v) * W[gene, :]``, a contiguous
 H-vector, to its row, with ``f`` applied on the fly: 2·nnz·H instead of
-2·B·G·H for the dense layer. The rows are cut into blocks whose outputs fit in
-L2; each block's entries are transposed by gene so that W is read once per
-block, in order, instead of one random 2 KB row of W per stored value.
+2·B·G·H for the dense layer. W is swept in tiles of genes that fit in L2; each
+row sums its entries of a tile into a register chunk of its output, so an output
+row is read and written once per tile rather than once per stored value. Rows
+whose indices are not sorted take a second kernel that transposes a block's
+entries by gene and reads W once per block, in order.
 
 Backward (no gradient to the data): ``dW = f(X)^T dy`` (C++: each thread owns a
 range of genes, transposes their entries and sums them per gene with the dW
