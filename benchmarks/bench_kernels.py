@@ -175,7 +175,9 @@ def nb_linear_case(impl, shape, density, device, gen) -> Case:
     """The decoder output layer (H -> G) and the likelihood, as in a training step."""
     x, csr = make_counts(shape, density, device, gen)
     h = torch.relu(torch.randn(shape.B, shape.H, generator=gen)).to(device).requires_grad_()
-    W = (torch.randn(shape.G, shape.H, generator=gen) / shape.H**0.5).to(device).requires_grad_()
+    # the decoder's layout (module._layers.OutputLinear): the (G, H) weight stored column-major
+    W_t = (torch.randn(shape.G, shape.H, generator=gen) / shape.H**0.5).t().contiguous()
+    W_t = W_t.to(device).requires_grad_()
     b = torch.zeros(shape.G, device=device, requires_grad=True)
     log_lib = torch.log(x.sum(1) + 1.0)
     px_r = torch.randn(shape.G, generator=gen).to(device).requires_grad_()
@@ -188,10 +190,10 @@ def nb_linear_case(impl, shape, density, device, gen) -> Case:
 
     def fwd():
         with torch.no_grad():
-            return fn(h, W, b, log_lib, px_r, csr)
+            return fn(h, W_t.t(), b, log_lib, px_r, csr)
 
     def fwd_bwd():
-        fn(h, W, b, log_lib, px_r, csr).mean().backward()
+        fn(h, W_t.t(), b, log_lib, px_r, csr).mean().backward()
 
     return fwd, fwd_bwd
 
