@@ -630,7 +630,7 @@ class SCVI:
         pos = 0
         for mb in loader:
             x = mb.to(self.device, non_blocking=True)
-            q_m, q_v = self.module.encode(x)
+            q_m, q_v = self.module.encode(x, need_var=return_dist or not give_mean)
             z = q_m if give_mean or return_dist else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
             k = z.shape[0]
             result[pos : pos + k] = z.cpu().numpy()
@@ -655,7 +655,7 @@ class SCVI:
         self.module.to(self.device).eval()
 
         def latent(x):
-            q_m, q_v = self.module.encode(x)
+            q_m, q_v = self.module.encode(x, need_var=return_dist or not give_mean)
             if return_dist:
                 return torch.cat([q_m, q_v], dim=1)
             return q_m if give_mean else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)

@@ -63,11 +63,11 @@ class Encoder(nn.Module):
         self.mean = nn.Linear(n_hidden, n_latent)
         self.var = nn.Linear(n_hidden, n_latent)
 
-    def forward(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, need_var: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = self.blocks[0](self.first(x))
         for linear, block in zip(self.linears, self.blocks[1:]):
             h = block(linear(h))
-        return self.mean(h), self.var(h)
+        return self.mean(h), (self.var(h) if need_var else None)
 
 
 class Decoder(nn.Module):
@@ -158,10 +158,13 @@ class VAE(nn.Module):
         return batch.reshape(-1).to(device=device, dtype=torch.int64)
 
     # ---- inference -------------------------------------------------------------
-    def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and variance ``(q_m, q_v)`` only: the encoder, no sampling, no KL."""
-        q_m, q_v_raw = self.encoder(x)
-        return q_m.float(), torch.exp(q_v_raw.float()) + 1e-4
+    def encode(self, x, need_var: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Posterior mean and variance ``(q_m, q_v)`` only: the encoder, no sampling, no KL.
+
+        With ``need_var=False`` the variance head is skipped and ``q_v`` is None.
+        """
+        q_m, q_v_raw = self.encoder(x, need_var)
+        return q_m.float(), (torch.exp(q_v_raw.float()) + 1e-4 if need_var else None)
 
     def inference(self, x, n_samples: int = 1, give_mean: bool = False, eps_noise=None) -> dict:
         """Encode a CSR minibatch.

@@ -177,6 +177,11 @@ def test_latent_and_normalized_expression(adata):
     m, v = model.get_latent_representation(return_dist=True)
     np.testing.assert_allclose(m, z, rtol=1e-6)
     assert (v > 0).all()
+    # a posterior sample: standardised by (m, v) it is N(0, 1) (n_obs x 5 draws)
+    torch.manual_seed(1)
+    zs = model.get_latent_representation(give_mean=False)
+    std = float(((zs - m) / np.sqrt(v)).std())
+    assert zs.size >= 500 and 0.85 < std < 1.15, std
 
     torch.manual_seed(0)
     expr = model.get_normalized_expression()
