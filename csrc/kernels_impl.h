@@ -499,76 +499,94 @@ static void chunk_major(int64_t B, int64_t H, int64_t cw, const T* dy, T* out, i
   }
 }
 
+// First index k in [lo, hi] with off[k] >= target (off non-decreasing): splits rows or
+// genes into ranges of about equal numbers of entries.
+static inline int64_t lower_bound_off(const int64_t* off, int64_t lo, int64_t hi, int64_t target) {
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (off[mid] < target) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
 template <typename T, typename I>
 int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indptr,
                             const I* indices, const T* values, int transform, const T* dy,
                             T* dW, int n_threads) {
   const int64_t nnz = indptr[B];
+  const int nt = n_threads > 0 ? n_threads : 1;
   int64_t bad = 0;
   const int64_t chunk = kBwdVecs * Vec<T>::L;
   T* dyc = H > chunk && nnz > 0 ? new T[static_cast<size_t>(B) * H] : nullptr;
   if (dyc != nullptr) chunk_major(B, H, chunk, dy, dyc, n_threads);
-  // Each thread owns a contiguous range of genes and transposes just the entries
-  // of its genes (scanning all indices, which is cheap next to the H-wide work),
-  // so threads never wait for each other and each dW row is written by one thread.
-  // Entries of a gene stay in row order.
-#pragma omp parallel num_threads(n_threads) reduction(+ : bad) if (nnz * H > kMinParallel)
+  // The batch's entries transposed by gene (a parallel counting sort: each thread counts
+  // and then places the entries of its own rows, so every entry is read once), then each
+  // thread sums a range of genes, so every dW row is written once, by one thread, without
+  // races. Entries of a gene stay in row order, so the sums do not depend on the threads.
+  int64_t* colptr = new int64_t[G + 1];
+  int64_t* cnt = new int64_t[static_cast<size_t>(nt) * (G > 0 ? G : 1)];
+  int32_t* rowid = new int32_t[nnz > 0 ? nnz : 1];
+  T* fval = new T[nnz > 0 ? nnz : 1];
+#pragma omp parallel num_threads(nt) reduction(+ : bad) if (nnz * H > kMinParallel)
   {
     const int tid = omp_get_thread_num();
     const int nth = omp_get_num_threads();
-    int64_t g0, g1;
-    thread_range(G, tid, nth, g0, g1);
-    const int64_t ng = g1 - g0;
-    int64_t* colptr = new int64_t[ng + 1]();
-    for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t r0 = lower_bound_off(indptr, 0, B, nnz * tid / nth);
+    const int64_t r1 = tid + 1 == nth ? B : lower_bound_off(indptr, 0, B, nnz * (tid + 1) / nth);
+    int64_t* mine = cnt + static_cast<size_t>(tid) * G;
+    for (int64_t g = 0; g < G; ++g) mine[g] = 0;
+    for (int64_t j = indptr[r0]; j < indptr[r1]; ++j) {
       const int64_t g = static_cast<int64_t>(indices[j]);
-      if (g >= g0 && g < g1) ++colptr[g - g0 + 1];
-      else if (tid == 0 && (g < 0 || g >= G)) ++bad;
+      if (g >= 0 && g < G) ++mine[g]; else ++bad;
     }
-    for (int64_t g = 0; g < ng; ++g) colptr[g + 1] += colptr[g];
-    const int64_t mine = colptr[ng];
-    int64_t* fill = new int64_t[ng > 0 ? ng : 1];
-    int64_t max_col = 0;
-    for (int64_t g = 0; g < ng; ++g) {
-      fill[g] = colptr[g];
-      max_col = max_(max_col, colptr[g + 1] - colptr[g]);
-    }
-    int32_t* rowid = new int32_t[mine > 0 ? mine : 1];
-    T* fval = new T[mine > 0 ? mine : 1];
+#pragma omp barrier
+#pragma omp single
+    {
+      int64_t run = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        colptr[g] = run;
+        for (int t = 0; t < nth; ++t) {
+          const int64_t c = cnt[static_cast<size_t>(t) * G + g];
+          cnt[static_cast<size_t>(t) * G + g] = run;
+          run += c;
+        }
+      }
+      colptr[G] = run;
+    }  // implicit barrier: mine[g] is now where this thread's entries of gene g go
     T fbuf[256];
-    for (int64_t r = 0; r < B; ++r) {
+    for (int64_t r = r0; r < r1; ++r) {
       const int64_t p1 = indptr[r + 1];
       for (int64_t c0 = indptr[r]; c0 < p1; c0 += 256) {
         const int64_t n = min_<int64_t>(256, p1 - c0);
-        int64_t any = 0;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t g = static_cast<int64_t>(indices[c0 + j]);
-          any += (g >= g0 && g < g1) ? 1 : 0;
-        }
-        if (any == 0) continue;
         transform_values(values + c0, n, transform, fbuf);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t g = static_cast<int64_t>(indices[c0 + j]);
-          if (g < g0 || g >= g1) continue;
-          const int64_t at = fill[g - g0]++;
+          if (g < 0 || g >= G) continue;
+          const int64_t at = mine[g]++;
           rowid[at] = static_cast<int32_t>(r);
           fval[at] = fbuf[j];
         }
       }
     }
+#pragma omp barrier
+    const int64_t placed = colptr[G];
+    const int64_t g0 = lower_bound_off(colptr, 0, G, placed * tid / nth);
+    const int64_t g1 = tid + 1 == nth ? G : lower_bound_off(colptr, 0, G, placed * (tid + 1) / nth);
+    int64_t max_col = 0;
+    for (int64_t g = g0; g < g1; ++g) max_col = max_(max_col, colptr[g + 1] - colptr[g]);
     const T** scratch = new const T*[max_col > 0 ? max_col : 1];
     for (int64_t h0 = 0; h0 < H; h0 += chunk) {
       const int64_t w = min_(chunk, H - h0);
       const T* src = dyc != nullptr ? dyc + (h0 / chunk) * B * chunk : dy + h0;
-      sl_bwd_tile<T>(0, ng, w, H, colptr, rowid, fval, src, dyc != nullptr ? w : H,
-                     dW + g0 * H + h0, scratch);
+      sl_bwd_tile<T>(g0, g1, w, H, colptr, rowid, fval, src, dyc != nullptr ? w : H, dW + h0,
+                     scratch);
     }
     delete[] scratch;
-    delete[] fval;
-    delete[] rowid;
-    delete[] fill;
-    delete[] colptr;
   }
+  delete[] fval;
+  delete[] rowid;
+  delete[] cnt;
+  delete[] colptr;
   delete[] dyc;
   return bad;
 }

@@ -107,6 +107,30 @@ def test_entry_order_and_duplicates(B, G, H, layout, gen, isa):
     _check_csr((indptr, indices, values), (B, G), H, K=3, transform="log1p", gen=gen)
 
 
+@pytest.mark.parametrize("n_threads", [1, 3, 5])
+def test_thread_counts_give_identical_results(n_threads, gen, native_ext):
+    """Rows and genes are split between threads by entry counts; any split gives the
+    same sums (each gene's entries are summed in row order by one thread)."""
+    x = random_counts(301, 700, 0.08, gen, max_count=40, empty_rows=(5, 6))
+    x[:, :20] *= 0  # a run of genes never observed
+    indptr, indices, values = csr_of(x, torch.float32)
+    W = torch.randn(700, 70, generator=gen, requires_grad=True)
+    dy = torch.randn(301, 70, generator=gen)
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for nt in (1, n_threads):
+            torch.set_num_threads(nt)
+            y = native.sparse_linear(indptr, indices, values, W, None)
+            (dW,) = torch.autograd.grad(y, [W], dy)
+            outs.append((y, dW))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (outs[1][1][:20] == 0).all()
+
+
 def test_empty_batch(native_ext):
     W = torch.randn(17, 8, requires_grad=True)
     b = torch.randn(8, requires_grad=True)

@@ -8,9 +8,10 @@ row is read and written once per tile rather than once per stored value. Rows
 whose indices are not sorted take a second kernel that transposes a block's
 entries by gene and reads W once per block, in order.
 
-Backward (no gradient to the data): ``dW = f(X)^T dy`` (C++: each thread owns a
-range of genes, transposes their entries and sums them per gene with the dW
-chunk in registers, so every dW row is written once, without races),
+Backward (no gradient to the data): ``dW = f(X)^T dy`` (C++: the entries are
+transposed by gene with a parallel counting sort, then each thread sums a range of
+genes with the dW chunk in registers, so every dW row is written once, without
+races; rows and genes are split between threads by their numbers of entries),
 ``db = dy.sum(0)`` and ``dW_cov = index_add(dy by cov)``; only those that
 ``ctx.needs_input_grad`` asks for.
 """
