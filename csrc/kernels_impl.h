@@ -284,6 +284,30 @@ static int64_t sl_fwd_init_rows(int64_t r0, int64_t r1, int64_t H, const T* b, c
   return bad;
 }
 
+// Counting-sort placement: each entry of rows [r0, r1) whose gene g is in range goes to
+// slot pos[g]++ (pos[g] starts at the gene's first free slot), as its row id and its
+// transformed value; entries of a gene keep their row order.
+template <typename T, typename I>
+static void scatter_by_gene(int64_t r0, int64_t r1, int64_t G, const int64_t* indptr,
+                            const I* indices, const T* values, int transform, int64_t* pos,
+                            int32_t* rid, T* fv) {
+  T fbuf[256];
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t p1 = indptr[r + 1];
+    for (int64_t c0 = indptr[r]; c0 < p1; c0 += 256) {
+      const int64_t n = min_<int64_t>(256, p1 - c0);
+      transform_values(values + c0, n, transform, fbuf);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t g = static_cast<int64_t>(indices[c0 + j]);
+        if (g < 0 || g >= G) continue;
+        const int64_t at = pos[g]++;
+        rid[at] = static_cast<int32_t>(r);
+        fv[at] = fbuf[j];
+      }
+    }
+  }
+}
+
 // Forward, one block of rows: transpose the block's entries by gene (counting
 // sort), then walk the genes in order, so W is read once per block, front to
 // back, while the block's output rows (kFwdRows x H) stay in L2 and take the
@@ -301,21 +325,7 @@ static int64_t sl_fwd_block(int64_t r0, int64_t r1, int64_t G, int64_t H, const 
     if (g >= 0 && g < G) ++cnt[g + 1]; else ++bad;
   }
   for (int64_t g = 0; g < G; ++g) cnt[g + 1] += cnt[g];
-  T fbuf[256];
-  for (int64_t r = r0; r < r1; ++r) {
-    const int64_t p1 = indptr[r + 1];
-    for (int64_t c0 = indptr[r]; c0 < p1; c0 += 256) {
-      const int64_t n = min_<int64_t>(256, p1 - c0);
-      transform_values(values + c0, n, transform, fbuf);
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t g = static_cast<int64_t>(indices[c0 + j]);
-        if (g < 0 || g >= G) continue;
-        const int64_t at = cnt[g]++;
-        rid[at] = static_cast<int32_t>(r);
-        fv[at] = fbuf[j];
-      }
-    }
-  }
+  scatter_by_gene<T, I>(r0, r1, G, indptr, indices, values, transform, cnt, rid, fv);
   // cnt[g] is now the end of gene g's entries (and the start of gene g + 1's).
   int64_t k = 0;
   for (int64_t g = 0; g < G; ++g) {
@@ -553,21 +563,7 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
       }
       colptr[G] = run;
     }  // implicit barrier: mine[g] is now where this thread's entries of gene g go
-    T fbuf[256];
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t p1 = indptr[r + 1];
-      for (int64_t c0 = indptr[r]; c0 < p1; c0 += 256) {
-        const int64_t n = min_<int64_t>(256, p1 - c0);
-        transform_values(values + c0, n, transform, fbuf);
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t g = static_cast<int64_t>(indices[c0 + j]);
-          if (g < 0 || g >= G) continue;
-          const int64_t at = mine[g]++;
-          rowid[at] = static_cast<int32_t>(r);
-          fval[at] = fbuf[j];
-        }
-      }
-    }
+    scatter_by_gene<T, I>(r0, r1, G, indptr, indices, values, transform, mine, rowid, fval);
 #pragma omp barrier
     const int64_t placed = colptr[G];
     const int64_t g0 = lower_bound_off(colptr, 0, G, placed * tid / nth);
