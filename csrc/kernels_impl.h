@@ -354,7 +354,7 @@ static inline int64_t fwd_tile_genes(int64_t H) {
   return max_<int64_t>(8, bytes / max_<int64_t>(1, H * static_cast<int64_t>(sizeof(T))));
 }
 
-template <typename T, typename I>
+template <typename I>
 static bool sl_rows_sorted(int64_t r0, int64_t r1, int64_t G, const int64_t* indptr,
                            const I* indices) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -446,7 +446,7 @@ int64_t sparse_linear_fwd(int64_t B, int64_t G, int64_t H, const int64_t* indptr
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_blocks; ++i) {
       const int64_t r0 = i * rows, r1 = min_(B, (i + 1) * rows);
-      if (sl_rows_sorted<T, I>(r0, r1, G, indptr, indices)) {
+      if (sl_rows_sorted<I>(r0, r1, G, indptr, indices)) {
         bad += sl_fwd_init_rows<T>(r0, r1, H, b, cov, K, W_cov, y);
         sl_fwd_block_sorted<T, I>(r0, r1, G, H, indptr, indices, values, transform, W, y, cnt,
                                   fv);
@@ -740,6 +740,17 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
   return bad;
 }
 
+// out[g] = sum over the nt per-thread rows of part (nt x G, double), rounded to T once.
+template <typename T>
+static void sum_thread_rows(const double* part, int nt, int64_t G, T* out) {
+#pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
+  for (int64_t g = 0; g < G; ++g) {
+    double s = 0.0;
+    for (int t = 0; t < nt; ++t) s += part[static_cast<size_t>(t) * G + g];
+    out[g] = static_cast<T>(s);
+  }
+}
+
 template <typename T, typename I>
 int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   const int64_t B = a.B, G = a.G;
@@ -798,22 +809,8 @@ int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a) {
   else if (want_theta) bad = nb_rows<T, I, false, true>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, small_lg, small_dg, acc, col, max_row);
   else bad = nb_rows<T, I, false, false>(a, theta, log_te, c_theta, theta_d, lgamma_t, digamma_t, small_lg, small_dg, acc, col, max_row);
 
-  if (want_theta) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
-    for (int64_t g = 0; g < G; ++g) {
-      double s = 0.0;
-      for (int t = 0; t < nt; ++t) s += acc[static_cast<size_t>(t) * G + g];
-      a.grad_px_r[g] = static_cast<T>(s);
-    }
-  }
-  if (want_colsum) {
-#pragma omp parallel for num_threads(nt) schedule(static) if (G * nt > kMinParallel)
-    for (int64_t g = 0; g < G; ++g) {
-      double s = 0.0;
-      for (int t = 0; t < nt; ++t) s += col[static_cast<size_t>(t) * G + g];
-      a.grad_colsum[g] = static_cast<T>(s);
-    }
-  }
+  if (want_theta) sum_thread_rows<T>(acc, nt, G, a.grad_px_r);
+  if (want_colsum) sum_thread_rows<T>(col, nt, G, a.grad_colsum);
   delete[] col;
   delete[] acc;
   delete[] small_dg;
