@@ -96,6 +96,63 @@ def append_rows(name: str, rows: list[dict], fields: list[str]) -> Path:
     return path
 
 
+#: the one long schema of every results CSV (one row per measured quantity)
+RESULT_FIELDS = [
+    "date", "git_sha", "what", "provider", "impl", "mode", "metric", "unit", "shape",
+    "median", "p20", "p80", "n", "config", "device", "versions", "load_avg", "notes",
+]
+
+
+def summary(values) -> dict:
+    """``median``, ``p20``, ``p80`` and ``n`` of repeated measurements (medians, not single runs;
+    the 20th/80th percentiles show the spread without being dominated by one noisy repeat)."""
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if v.size == 0:
+        return {"median": "", "p20": "", "p80": "", "n": 0}
+    return {"median": float(np.median(v)), "p20": float(np.percentile(v, 20)),
+            "p80": float(np.percentile(v, 80)), "n": int(v.size)}
+
+
+def result_row(what: str, provider: str, metric: str, unit: str, values, *, impl: str = "",
+               mode: str = "", shape: str | dict = "", config: dict | None = None,
+               notes: str = "") -> dict:
+    """One row of the long schema for ``values`` (a list of repeats, or one number).
+
+    ``what``: the benchmark and case (``"train"``, ``"embed"``, ``"kernel:nb_softmax_loglik"``,
+    ``"loader"``...); ``provider``: who computed it (``"scvi_fast"``, ``"scvi-tools"``,
+    ``"torch"``...); ``impl``: the back-end where it matters; ``mode``: the variant (``"fp32"``,
+    ``"fwd+bwd"``, ``"store"``...); ``metric`` and ``unit``: e.g. ``"cells_per_s"`` /
+    ``"cells/s"``, ``"time"`` / ``"ms"``, ``"bandwidth"`` / ``"GB/s"``, ``"ratio_vs_scvi_tools"``
+    / ``"x"``; ``shape``: ``"B=1024,G=8000,H=512"`` or a dict of the same; ``config``: any
+    other settings, stored as JSON.
+    """
+    if isinstance(values, (int, float, np.integer, np.floating)):
+        values = [values]
+    if isinstance(shape, dict):
+        shape = ",".join(f"{k}={v}" for k, v in shape.items())
+    row = {"what": what, "provider": provider, "impl": impl, "mode": mode, "metric": metric,
+           "unit": unit, "shape": shape, "config": json.dumps(config or {}, sort_keys=True),
+           "notes": notes}
+    row.update({k: (round(v, 6) if isinstance(v, float) else v)
+                for k, v in summary(values).items()})
+    return row
+
+
+def record(name: str, rows: list[dict], device: str = "cpu", python: str = sys.executable,
+           load_avg_start: str | None = None) -> Path:
+    """Append ``rows`` (from :func:`result_row`) to ``benchmarks/results/<name>`` in the long
+    schema, each stamped with the date, git sha, device name, package versions (as seen by
+    ``python``) and the machine's load average (``start -> now`` when a start is given).
+
+    Call it as results come (after each case), so that a run cut short keeps what it measured.
+    """
+    stamp = {"date": now(), "git_sha": git_sha(), "device": device_name(device),
+             "versions": versions(python),
+             "load_avg": f"{load_avg_start} -> {load_avg()}" if load_avg_start else load_avg()}
+    return append_rows(name, [dict(r, **{k: v for k, v in stamp.items() if not r.get(k)})
+                              for r in rows], RESULT_FIELDS)
+
+
 def spread(values) -> dict:
     """Median and 10th/90th percentiles (ratios need medians of repeated runs)."""
     v = np.asarray(list(values), dtype=float)
