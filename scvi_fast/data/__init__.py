@@ -5,6 +5,7 @@ Imports numpy, scipy and numba only; torch is imported when a minibatch is moved
 
 from ._counts import CountChecker, check_counts
 from ._csr import gather_rows, row_offsets
+from ._h5ad import write_h5ad
 from ._hvg import highly_variable_genes
 from ._loader import BlockShuffleSampler, BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
 from ._readers import read_10x_h5_source, read_mtx_source, soma_source
@@ -35,5 +36,6 @@ __all__ = [
     "row_offsets",
     "soma_source",
     "synthetic_anndata",
+    "write_h5ad",
     "write_synthetic_store",
 ]

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from scvi_fast.data import (CSRLoader, CSRStore, StoreCorruptError, as_source,
-                            synthetic_anndata, write_synthetic_store)
+                            synthetic_anndata, write_h5ad, write_synthetic_store)
 from _data_helpers import random_counts
 
 
@@ -72,7 +72,7 @@ def test_gene_subset_and_order(small_adata, tmp_path):
 def test_pre_shuffle(small_adata, tmp_path, from_h5ad):
     src = small_adata
     if from_h5ad:
-        small_adata.write_h5ad(tmp_path / "a.h5ad")
+        write_h5ad(small_adata, tmp_path / "a.h5ad")
         src = tmp_path / "a.h5ad"
     store = CSRStore.create(tmp_path / "s", src, batch_key="batch", shuffle=True, seed=4,
                             chunk_size=500)
