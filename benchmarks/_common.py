@@ -329,6 +329,9 @@ def read_results(name: str):
     df = pd.read_csv(RESULTS / name, dtype={"git_sha": str, "shape": str, "notes": str},
                      keep_default_na=False, na_values={"median": [""], "p20": [""],
                                                        "p80": [""], "n": [""]})
+    if list(df.columns) != RESULT_FIELDS:
+        raise ValueError(f"{RESULTS / name} is not in the long schema (columns "
+                         f"{list(df.columns)[:6]}...)")
     df["config"] = [json.loads(c) if c else {} for c in df["config"]]
     return df
 
