@@ -102,11 +102,16 @@ def test_store_as_loader_source(small_adata, tmp_path):
     np.testing.assert_array_equal(mb.batch, other[: mb.n_cells])
 
 
-def test_synthetic_store_equals_synthetic_anndata(tmp_path):
-    kw = dict(n_genes=120, n_batches=2, n_cell_types=3, density=0.2, seed=9)
+@pytest.mark.parametrize("n_batches", [2, 24])
+def test_synthetic_store_equals_synthetic_anndata(tmp_path, n_batches):
+    from scvi_fast.data._synthetic import GENERATOR_VERSION
+
+    kw = dict(n_genes=120, n_batches=n_batches, n_cell_types=3, density=0.2, seed=9)
     adata = synthetic_anndata(n_cells=700, **kw, chunk_size=256)
     store = write_synthetic_store(tmp_path / "s", 700, **kw, chunk_size=100)
     assert (store.to_scipy() != adata.X).nnz == 0
+    assert store.manifest["synthetic"] == {"seed": 9, "density": 0.2, "n_batches": n_batches,
+                                           "n_cell_types": 3, "version": GENERATOR_VERSION}
     back = store.to_anndata()
     np.testing.assert_array_equal(back.obs["batch"].astype(str), adata.obs["batch"].astype(str))
     np.testing.assert_array_equal(back.obs["cell_type"].astype(str),
