@@ -29,6 +29,7 @@
 #                  syncs per training step and embedding batch                           45 s [25 s]
 #   loader         bench_loader.py on the 200k store, 16 cores (target >= 2M cells/s)    50 s [35 s]
 #   kernels_bench  bench_kernels.py at the Census shape                                  60 s [40 s]
+#   ddp            bench_ddp.py, only with more than one GPU (budget permitting)          60 s
 #
 #   --cpu     the same steps at tiny sizes on the CPU (Triton under the interpreter): the end-to-end
 #             check on a machine without a GPU (budget 1200 s; rows go to --out only)
@@ -115,7 +116,7 @@ else
   EMBED=(--batch-sizes 16384,1024 --repeats 3); ST_CELLS=20000
   PROFILE=()
   LOADER=(--sizes 200000 --repeats 2 --budget 3)
-  LIMITS=(kernels_check=60 data=45 train=150 embed=50 profile=45 loader=50 kernels_bench=60)
+  LIMITS=(kernels_check=60 data=45 train=150 embed=50 profile=45 loader=50 kernels_bench=60 ddp=60)
 fi
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
 SCVI_ARGS=(--scvi-python "$SCVI_PY")
@@ -175,6 +176,10 @@ step loader "$PY" benchmarks/bench_loader.py "${LOADER[@]}" --n-batches "$BATCHE
 KERNELS_CSV=()
 "$PY" benchmarks/bench_kernels.py --help 2>/dev/null | grep -q -- "--csv" && KERNELS_CSV=(--csv "$OUT/kernels.csv")
 step kernels_bench "$PY" benchmarks/bench_kernels.py "${KERNELS[@]}" "${KERNELS_CSV[@]}"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$CPU" = 0 ] && [ "$NGPU" -gt 1 ]; then
+  step ddp "$PY" benchmarks/bench_ddp.py --device cuda
+fi
 
 say "== done in $((SECONDS - T_START)) s; results in $OUT:"
 ls "$OUT" | tee -a "$LOG"
