@@ -65,13 +65,28 @@ NO_KERNEL = frozenset({
     "aten::_nested_tensor_from_mask_left_aligned", "aten::broadcast_tensors", "aten::flatten",
     "aten::view_as", "aten::unflatten", "aten::movedim", "aten::swapaxes", "aten::_to_copy",
 })
-#: host-side CUDA calls that block until the device is done
+#: host-side CUDA API calls that block until the device is done (by name prefix; the plain
+#: ``cudaMemcpy`` waits too)
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
-              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
-#: host-side CUDA calls that put work on a stream
-LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-                "cudaGraphLaunch", "cuGraphLaunch", "cudaMemcpyAsync", "cudaMemsetAsync",
-                "cuMemcpyAsync", "cuMemsetD8Async", "cuMemsetD32Async", "cudaLaunchCooperativeKernel")
+              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cudaMemcpy2D")
+#: host-side CUDA API calls that put work on a stream (by name prefix: runtime and driver API,
+#: Triton launches through ``cuLaunchKernel(Ex)``)
+LAUNCH_CALLS = ("cudaLaunch", "cuLaunch", "cudaGraphLaunch", "cuGraphLaunch", "cudaMemcpyAsync",
+                "cudaMemsetAsync", "cuMemcpyAsync", "cuMemcpyHtoDAsync", "cuMemcpyDtoHAsync",
+                "cuMemsetD")
+
+
+def is_launch(name: str) -> bool:
+    return name.startswith(LAUNCH_CALLS)
+
+
+def is_sync(name: str) -> bool:
+    return name.startswith(SYNC_CALLS) or name == "cudaMemcpy"
+
+
+def _is_api_call(name: str) -> bool:
+    """A CUDA runtime (``cuda*``) or driver (``cuX*``) API call rather than an op."""
+    return name.startswith("cuda") or (name.startswith("cu") and name[2:3].isupper())
 
 
 # ------------------------------------------------------------------------ one profiled call
@@ -122,7 +137,7 @@ class Profiled:
         # ops by their own GPU time (kernels attributed to the op that launched them)
         self.op_gpu_us = collections.Counter()
         for e in cpu:
-            if e.name.startswith("aten::") or "::" in e.name:
+            if not _is_api_call(e.name):  # aten ops, autograd Functions, record_function
                 t = getattr(e, "self_device_time_total", None)
                 if t is None:
                     t = getattr(e, "self_cuda_time_total", 0)
@@ -198,8 +213,8 @@ def _phase(name, small: Profiled, big: Profiled, steps: int, cuda: bool, top: in
     lines += _top(per_step(big.op_cpu_us, small.op_cpu_us, steps), top)
     if cuda:
         calls = per_step(big.calls, small.calls, steps)
-        launches = {k: v for k, v in calls.items() if k in LAUNCH_CALLS}
-        syncs = {k: v for k, v in calls.items() if k in SYNC_CALLS}
+        launches = {k: v for k, v in calls.items() if is_launch(k)}
+        syncs = {k: v for k, v in calls.items() if is_sync(k)}
         kernels = per_step(big.kernels, small.kernels, steps)
         s["kernels_per_step"] = sum(kernels.values())
         s["launch_calls_per_step"] = sum(launches.values())
