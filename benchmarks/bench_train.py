@@ -68,7 +68,6 @@ def train_kwargs(precision: str, cuda_graph: str, train_fn=None) -> dict:
 # ------------------------------------------------------------------------------ workers
 def _worker_scvi_fast(a):
     """Train one fresh model per precision; yield each result as it is done."""
-    import anndata
     import torch
 
     import scvi_fast
@@ -76,6 +75,8 @@ def _worker_scvi_fast(a):
     if a.source == "store":
         data = a.store
     else:
+        import anndata
+
         data = anndata.read_h5ad(a.data)
         scvi_fast.SCVI.setup_anndata(data, batch_key=a.batch_key)
     for precision in a.precisions.split(","):
