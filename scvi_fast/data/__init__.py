@@ -1,10 +1,11 @@
 """The data path: sources, the on-disk CSR store, readers, HVG selection and the loader.
 
 The ground floor of the package: it imports numpy, scipy, numba, pandas, h5py and anndata,
-nothing of scvi_fast above it; torch only when a minibatch is handed to it. Inside, modules
-import one way: ``_csr``, ``_categories`` -> ``_source`` -> ``_readers``, ``_store`` ->
-``_open`` (``as_source``) -> ``_counts`` -> ``_convert`` (``CSRStore.create``) -> ``_hvg``,
-``_loader``, ``_synthetic``.
+nothing of scvi_fast above it, and torch only when a minibatch is handed to it. Inside, each
+module imports only from those listed before it: ``_csr`` and ``_categories`` (the one
+category coder); ``_source`` (the base classes); ``_readers`` and ``_store`` (the store
+format); ``_open`` (``as_source``); ``_counts``; ``_convert`` (``StoreWriter`` and
+``CSRStore.create``); ``_hvg``, ``_loader`` and ``_synthetic``.
 """
 
 from ._categories import categorize, codes_for

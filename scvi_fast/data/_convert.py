@@ -99,7 +99,8 @@ class StoreWriter:
     """Writes a store from CSR row chunks, in bounded memory, atomically.
 
     Use as a context manager; on an exception the temporary directory is removed and nothing
-    appears at ``path``.
+    appears at ``path``. Codes and categories are recorded as given: code obs columns with
+    :func:`categorize` (as :meth:`CSRStore.create` does).
     """
 
     def __init__(self, path, n_genes: int, var_names, batch_key=None, batch_categories=None,
@@ -291,14 +292,12 @@ def create_store(path, source, batch_key: str | None = None, labels_key: str | N
                 rows = order[a : a + chunk_size]
                 chunk = src.get_rows(rows)
                 src.release()
-                writer.add(_subset_cols(chunk, cols), bcodes[rows],
-                           lcodes[rows],
+                writer.add(_subset_cols(chunk, cols), bcodes[rows], lcodes[rows],
                            None if obs_names is None else obs_names[rows], source_rows=rows)
         else:
             for start, chunk in src.iter_chunks(chunk_size):
                 stop = start + chunk.shape[0]
-                writer.add(_subset_cols(chunk, cols), bcodes[start:stop],
-                           lcodes[start:stop],
+                writer.add(_subset_cols(chunk, cols), bcodes[start:stop], lcodes[start:stop],
                            None if obs_names is None else obs_names[start:stop])
         if writer.n_cells != src.n_cells:
             raise ValueError(f"source yielded {writer.n_cells} cells, expected {src.n_cells}")

@@ -1,4 +1,4 @@
-"""One category coder: obs columns to codes, values onto known categories, the same for every input."""
+"""One category coder: columns to codes and values onto known categories, for every input."""
 
 import anndata as ad
 import numpy as np
