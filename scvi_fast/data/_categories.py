@@ -114,8 +114,8 @@ def codes_for(values, categories, key: str,
         raise ValueError(
             f"obs[{key!r}] has {len(new)} categories the model was not trained on: {_show(new)}. "
             f"Known ({len(known)}): {_show(known)}. Map data with new categories with "
-            "SCVI.load_query_data(adata, model), or keep the cells of known categories: "
-            f"adata = adata[adata.obs[{key!r}].isin(model_categories)].copy()"
+            "SCVI.load_query_data(adata, model), or keep only the cells of known categories: "
+            f"adata = adata[adata.obs[{key!r}].astype(str).isin(known)].copy()"
         )
     return remap[codes]
 
