@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._csr import gather_rows, row_offsets
-from ._source import Source, as_source
+from ._open import as_source
+from ._source import Source
 
 
 @dataclass

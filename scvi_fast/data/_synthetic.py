@@ -313,7 +313,7 @@ def write_synthetic_store(path, n_cells: int, n_genes: int = 8000, n_batches: in
     CSRStore
         The opened store.
     """
-    from ._store import StoreWriter
+    from ._convert import StoreWriter
 
     params = _Params(n_genes, n_batches, n_cell_types, density, seed)
     writer = StoreWriter(
