@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import anndata
+
 
 def write_h5ad(adata, path: str | os.PathLike, **kwargs) -> Path:
     """``adata.write_h5ad(path, **kwargs)`` that also works with pandas 3's string dtype.
@@ -29,8 +31,6 @@ def write_h5ad(adata, path: str | os.PathLike, **kwargs) -> Path:
     pathlib.Path
         ``path``.
     """
-    import anndata
-
     path = Path(path)
     settings = getattr(anndata, "settings", None)
     if settings is not None and hasattr(settings, "allow_write_nullable_strings"):
