@@ -966,7 +966,7 @@ class SCVI:
             else:
                 raise ValueError(f"format must be 'scvi_fast' or 'scvi-tools'; got {format!r}")
             if save_anndata and self.adata is not None and hasattr(self.adata, "write_h5ad"):
-                self.adata.write_h5ad(tmp / "adata.h5ad")
+                _data.write_h5ad(self.adata, tmp / "adata.h5ad")
             if dir_path.exists():
                 old = dir_path.with_name(f".{dir_path.name}.old")
                 if old.exists():

@@ -12,6 +12,7 @@ from ._categories import categorize, codes_for
 from ._convert import StoreWriter
 from ._counts import CountChecker, check_counts
 from ._csr import gather_rows, row_offsets
+from ._h5ad import write_h5ad
 from ._hvg import highly_variable_genes
 from ._loader import BlockShuffleSampler, BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
 from ._open import as_source
@@ -45,5 +46,6 @@ __all__ = [
     "row_offsets",
     "soma_source",
     "synthetic_anndata",
+    "write_h5ad",
     "write_synthetic_store",
 ]
