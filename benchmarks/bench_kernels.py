@@ -142,19 +142,9 @@ def flush_l2(device: torch.device) -> None:
     _FLUSH[device].zero_()
 
 
-def time_ms(fn: Callable, device: torch.device, repeats: int, warmup: int,
-            flush: bool = False) -> list[float]:
-    """Wall time of each call in ms, after ``warmup`` calls: CUDA events around each call on a
-    GPU (launch overhead included, as an eager step pays it), ``perf_counter`` on the CPU."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        out = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
+def _events_ms(call: Callable, device: torch.device, repeats: int, flush: bool) -> list[float]:
+    """GPU time of each of ``repeats`` calls in ms, between CUDA events (the L2 cache
+    overwritten before each call when ``flush``)."""
     torch.cuda.synchronize(device)
     out = []
     for _ in range(repeats):
@@ -162,16 +152,33 @@ def time_ms(fn: Callable, device: torch.device, repeats: int, warmup: int,
             flush_l2(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        call()
         end.record()
         torch.cuda.synchronize(device)
         out.append(start.elapsed_time(end))
     return out
 
 
-def capture(fn: Callable, device: torch.device, warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """``fn`` captured as a CUDA graph (after warm-up calls on a side stream, as capture
-    requires; the Triton kernels compile and pick their configurations there)."""
+def time_ms(fn: Callable, device: torch.device, repeats: int, warmup: int,
+            flush: bool = False) -> list[float]:
+    """Wall time of each call in ms, after ``warmup`` calls: CUDA events around each call on a
+    GPU (launch overhead included, as an eager step pays it), ``perf_counter`` on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        return _events_ms(fn, device, repeats, flush)
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def capture(fn: Callable, device: torch.device, warmup: int = 3):
+    """``(graph, out)``: ``fn`` captured as a CUDA graph (after warm-up calls on a side stream,
+    as capture requires; the Triton kernels compile and pick their configurations there) and
+    what the captured call returned (tensors that each replay rewrites)."""
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -180,28 +187,20 @@ def capture(fn: Callable, device: torch.device, warmup: int = 3) -> torch.cuda.C
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
     torch.cuda.synchronize(device)
-    return graph
+    return graph, out
 
 
 def graph_time_ms(fn: Callable, device: torch.device, repeats: int, warmup: int = 3,
                   flush: bool = True) -> list[float]:
     """GPU time of one replay of ``fn`` captured as a CUDA graph (no launch overhead), in ms;
     with ``flush`` the L2 cache is overwritten before every replay (inputs come from HBM)."""
-    graph = capture(fn, device, warmup)
-    out = []
-    for _ in range(repeats):
-        if flush:
-            flush_l2(device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize(device)
-        out.append(start.elapsed_time(end))
-    del graph
-    return out
+    graph, _ = capture(fn, device, warmup)
+    try:
+        return _events_ms(graph.replay, device, repeats, flush)
+    finally:
+        del graph
 
 
 # ---------------------------------------------------------------------------

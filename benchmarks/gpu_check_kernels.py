@@ -61,7 +61,7 @@ for _p in (str(_ROOT), str(_ROOT / "benchmarks")):
         sys.path.insert(0, _p)
 
 import _common as C  # noqa: E402
-from bench_kernels import graph_time_ms, precision, time_ms  # noqa: E402
+from bench_kernels import capture, graph_time_ms, precision, time_ms  # noqa: E402
 
 from scvi_fast import functional, reference  # noqa: E402  (never imports triton)
 
@@ -423,14 +423,7 @@ def _check_graph_safety(tk, gen, args, device) -> bool:
         finally:
             torch.cuda.set_sync_debug_mode("default")
         if not err:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outs = fn()
+            graph, outs = capture(fn, device, warmup=1)
             load(batches[1])
             graph.replay()
             eager = fn()

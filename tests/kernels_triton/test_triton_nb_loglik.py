@@ -52,19 +52,23 @@ def _run(fn, floats, csr, w, eps=1e-8):
     return [ll.detach()] + list(grads)
 
 
+def _check(got, floats, csr, w, dtype, what=""):
+    """``got`` (value and gradients) against the float64 reference on the same inputs."""
+    floats64 = [t.double() for t in floats]
+    csr64 = (csr[0], csr[1], csr[2].double())
+    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
+    scales = _condition_scales(None, floats64, csr64, w)
+    for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
+        assert_within_scale(g, t, s, "nb", dtype, f"{what} {n}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_matches_reference(tk, device, poison_empty, case, dtype):
     gen = torch.Generator().manual_seed(seed_of(case[:2], dtype))
     floats, csr = _inputs(gen, case, dtype, device)
     w = torch.randn(case[0], generator=gen, dtype=torch.float64).to(device, dtype)
-    got = _run(tk.nb_softmax_loglik, floats, csr, w)
-    floats64 = [t.double() for t in floats]
-    csr64 = (csr[0], csr[1], csr[2].double())
-    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(tk, floats64, csr64, w)
-    for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
-        assert_within_scale(g, t, s, "nb", dtype, n)
+    _check(_run(tk.nb_softmax_loglik, floats, csr, w), floats, csr, w, dtype)
 
 
 def test_partial_grads_shapes_and_dispatch(tk, device):
@@ -131,12 +135,7 @@ def test_every_launch_shape(tk, device, poison_empty, kernel, config):
     w = torch.randn(case[0], generator=gen, dtype=torch.float64).to(device, torch.float32)
     with forced(kernel, config):
         got = _run(tk.nb_softmax_loglik, floats, csr, w)
-    floats64 = [t.double() for t in floats]
-    csr64 = (csr[0], csr[1], csr[2].double())
-    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(tk, floats64, csr64, w)
-    for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
-        assert_within_scale(g, t, s, "nb", torch.float32, f"{kernel} {config}: {n}")
+    _check(got, floats, csr, w, torch.float32, f"{kernel} {config}:")
 
 
 def _padded(csr, extra=6):
@@ -243,15 +242,10 @@ def test_every_candidate_configuration(tk, device):
     gen = torch.Generator().manual_seed(17)
     floats, csr = _inputs(gen, case, torch.float32, device)
     w = torch.randn(case[0], generator=gen).to(device)
-    floats64 = [t.double() for t in floats]
-    csr64 = (csr[0], csr[1], csr[2].double())
-    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(tk, floats64, csr64, w)
     runs = [("nb_fwd", c) for c in nb.fwd_candidates(G, torch.float32)]
     runs += [("nb_bwd_dense", c) for c in nb.bwd_dense_candidates(G, torch.float32)]
     runs += [("nb_bwd_sparse", c) for c in nb.bwd_sparse_candidates(torch.float32)]
     for kernel, config in runs:
         with forced(kernel, config):
             got = _run(tk.nb_softmax_loglik, floats, csr, w)
-        for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
-            assert_within_scale(g, t, s, "nb", torch.float32, f"{kernel} {config}: {n}")
+        _check(got, floats, csr, w, torch.float32, f"{kernel} {config}:")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ def forced(name: str, config: dict) -> Iterator[None]:
 def choose(
     name: str,
     key: tuple,
-    candidates: list[dict],
+    candidates: Sequence[dict],
     bench: Callable[[dict], None] | None = None,
     device: torch.device | None = None,
 ) -> dict:

@@ -57,6 +57,8 @@ the logits' gradient is written in the logits' dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -72,6 +74,7 @@ from scvi_fast.kernels.triton._common import (
     torch_acc_dtype,
 )
 from scvi_fast.kernels.triton._configs import choose
+from scvi_fast.kernels.triton._csr import entry_genes, row_span
 from scvi_fast.kernels.triton._math import digamma, exp, lgamma, log
 from scvi_fast.reference import csr_parts, csr_to_dense, csr_valid
 
@@ -177,14 +180,12 @@ def _nb_fwd_kernel(
         csum = tl.sum(c_vec, axis=0)
 
     # non-zeros of this cell in this chunk: x-term, lgamma terms, and the rest of c
-    start = tl.load(indptr_ptr + row).to(tl.int64)
-    end = tl.load(indptr_ptr + row + 1).to(tl.int64)
+    start, end = row_span(indptr_ptr, row)
     ll_nz = tl.zeros([BLOCK_NZ], ACC)
     c_nz = tl.zeros([BLOCK_NZ], ACC)
     for k0 in range(start, end, BLOCK_NZ):
         ks = k0 + tl.arange(0, BLOCK_NZ)
-        g = tl.load(indices_ptr + ks, mask=ks < end, other=-1).to(tl.int64)
-        kmask = (ks < end) & (g >= c0) & (g < c0 + CHUNK) & (g < G)
+        g, kmask = entry_genes(indices_ptr, ks, end, c0, tl.minimum(c0 + CHUNK, G))
         x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
         zk = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
         th = exp(tl.load(px_r_ptr + g, mask=kmask, other=0.0).to(ACC))
@@ -310,12 +311,10 @@ def _nb_bwd_sparse_kernel(
     if NEED_DZ or NEED_DR:
         lse = tl.load(lse_ptr + row).to(ACC)
         lib = exp(tl.load(log_lib_ptr + row).to(ACC))
-        start = tl.load(indptr_ptr + row).to(tl.int64)
-        end = tl.load(indptr_ptr + row + 1).to(tl.int64)
+        start, end = row_span(indptr_ptr, row)
         for k0 in range(start, end, BLOCK_NZ):
             ks = k0 + tl.arange(0, BLOCK_NZ)
-            g = tl.load(indices_ptr + ks, mask=ks < end, other=-1).to(tl.int64)
-            kmask = (ks < end) & (g >= 0) & (g < G)
+            g, kmask = entry_genes(indices_ptr, ks, end, 0, G)
             x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
             z = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
             theta = exp(tl.load(px_r_ptr + g, mask=kmask, other=0.0).to(ACC))
@@ -362,7 +361,8 @@ def _nb_bwd_px_r_kernel(
 # ----------------------------------------------------------------------------- configurations
 
 
-def fwd_candidates(G: int, dtype: torch.dtype) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def fwd_candidates(G: int, dtype: torch.dtype) -> tuple[dict, ...]:
     """Forward configurations, the default first.
 
     ``CHUNK`` genes per program (one chunk per row up to 16384 genes; smaller chunks split
@@ -377,7 +377,7 @@ def fwd_candidates(G: int, dtype: torch.dtype) -> list[dict]:
     """
     if dtype == torch.float64:
         c = block_size(G, 1024)
-        return [dict(CHUNK=c, BLOCK_G=c, BLOCK_NZ=64, num_warps=4)]
+        return (dict(CHUNK=c, BLOCK_G=c, BLOCK_NZ=64, num_warps=4),)
     whole = block_size(G, 16384)
     cands = [
         dict(CHUNK=whole, BLOCK_G=min(whole, 2048), BLOCK_NZ=256, num_warps=16),
@@ -391,7 +391,8 @@ def fwd_candidates(G: int, dtype: torch.dtype) -> list[dict]:
     return _unique(cands)
 
 
-def bwd_dense_candidates(G: int, dtype: torch.dtype) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def bwd_dense_candidates(G: int, dtype: torch.dtype) -> tuple[dict, ...]:
     """Backward tile configurations, the default first: (16 cells x 128 genes) over 8 warps,
     8 elements per thread (the float64 variant stays at ~120 registers); 16 cells per tile
     keeps the px_r partials at B/16 x G."""
@@ -405,24 +406,27 @@ def bwd_dense_candidates(G: int, dtype: torch.dtype) -> list[dict]:
     return _unique(cands)
 
 
-def bwd_sparse_candidates(dtype: torch.dtype) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def bwd_sparse_candidates(dtype: torch.dtype) -> tuple[dict, ...]:
     """Per-cell non-zero pass of the backward, the default first."""
     if dtype == torch.float64:
-        return [dict(BLOCK_NZ=64, num_warps=4)]
-    return [dict(BLOCK_NZ=256, num_warps=4), dict(BLOCK_NZ=128, num_warps=4),
-            dict(BLOCK_NZ=512, num_warps=8)]
+        return (dict(BLOCK_NZ=64, num_warps=4),)
+    return (dict(BLOCK_NZ=256, num_warps=4), dict(BLOCK_NZ=128, num_warps=4),
+            dict(BLOCK_NZ=512, num_warps=8))
 
 
 PX_R_CONFIG = dict(BLOCK_P=16, BLOCK_G=128, num_warps=4)
 COMBINE_CONFIG = dict(BLOCK_B=64, num_warps=4)
 
 
-def _unique(cands: list[dict]) -> list[dict]:
+def _unique(cands: list[dict]) -> tuple[dict, ...]:
+    """The candidates without repeats (small shapes make some coincide), in order; a tuple,
+    since the candidate lists are cached."""
     out = []
     for c in cands:
         if c not in out:
             out.append(c)
-    return out
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- launchers

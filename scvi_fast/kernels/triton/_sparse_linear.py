@@ -39,6 +39,8 @@ are read; ``indices`` / ``values`` may be a longer, padded capacity. Stored gene
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,7 @@ from scvi_fast.kernels.triton._common import (
     torch_acc_dtype,
 )
 from scvi_fast.kernels.triton._configs import choose
+from scvi_fast.kernels.triton._csr import entry_genes, row_span
 from scvi_fast.kernels.triton._math import log1p
 from scvi_fast.reference import csr_row_ids, csr_valid, resolve_method
 
@@ -90,13 +93,11 @@ def _segment_gather_kernel(
     s = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_mask = cols < H
-    start = tl.load(seg_ptr + s).to(tl.int64)
-    end = tl.load(seg_ptr + s + 1).to(tl.int64)
+    start, end = row_span(seg_ptr, s)
     acc = tl.zeros([BLOCK_H], dtype=ACC)
     for k0 in range(start, end, BLOCK_E):
         ks = k0 + tl.arange(0, BLOCK_E)
-        rows = tl.load(idx_ptr + ks, mask=ks < end, other=-1).to(tl.int64)
-        k_mask = (ks < end) & (rows >= 0) & (rows < R)
+        rows, k_mask = entry_genes(idx_ptr, ks, end, 0, R)
         tile = tl.load(
             src_ptr + rows[:, None] * src_row_stride + cols[None, :],
             mask=k_mask[:, None] & col_mask[None, :],
@@ -131,12 +132,10 @@ def _densify_kernel(
     canonical row never hits an address twice and the adds cost what plain stores would.
     """
     row = tl.program_id(0).to(tl.int64)
-    start = tl.load(indptr_ptr + row).to(tl.int64)
-    end = tl.load(indptr_ptr + row + 1).to(tl.int64)
+    start, end = row_span(indptr_ptr, row)
     for k0 in range(start, end, BLOCK_NZ):
         ks = k0 + tl.arange(0, BLOCK_NZ)
-        g = tl.load(indices_ptr + ks, mask=ks < end, other=-1).to(tl.int64)
-        kmask = (ks < end) & (g >= 0) & (g < G)
+        g, kmask = entry_genes(indices_ptr, ks, end, 0, G)
         v = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
         if LOG1P:
             v = log1p(v)
@@ -147,18 +146,19 @@ def _densify_kernel(
 # ----------------------------------------------------------------------------- configurations
 
 
-def gather_candidates(H: int, dtype: torch.dtype) -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def gather_candidates(H: int, dtype: torch.dtype) -> tuple[dict, ...]:
     """Gather tile configurations, the default first: a (BLOCK_E, BLOCK_H) tile of ~2048
     elements (16 loads in flight per thread; wider entry steps when the column block is
     narrow)."""
     block_h = block_size(H, 128)
     if dtype == torch.float64:  # twice the registers per element: 8 warps keep it unspilled
-        return [dict(BLOCK_E=max(16, min(64, 2048 // block_h)), BLOCK_H=block_h, num_warps=8)]
+        return (dict(BLOCK_E=max(16, min(64, 2048 // block_h)), BLOCK_H=block_h, num_warps=8),)
     cands = [dict(BLOCK_E=max(16, min(64, 2048 // block_h)), BLOCK_H=block_h, num_warps=4)]
     cands += [dict(BLOCK_E=32, BLOCK_H=block_size(H, 256), num_warps=8),
               dict(BLOCK_E=64, BLOCK_H=block_size(H, 64), num_warps=4),
               dict(BLOCK_E=16, BLOCK_H=block_size(H, 512), num_warps=8)]
-    return [c for i, c in enumerate(cands) if c not in cands[:i]]
+    return tuple(c for i, c in enumerate(cands) if c not in cands[:i])
 
 
 def launch_config(H: int) -> dict:
@@ -166,11 +166,12 @@ def launch_config(H: int) -> dict:
     return gather_candidates(H, torch.float32)[0]
 
 
-def densify_candidates() -> list[dict]:
+@functools.lru_cache(maxsize=None)
+def densify_candidates() -> tuple[dict, ...]:
     """Densify configurations, the default first (one program per cell, ~800 entries at the
     Census shape: a few steps of 256)."""
-    return [dict(BLOCK_NZ=256, num_warps=4), dict(BLOCK_NZ=128, num_warps=4),
-            dict(BLOCK_NZ=512, num_warps=8), dict(BLOCK_NZ=1024, num_warps=8)]
+    return (dict(BLOCK_NZ=256, num_warps=4), dict(BLOCK_NZ=128, num_warps=4),
+            dict(BLOCK_NZ=512, num_warps=8), dict(BLOCK_NZ=1024, num_warps=8))
 
 
 # ----------------------------------------------------------------------------- launchers
