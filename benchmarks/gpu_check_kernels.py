@@ -45,9 +45,7 @@ only, nothing recorded.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -63,7 +61,7 @@ for _p in (str(_ROOT), str(_ROOT / "benchmarks")):
 import _common as C  # noqa: E402
 from bench_kernels import capture, graph_time_ms, precision, time_ms  # noqa: E402
 
-from scvi_fast import functional, reference  # noqa: E402  (never imports triton)
+from scvi_fast import reference  # noqa: E402  (never imports triton)
 
 # checks: (op, what) -> max error ratio; ratio <= 1 passes
 FACTOR32 = 4.0  # float32: error <= FACTOR32 * torch's float32 error + floor

@@ -125,12 +125,13 @@ def _nb_cases(part):
         dt = _torch_dtype(zt)
         zp = {"logits_ptr": zt}
         for i, cfg in enumerate(nb.fwd_candidates(G, dt)):
+            idx = "i32" if i % 2 else "i64"
             nc = -(-G // cfg["CHUNK"])
             split = nc > 1
             nc_block = max(2, 1 << (nc - 1).bit_length())
             fwd.append((f"nb_fwd-{zt}-{i}", nb._nb_fwd_kernel, ty,
                           dict(EPS=1e-8, ACC=_acc(ty), SPLIT=split, NC_BLOCK=nc_block, **cfg),
-                          dict(zp, **{p: "i32" if i % 2 else "i64" for p in ("indices_ptr", "indptr_ptr")})))
+                          dict(zp, indices_ptr=idx, indptr_ptr=idx)))
             if split:
                 fwd.append((f"nb_fwd_chunk_max-{zt}-{i}", nb._nb_fwd_chunk_max_kernel, ty,
                               dict(ACC=_acc(ty), CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"]),

@@ -8,18 +8,19 @@ import torch
 from scvi_fast.kernels.triton import _configs
 
 CANDIDATES = [dict(BLOCK=64), dict(BLOCK=128), dict(BLOCK=256)]
+CPU = torch.device("cpu")
 
 
 def test_default_unless_autotune(monkeypatch):
     calls = []
     monkeypatch.delenv("SCVI_FAST_AUTOTUNE", raising=False)
-    assert _configs.choose("k", (1,), CANDIDATES, calls.append, torch.device("cpu")) is CANDIDATES[0]
+    assert _configs.choose("k", (1,), CANDIDATES, calls.append, CPU) is CANDIDATES[0]
     monkeypatch.setenv("SCVI_FAST_AUTOTUNE", "0")
     assert _configs.choose("k", (1,), CANDIDATES, calls.append, torch.device("cuda", 0)) is \
         CANDIDATES[0]
     # tuning times candidates on a GPU only
     monkeypatch.setenv("SCVI_FAST_AUTOTUNE", "1")
-    assert _configs.choose("k", (1,), CANDIDATES, calls.append, torch.device("cpu")) is CANDIDATES[0]
+    assert _configs.choose("k", (1,), CANDIDATES, calls.append, CPU) is CANDIDATES[0]
     assert calls == []
 
 

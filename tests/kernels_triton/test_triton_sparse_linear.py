@@ -137,7 +137,8 @@ def test_padded_tail_changes_nothing(tk, device, method):
     B, G, H, K = 7, 30, 12, 3
     indptr, indices, values = random_csr(gen, B, G, 0.3, torch.float32, torch.int64, 500, (2,))
     tail = torch.tensor([-1, G, 2**30, 0, 3])
-    padded = (indptr, torch.cat([indices, tail]), torch.cat([values, torch.full((5,), float("nan"))]))
+    nan = torch.full((5,), float("nan"))
+    padded = (indptr, torch.cat([indices, tail]), torch.cat([values, nan]))
     W = torch.randn(G, H, generator=gen).to(device)
     b, W_cov = torch.randn(H, generator=gen).to(device), torch.randn(K, H, generator=gen).to(device)
     cov = torch.randint(0, K, (B,), generator=gen).to(device)

@@ -332,9 +332,10 @@ class DenseLinear(torch.autograd.Function):
 
 
 def _gemm_dtype(W: torch.Tensor) -> torch.dtype:
-    """The dtype torch's GEMM will run in for ``W``: the autocast dtype under autocast."""
+    """The dtype torch's GEMM will run in for ``W``: the autocast dtype under autocast (which
+    casts float32 operands only)."""
     kind = W.device.type
-    if torch.is_autocast_enabled(kind) and W.dtype in (torch.float32, torch.float64):
+    if torch.is_autocast_enabled(kind) and W.dtype == torch.float32:
         return torch.get_autocast_dtype(kind)
     return W.dtype
 
