@@ -9,6 +9,8 @@ from ._open import as_source
 from ._source import Source
 
 _N_SHOW = 5
+#: the largest count float32 (the precision scVI computes in) holds exactly
+MAX_EXACT_COUNT = 2**24
 
 
 def _fmt_cells(rows: list[int], obs_names) -> str:
@@ -30,8 +32,10 @@ class CountChecker:
         How the data is named in messages (e.g. ``"X"`` or ``"layer 'counts'"``).
     """
 
-    def __init__(self, obs_names=None, allow_zero_cells: bool = False, what: str = "the data"):
+    def __init__(self, obs_names=None, allow_zero_cells: bool = False, what: str = "the data",
+                 var_names=None):
         self.obs_names = obs_names
+        self.var_names = var_names
         self.allow_zero_cells = allow_zero_cells
         self.what = what
         self.n_zero = 0
@@ -85,13 +89,33 @@ class CountChecker:
                         "use the raw counts (adata.layers['counts'] or adata.raw.X), not "
                         "normalised or log-transformed values."
                     )
-            self.max_value = max(self.max_value, float(values.max()))
+            vmax = values.max()
+            if vmax > MAX_EXACT_COUNT:
+                first = int(np.argmax(values > MAX_EXACT_COUNT))
+                row = self._row_of(chunk, first, start)
+                gene = self._col_of(chunk, first)
+                name = f" ({self.var_names[gene]!s})" if self.var_names is not None else ""
+                raise ValueError(
+                    f"{self.what} holds a count of {values[first]!r} at cell "
+                    f"{_fmt_cells([row], self.obs_names)}, gene {gene}{name}: counts above "
+                    f"{MAX_EXACT_COUNT:,} are not exact in float32, the precision scVI computes "
+                    "in (and above ~3.4e38 they become infinite). Raw UMI counts never come "
+                    "near this: check that the matrix holds raw counts, not a scaled or "
+                    "corrupted copy."
+                )
+            self.max_value = max(self.max_value, float(vmax))
         zero = np.flatnonzero(row_sums == 0)
         if zero.size:
             self.n_zero += int(zero.size)
             room = _N_SHOW - len(self.zero_rows)
             if room > 0:
                 self.zero_rows.extend(int(start + z) for z in zero[:room])
+
+    @staticmethod
+    def _col_of(chunk, flat_pos: int) -> int:
+        if sp.issparse(chunk):
+            return int(chunk.indices[flat_pos])
+        return flat_pos % max(1, int(np.prod(chunk.shape[1:])))
 
     @staticmethod
     def _row_of(chunk, flat_pos: int, start: int) -> int:
@@ -135,7 +159,8 @@ def check_counts(
     Raises
     ------
     ValueError
-        On NaN/Inf, negative or non-integer values, or cells with zero total counts; the
+        On NaN/Inf, negative or non-integer values, counts above ``2**24`` (not exact in
+        float32, the precision scVI computes in), or cells with zero total counts; the
         message says where and how to fix it.
     """
     if sp.issparse(source_or_matrix) or isinstance(source_or_matrix, np.ndarray):
@@ -151,7 +176,8 @@ def check_counts(
         source_or_matrix, layer=layer
     )
     what = f"layer {layer!r}" if layer else "X"
-    checker = CountChecker(src.obs_names, allow_zero_cells=allow_zero_cells, what=what)
+    checker = CountChecker(src.obs_names, allow_zero_cells=allow_zero_cells, what=what,
+                           var_names=src.var_names)
     for start, chunk in src.iter_chunks(chunk_size):
         checker.update(start, chunk)
     checker.finish()

@@ -183,6 +183,12 @@ class StepRunner:
 
     The metric sums of the pass in progress are :attr:`sums` (train) and :attr:`val_sums`:
     ``[sum(rec + kl), sum(rec), sum(kl)]`` in float64, on the device.
+
+    Non-finite values: after the backward pass, one fused check flags a non-finite loss or
+    gradient; a fused Adam then skips that step's update (``found_inf``, as under a gradient
+    scaler), so the weights stay those of the last good step, and the pass's first bad step
+    (1-based, counted by :attr:`step_count`) lands in :attr:`bad_step` (0: none). Both live on
+    the device; the trainer reads them when it reads the metrics.
     """
 
     def __init__(self, net, module, optimizer, device: torch.device, mode: str = "eager",
@@ -199,6 +205,13 @@ class StepRunner:
         self.kl_weight = torch.zeros((), dtype=torch.float32, device=self.device)
         self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         self.val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.step_count = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.bad_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._found = torch.zeros(1, dtype=torch.float32, device=self.device)
+        self._one = torch.ones(1, dtype=torch.float32, device=self.device)
+        # fused Adam skips its update when found_inf is non-zero (other optimisers cannot)
+        if optimizer is not None and optimizer.defaults.get("fused"):
+            optimizer.found_inf = self._found.view(())  # a 0-d view, as the step counts
         self._graphs: dict = {}
         self._seen: Counter = Counter()
         self._pool = None
@@ -219,11 +232,31 @@ class StepRunner:
             _, _, out = (self.net if train else self.module)(x, kl_weight=self.kl_weight)
         if train:
             out.loss.backward()
+            self._check_finite(out.loss)
             self.optimizer.step()
         rec, kl = out.reconstruction_loss.detach(), out.kl_local.detach()
         (self.sums if train else self.val_sums).add_(
             torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]).double()
         )
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Flag a non-finite loss or gradient of this step (on the device, no host read)."""
+        self._found.copy_((~torch.isfinite(loss.detach().float())).float().reshape(1))
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        if grads:
+            # ORs "any non-finite" into _found; multiplying by one leaves the gradients as they are
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, self._found, self._one)
+        self.step_count += 1
+        first = (self.bad_step == 0) & (self._found[0] > 0)
+        self.bad_step.copy_(torch.where(first, self.step_count, self.bad_step))
+
+    def new_pass(self, train: bool) -> None:
+        """Zero the pass's metric sums (and, for training, its step count and bad step)."""
+        (self.sums if train else self.val_sums).zero_()
+        if train:
+            self.step_count.zero_()
+            self.bad_step.zero_()
 
     def _eager(self, x, train: bool) -> None:
         if train:

@@ -21,6 +21,17 @@ from scvi_fast.train._checkpoint import atomic_torch_save, load_checkpoint
 from scvi_fast.train._step import StaticBatches, StepRunner, max_batch_nnz, resolve_step_mode
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_NONFINITE_HINT = (
+    "Likely causes: counts changed after setup (negative, NaN or huge values: run "
+    "scvi_fast.data.check_counts on them), a learning rate too high for this data, or "
+    "precision='bf16-mixed' overflowing; resume=True continues from the last checkpoint once "
+    "the cause is fixed."
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss or gradient (see the message for where and why)."""
+
 METRICS = ("elbo", "reconstruction_loss", "kl_local")
 
 
@@ -277,8 +288,8 @@ class Trainer:
     def _run_epoch(self, loader, train: bool, kl_w: float, skip: int = 0) -> dict[str, float]:
         self.module.train(train)
         runner = self.runner
+        runner.new_pass(train)
         sums = runner.sums if train else runner.val_sums
-        sums.zero_()
         runner.kl_weight.fill_(kl_w)
         n_obs = 0
         if skip and self._partial is not None and self.is_main:
@@ -293,6 +304,7 @@ class Trainer:
             # skipping the batches already trained continues exactly where it stopped.
             it = itertools.islice(it, skip, None)
         batches = self._batches
+        check_each_step = train and self.device.type == "cpu"
         # eager evaluation runs under inference mode; the static step body (captured or not)
         # under no_grad, inside the runner
         ctx = torch.inference_mode() if not train and batches is None else contextlib.nullcontext()
@@ -308,15 +320,42 @@ class Trainer:
                 if train:
                     self.global_step += 1
                     self._step_in_epoch += 1
+                    if check_each_step:  # free on the CPU: stop at the bad step itself
+                        self._raise_if_not_finite(skip)
                     if (self.checkpoint_every_n_steps
                             and self.global_step % self.checkpoint_every_n_steps == 0):
+                        self._raise_if_not_finite(skip)  # a checkpoint holds good weights only
                         self._partial = self._reduced(sums, n_obs)
                         self.save_checkpoint()
+        if train:
+            self._raise_if_not_finite(skip)
         if train and self.dist is not None:
             self.dist.sync_buffers(self.module)
         sums, n_obs = self._reduced(sums, n_obs)
+        if not bool(torch.isfinite(sums).all()):
+            raise NonFiniteError(
+                f"the {'training' if train else 'validation'} loss of epoch {self.epoch} is not "
+                f"finite ({(sums / max(n_obs, 1)).tolist()}). " + _NONFINITE_HINT
+            )
         vals = (sums / max(n_obs, 1)).tolist()
         return {name: v for name, v in zip(METRICS, vals)} | {"_n_obs": n_obs}
+
+    def _raise_if_not_finite(self, skip: int) -> None:
+        """Stop training if a step of this pass had a non-finite loss or gradient (reads one
+        device scalar; on a GPU only at checkpoints and at the end of the pass)."""
+        # under DDP the gradients are all-reduced before the check, so every rank flags the
+        # same step and stops together
+        bad = int(self.runner.bad_step)
+        if bad == 0:
+            return
+        kept = (f"the last checkpoint in {self.checkpoint_dir} is intact"
+                if self.checkpoint_path is not None and self.checkpoint_path.exists()
+                else "no checkpoint was written")
+        raise NonFiniteError(
+            f"training stopped: the loss or a gradient was not finite at epoch {self.epoch}, "
+            f"step {skip + bad} of {len(self.train_loader)}. That step's update was skipped "
+            f"and the weights are those before it; {kept}. " + _NONFINITE_HINT
+        )
 
     def _log(self, name: str, value: float) -> None:
         self.history.setdefault(name, []).append(float(value))

@@ -225,3 +225,41 @@ def test_train_cuda_graph_argument_is_checked(adata):
         model.train(max_epochs=1, cuda_graph="yes", device="cpu", progress_bar=False)
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         model.train(max_epochs=1, cuda_graph=True, device="cpu", progress_bar=False)
+
+
+def test_non_finite_loss_stops_training_with_the_weights_before_it(adata, tmp_path):
+    """Counts broken after setup (NaN in one cell) stop training at the first minibatch that
+    holds the cell, naming epoch and step; that step's update is skipped (fused Adam's
+    found_inf), so the weights are those of the step before, and the epoch-0 checkpoint is
+    kept."""
+    from scvi_fast.train import NonFiniteError
+
+    bad = adata.copy()
+    train, val = _loaders(bad)
+    victim = int(train.indices[5])
+    row = slice(bad.X.indptr[victim], bad.X.indptr[victim + 1])
+    bad.X.data[row] = np.nan
+    # the loaders read the matrix directly: build them after the damage
+    train, val = _loaders(bad)
+    torch.manual_seed(0)
+    module = VAE(bad.n_vars, n_batch=3, n_hidden=16, n_latent=4, n_layers=2, impl="torch")
+    snapshots = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):
+        snapshots.append({n: p.detach().clone() for n, p in module.named_parameters()})
+        return real_step(self, *a, **k)
+
+    trainer = Trainer(module, train, val, device="cpu", progress_bar=False, seed=5,
+                      step_mode="static", checkpoint_dir=tmp_path)
+    torch.optim.Adam.step = recording_step
+    try:
+        with pytest.raises(NonFiniteError, match=r"not finite at epoch 0, step \d+ of 3") as err:
+            trainer.fit(2)
+    finally:
+        torch.optim.Adam.step = real_step
+    assert "no checkpoint was written" in str(err.value) and "counts changed" in str(err.value)
+    # the failing step is the last one recorded; its update was skipped
+    for n, p in module.named_parameters():
+        assert torch.equal(p.detach(), snapshots[-1][n]), n
+    assert not (tmp_path / "checkpoint.pt").exists()
