@@ -14,11 +14,27 @@ import pandas as pd
 import _common as C
 
 
+def _wide(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the long schema (``_common.result_row``) as one row per case: cells/s and the
+    ratio to scvi-tools side by side, the source taken from ``mode`` (``"store,npy,fp32"``)."""
+    keys = ["date", "device", "provider", "impl", "mode", "shape"]
+    rate = df[df["metric"] == "cells_per_s"][keys + ["median"]]
+    ratio = df[df["metric"] == "ratio_vs_scvi_tools"][keys + ["median"]]
+    out = rate.merge(ratio, on=keys, how="left", suffixes=("", "_ratio"))
+    return out.assign(
+        framework=out["provider"].str.replace("-", "_"),
+        source=out["mode"].str.split(",").str[0] + " " + out["mode"].str.split(",", n=1).str[1],
+        cells_per_s_median=out["median"], ratio_vs_scvi_tools=out["median_ratio"],
+    )
+
+
 def latest(name: str) -> pd.DataFrame:
     path = C.RESULTS / name
     if not path.exists():
         return pd.DataFrame()
     df = pd.read_csv(path)
+    if "metric" in df.columns:
+        df = _wide(df)
     keys = ["suite", "device"] if "suite" in df.columns else ["device"]
     newest = df.groupby(keys)["date"].transform("max")
     df = df[df["date"] == newest].copy()
