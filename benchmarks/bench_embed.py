@@ -86,6 +86,17 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_mb())
 
 
+def _timed_passes(call, repeats: int):
+    """``repeats`` timed calls of ``call() -> (seconds, z)`` under :class:`PeakRSS`."""
+    times = []
+    with PeakRSS() as mem:
+        for _ in range(repeats):
+            t, z = call()
+            times.append(t)
+    return z, {"times": times, "n": int(z.shape[0]), "peak_rss_mb": mem.peak,
+               "rss_growth_mb": mem.peak - mem.base}
+
+
 def _configs(a) -> list[dict]:
     return [{"batch_size": int(bs), "precision": p, "output": o}
             for bs in a.batch_sizes.split(",") for p in a.precisions.split(",")
@@ -126,13 +137,8 @@ def _worker_scvi_fast(a) -> dict:
             res["first_call_s"] = first_s
         if cuda:
             torch.cuda.reset_peak_memory_stats(model.device)
-        times = []
-        with PeakRSS() as mem:
-            for _ in range(a.repeats):
-                t, z = call(cfg)
-                times.append(t)
-        res.update(times=times, n=int(z.shape[0]), peak_rss_mb=mem.peak,
-                   rss_growth_mb=mem.peak - mem.base)
+        z, timed = _timed_passes(lambda: call(cfg), a.repeats)
+        res.update(timed)
         if cuda:
             res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(model.device) / 2**20
         # the first minibatches through a plain loop (fp32, one batch at a time)
@@ -179,13 +185,7 @@ def _worker_scvi_tools(a) -> dict:
         first_s, z = call(bs)
         if i == 0:
             res["first_call_s"] = first_s
-        times = []
-        with PeakRSS() as mem:
-            for _ in range(a.repeats):
-                t, z = call(bs)
-                times.append(t)
-        res.update(times=times, n=int(z.shape[0]), peak_rss_mb=mem.peak,
-                   rss_growth_mb=mem.peak - mem.base)
+        res.update(_timed_passes(lambda: call(bs), a.repeats)[1])
         results.append(res)
     return {"impl": "scvi-tools", "configs": results}
 

@@ -611,7 +611,7 @@ class SCVI:
         with ``out`` (on a filesystem all ranks see) the ranks write their own row ranges of
         the file, otherwise the shares are gathered and every rank gets the whole array.
         """
-        from scvi_fast.analysis import default_batch_size, latent_representation
+        from scvi_fast.analysis import default_batch_size, in_order_batches, latent_representation
 
         batch_size = batch_size or default_batch_size(self.device)
         ctx = _distributed.active()
@@ -622,10 +622,12 @@ class SCVI:
             raise ValueError("return_dist=True cannot be combined with out=")
         source = self._source(adata)
         n = source.n_cells if indices is None else len(indices)
+        batches = in_order_batches(source, batch_size) if indices is None else None
+        if batches is None:
+            batches = self._loader(source, indices=indices, batch_size=batch_size)
         return latent_representation(
-            self.module, self._loader(source, indices=indices, batch_size=batch_size), n,
-            self.device, give_mean=give_mean, return_dist=return_dist, out=out,
-            precision=precision, progress_bar=progress_bar,
+            self.module, batches, n, self.device, give_mean=give_mean, return_dist=return_dist,
+            out=out, precision=precision, progress_bar=progress_bar,
         )
 
     def _latent_distributed(self, ctx, adata, indices, give_mean, batch_size, return_dist, out,

@@ -16,7 +16,7 @@ from ._de import (
     raw_counts_properties,
 )
 from ._expression import decode_scale, normalized_expression, posterior_predictive, sample_scales
-from ._latent import default_batch_size, latent_fn, latent_representation
+from ._latent import default_batch_size, in_order_batches, latent_fn, latent_representation
 
 __all__ = [
     "bayes_factors",
@@ -28,6 +28,7 @@ __all__ = [
     "estimate_delta",
     "estimate_pseudocounts_offset",
     "fdr_de_prediction",
+    "in_order_batches",
     "latent_fn",
     "latent_representation",
     "normalized_expression",

@@ -127,6 +127,29 @@ def test_store_source_and_bf16_ignored_on_cpu(adata, tmp_path):
         model.get_latent_representation(precision="16")
 
 
+def test_in_order_batches_are_views_of_in_memory_csr(adata, tmp_path):
+    import scipy.sparse as sp
+
+    from scvi_fast.analysis import in_order_batches
+    from scvi_fast.data import CSRStore, as_source
+
+    src = as_source(adata)
+    got = list(in_order_batches(src, 128))
+    assert [b.n_cells for b in got] == [128, 128, 44]
+    ref = list(CSRLoader(src, batch_size=128, shuffle=False, prefetch=False))
+    for a, b in zip(got, ref):
+        assert a.indptr.dtype == np.int64 and a.indices.dtype == np.int32
+        np.testing.assert_array_equal(a.indptr, b.indptr)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.values, b.values)
+        assert np.shares_memory(a.values, src.data) and np.shares_memory(a.indices, src.indices)
+    assert list(in_order_batches(as_source(adata[:0].copy()), 128)) == []
+    # what the loader would convert (float64 counts) or gather from disk goes through it
+    assert in_order_batches(as_source(sp.csr_matrix(adata.X, dtype=np.float64)), 128) is None
+    store = CSRStore.create(tmp_path / "s.store", adata, batch_key="batch")
+    assert in_order_batches(as_source(store), 128) is None
+
+
 def test_default_batch_size():
     assert default_batch_size("cpu") == 1024
     assert default_batch_size(torch.device("cuda", 1)) == 16384
