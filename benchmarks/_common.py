@@ -3,12 +3,20 @@
 Every row a benchmark appends carries the date, git sha, device name, package versions and
 the machine's load average, so rows taken on a shared machine can be judged; ratios are only
 ever computed between cases measured in the same run.
+
+Environment variables:
+
+* ``SCVI_FAST_RESULTS``: the folder the CSVs are appended to (default
+  ``benchmarks/results``); the GPU suite points it at its output folder.
+* ``SCVI_FAST_GIT_SHA``: the git sha to stamp rows with, for a copy of the checkout without
+  its ``.git`` (e.g. on a machine the working tree was copied to).
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -20,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("SCVI_FAST_RESULTS") or ROOT / "benchmarks" / "results")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -37,15 +45,23 @@ def cpu_name() -> str:
 
 
 def device_name(device: str = "cpu") -> str:
-    """The CPU model, or the CUDA device name (e.g. 'NVIDIA H100 80GB HBM3')."""
+    """The CPU model, or the CUDA device name (e.g. 'NVIDIA H100 80GB HBM3'; ' xN' appended
+    when N > 1 devices are visible)."""
     if str(device).startswith("cuda"):
         import torch
 
-        return torch.cuda.get_device_name(torch.device(device))
+        name = torch.cuda.get_device_name(torch.device(device))
+        n = torch.cuda.device_count()
+        return f"{name} x{n}" if n > 1 else name
     return cpu_name()
 
 
+@functools.lru_cache(maxsize=1)
 def git_sha() -> str:
+    """Short sha of HEAD, ``-dirty`` when ``scvi_fast`` or ``csrc`` differ from it;
+    ``$SCVI_FAST_GIT_SHA`` when set."""
+    if os.environ.get("SCVI_FAST_GIT_SHA"):
+        return os.environ["SCVI_FAST_GIT_SHA"]
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                       stderr=subprocess.DEVNULL).strip()
@@ -56,12 +72,13 @@ def git_sha() -> str:
         return "unknown"
 
 
+@functools.lru_cache(maxsize=None)
 def versions(python: str = sys.executable) -> str:
     """JSON of the versions of the packages that matter, as seen by ``python``."""
-    code = ("import importlib.metadata as m, json\n"
-            "out = {}\n"
-            "for p in ('torch', 'triton', 'numpy', 'scipy', 'numba', 'anndata', 'scvi-tools',"
-            " 'scvi_fast'):\n"
+    code = ("import importlib.metadata as m, json, platform\n"
+            "out = {'python': platform.python_version()}\n"
+            "for p in ('torch', 'triton', 'numpy', 'scipy', 'numba', 'pandas', 'anndata',"
+            " 'scvi-tools', 'lightning', 'scvi_fast'):\n"
             "    try: out[p] = m.version(p)\n"
             "    except m.PackageNotFoundError: pass\n"
             "print(json.dumps(out))")
@@ -80,6 +97,26 @@ def load_avg() -> str:
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def rss_mb() -> float:
+    """This process's resident set now, MB."""
+    return _proc_status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``), MB. Not ``getrusage``'s ``ru_maxrss``:
+    Linux carries that over from the process that called exec, so a worker started by a big
+    driver would report the driver's peak."""
+    return _proc_status_mb("VmHWM")
 
 
 def append_rows(name: str, rows: list[dict], fields: list[str]) -> Path:
@@ -162,29 +199,79 @@ def spread(values) -> dict:
             "p90": float(np.percentile(v, 90)), "n": int(v.size)}
 
 
-def synthetic_h5ad(path: Path, n_cells: int, n_genes: int, n_batches: int, density: float,
-                   n_cell_types: int = 10, seed: int = 0) -> Path:
-    """Write (once; reused when the same shape exists) a synthetic count ``.h5ad``."""
-    import anndata
+def synthetic_path(workdir: Path, n_cells: int, n_genes: int, n_batches: int, density: float,
+                   suffix: str, seed: int = 0) -> Path:
+    """``workdir/synthetic_<cells>x<genes>_<batches>b_<density>[_s<seed>]<suffix>``: where a
+    synthetic data set's ``.store`` and ``.h5ad`` live."""
+    tail = f"_s{seed}" if seed else ""
+    return Path(workdir) / f"synthetic_{n_cells}x{n_genes}_{n_batches}b_{density}{tail}{suffix}"
+
+
+def _synthetic_params(n_cells, n_genes, n_batches, density, n_cell_types, seed) -> dict:
+    """What identifies a synthetic data set, the generator's version included (files made by
+    an older generator are not reused)."""
+    from scvi_fast.data._synthetic import GENERATOR_VERSION
+
+    return {"n_cells": int(n_cells), "n_genes": int(n_genes), "n_batches": int(n_batches),
+            "density": float(density), "n_cell_types": int(n_cell_types), "seed": int(seed),
+            "version": GENERATOR_VERSION}
+
+
+def synthetic_store(path: Path, n_cells: int, n_genes: int, n_batches: int, density: float,
+                    n_cell_types: int = 10, seed: int = 0) -> Path:
+    """A synthetic CSR store at ``path``, streamed straight from the generator
+    (:func:`scvi_fast.data.write_synthetic_store`); reused when one with the same parameters
+    exists. Batch key ``batch``, labels key ``cell_type``."""
+    from scvi_fast.data import CSRStore, StoreCorruptError, write_synthetic_store
 
     path = Path(path)
-    if path.exists():
-        a = anndata.read_h5ad(path, backed="r")
-        ok = a.shape == (n_cells, n_genes) and a.uns.get("bench_density") == density and \
-            a.obs["batch"].nunique() == n_batches
-        a.file.close()
-        if ok:
+    want = _synthetic_params(n_cells, n_genes, n_batches, density, n_cell_types, seed)
+    try:
+        store = CSRStore.open(path)
+        syn = store.manifest.get("synthetic", {})
+        have = dict(syn, n_cells=store.n_cells, n_genes=store.n_genes)
+        if all(have.get(k) == v for k, v in want.items()):
             return path
-    from scvi_fast.data import synthetic_anndata
-
+    except (FileNotFoundError, StoreCorruptError):
+        pass
     t0 = time.perf_counter()
-    ad = synthetic_anndata(n_cells=n_cells, n_genes=n_genes, n_batches=n_batches,
-                           n_cell_types=n_cell_types, density=density, seed=seed)
-    ad.uns["bench_density"] = density
+    store = write_synthetic_store(path, n_cells, n_genes=n_genes, n_batches=n_batches,
+                                  n_cell_types=n_cell_types, density=density, seed=seed,
+                                  overwrite=True)
+    print(f"wrote {path} ({n_cells} x {n_genes}, {store.nnz / max(n_cells * n_genes, 1):.1%} "
+          f"non-zero) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def synthetic_h5ad(path: Path, n_cells: int, n_genes: int, n_batches: int, density: float,
+                   n_cell_types: int = 10, seed: int = 0) -> Path:
+    """A synthetic count ``.h5ad`` at ``path`` (the cells of :func:`synthetic_store`, whose
+    store ``path.with_suffix(".store")`` is written first when missing); reused when one with
+    the same parameters exists. Only the consumers that need an ``.h5ad`` (scvi-tools, the
+    in-memory cases) should ask for one: the store is what scvi_fast reads fastest."""
+    import anndata
+
+    from scvi_fast.data import CSRStore, write_h5ad
+
+    path = Path(path)
+    want = _synthetic_params(n_cells, n_genes, n_batches, density, n_cell_types, seed)
+    if path.exists():
+        try:
+            a = anndata.read_h5ad(path, backed="r")
+            have = dict(a.uns.get("synthetic", {}))
+            a.file.close()
+            if {k: have.get(k) for k in want} == want:
+                return path
+        except (OSError, KeyError, ValueError):
+            pass
+    store = synthetic_store(path.with_suffix(".store"), n_cells, n_genes, n_batches, density,
+                            n_cell_types, seed)
+    t0 = time.perf_counter()
+    ad = CSRStore.open(store).to_anndata()
+    ad.uns["synthetic"] = want
     path.parent.mkdir(parents=True, exist_ok=True)
-    ad.write_h5ad(path)
-    print(f"wrote {path} ({n_cells} x {n_genes}, {ad.X.nnz / (n_cells * n_genes):.1%} non-zero)"
-          f" in {time.perf_counter() - t0:.0f} s", flush=True)
+    write_h5ad(ad, path)
+    print(f"wrote {path} from {store.name} in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
 
 
@@ -197,6 +284,56 @@ def run_worker(python: str, script: str, args: list[str], timeout: float, env_ex
     if proc.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def stream_worker(python: str, script: str, args: list[str], timeout: float, env_extra=None):
+    """Run ``script --worker ...`` in a fresh process and yield every stdout line that is a
+    JSON object as soon as it is printed (a worker reporting case by case keeps what it
+    measured when it is cut short). Raises when the worker fails or runs past ``timeout``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen([python, script, "--worker", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env) as proc:
+        import threading
+
+        err: list[str] = []
+        reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+        reader.start()
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                line = line.strip()
+                if line.startswith("{"):
+                    yield json.loads(line)
+                elif line:
+                    print(f"    | {line}", flush=True)
+            proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+        reader.join(5)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"worker {args} ran past {timeout:.0f} s")
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker {args} failed:\n{''.join(err)[-4000:]}")
+
+
+def read_results(name: str):
+    """``benchmarks/results/<name>`` (long schema) as a DataFrame, ``config`` parsed to dicts."""
+    import pandas as pd
+
+    df = pd.read_csv(RESULTS / name, dtype={"git_sha": str, "shape": str, "notes": str},
+                     keep_default_na=False, na_values={"median": [""], "p20": [""],
+                                                       "p80": [""], "n": [""]})
+    if list(df.columns) != RESULT_FIELDS:
+        raise ValueError(f"{RESULTS / name} is not in the long schema (columns "
+                         f"{list(df.columns)[:6]}...)")
+    df["config"] = [json.loads(c) if c else {} for c in df["config"]]
+    return df
 
 
 def has_module(python: str, module: str) -> bool:

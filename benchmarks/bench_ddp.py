@@ -16,8 +16,10 @@ scheduler grants N processes rather than one, so the cells per CPU-second of all
 (every epoch, every thread) are recorded too: their ratio (``cpu_efficiency``) is the
 share of the work that is not spent on communication and duplicated overhead.
 
-Rows are appended to ``benchmarks/results/ddp.csv`` with the date, git sha, device, versions
-and the machine's load average (a shared machine inflates the spread).
+Rows (long schema, ``mode`` = ``<backend>/<processes>x<threads per process>``) are appended to
+``ddp.csv`` after each case, with the date, git sha, device, versions and the machine's load
+average (a shared machine inflates the spread); the efficiencies follow once the baseline and
+the N-process case are both in.
 
     python benchmarks/bench_ddp.py                      # CPU, 1 and 2 processes
     python benchmarks/bench_ddp.py --device cuda        # 1 and every GPU
@@ -26,24 +28,13 @@ and the machine's load average (a shared machine inflates the spread).
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "ddp.csv"
-FIELDS = [
-    "date", "git_sha", "device", "backend", "n_procs", "threads_per_proc", "n_cells", "n_genes",
-    "n_hidden", "n_latent", "n_layers", "batch_size_per_rank", "epochs_timed",
-    "cells_per_s_median", "cells_per_s_min", "cells_per_s_max", "scaling_efficiency",
-    "cells_per_cpu_s", "cpu_efficiency", "startup_s", "load_avg", "torch", "numpy", "numba", "python", "impl", "note",
-]
+import _common as C
 
 
 def _worker(cfg: dict):
@@ -86,41 +77,15 @@ def _run(nproc: int, threads: int, cfg: dict) -> dict:
     res = _distributed.launch(_worker, (cfg,), nproc=nproc)[0]
     wall = time.perf_counter() - t0
     timed = res["epoch_times"]
-    rates = sorted(res["cells_per_epoch"] / t for t in timed)
+    rates = [res["cells_per_epoch"] / t for t in timed]
     return {
         "n_procs": nproc, "threads_per_proc": res["threads"], "epochs_timed": len(timed),
-        "cells_per_s_median": rates[len(rates) // 2] if len(rates) % 2 else
-        0.5 * (rates[len(rates) // 2 - 1] + rates[len(rates) // 2]),
-        "cells_per_s_min": rates[0], "cells_per_s_max": rates[-1],
+        "rates": rates, "cells_per_s_median": C.summary(rates)["median"],
         # launch, imports and the warm-up epoch
         "startup_s": wall - sum(res["epoch_times"]), "impl": res["impl"], "backend": res["backend"],
         # CPU seconds are not inflated by other processes' load the way wall time is
         "cells_per_cpu_s": res["cells_trained"] / max(res["cpu_s"], 1e-9),
     }
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "scvi_fast"], cwd=ROOT).returncode
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'CPU'} x{os.cpu_count()}"
 
 
 def main(argv=None) -> int:
@@ -140,8 +105,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
 
-    import numba
-    import numpy as np
     import torch
 
     from scvi_fast.data import CSRStore, synthetic_anndata
@@ -153,6 +116,7 @@ def main(argv=None) -> int:
     batch = args.batch_size or (1024 if cuda else 256)
     n_max = torch.cuda.device_count() if cuda else 2
     threads = args.threads_per_proc or max(1, (os.cpu_count() or 1) // 2)
+    load_start = C.load_avg()
     with tempfile.TemporaryDirectory(prefix="bench_ddp_") as tmp:
         store = args.store
         if store is None:
@@ -171,46 +135,46 @@ def main(argv=None) -> int:
             cases.append((1, os.cpu_count() or 1, "reference: one process, all cores"))
         if n_max > 1:
             cases.append((n_max, threads, ""))
+        shape = {"cells": n_cells, "genes": args.n_genes}
+        config = {"n_hidden": args.n_hidden, "n_latent": args.n_latent,
+                  "n_layers": args.n_layers, "batch_size_per_rank": batch,
+                  "epochs_timed": args.epochs}
         rows = []
         for nproc, thr, note in cases:
             print(f"{nproc} process(es) x {thr if not cuda else '-'} thread(s) ...", flush=True)
             r = _run(nproc, thr, cfg)
             r["note"] = "; ".join(x for x in (note, args.note) if x)
             rows.append(r)
-            print(f"  {r['cells_per_s_median']:,.0f} cells/s (min {r['cells_per_s_min']:,.0f}, "
-                  f"max {r['cells_per_s_max']:,.0f}; startup {r['startup_s']:.1f} s)", flush=True)
-    base, base_cpu = rows[0]["cells_per_s_median"], rows[0]["cells_per_cpu_s"]
-    for r in rows:
-        same = r["threads_per_proc"] == rows[0]["threads_per_proc"] or cuda
-        r["scaling_efficiency"] = r["cells_per_s_median"] / (r["n_procs"] * base) if same else ""
-        r["cpu_efficiency"] = r["cells_per_cpu_s"] / base_cpu if same else ""
+            print(f"  {r['cells_per_s_median']:,.0f} cells/s (min {min(r['rates']):,.0f}, "
+                  f"max {max(r['rates']):,.0f}; startup {r['startup_s']:.1f} s)", flush=True)
+            base = rows[0]
+            same = r["threads_per_proc"] == base["threads_per_proc"] or cuda
+            kw = dict(impl=r["impl"], mode=f"{r['backend']}/{nproc}x{r['threads_per_proc']}",
+                      shape=shape, config=config | {"n_procs": nproc,
+                                                    "threads_per_proc": r["threads_per_proc"],
+                                                    "backend": r["backend"]}, notes=r["note"])
+            out = [C.result_row("ddp", "scvi_fast", "cells_per_s", "cells/s", r["rates"], **kw),
+                   C.result_row("ddp", "scvi_fast", "cells_per_cpu_s", "cells/CPU-s",
+                                r["cells_per_cpu_s"], **kw),
+                   C.result_row("ddp", "scvi_fast", "startup_s", "s", r["startup_s"], **kw)]
+            if same:
+                # efficiency of N processes against one, at the same threads per process
+                r["scaling_efficiency"] = r["cells_per_s_median"] / (nproc * base["cells_per_s_median"])
+                r["cpu_efficiency"] = r["cells_per_cpu_s"] / base["cells_per_cpu_s"]
+                out += [C.result_row("ddp", "scvi_fast", "scaling_efficiency", "ratio",
+                                     r["scaling_efficiency"], **kw),
+                        C.result_row("ddp", "scvi_fast", "cpu_efficiency", "ratio",
+                                     r["cpu_efficiency"], **kw)]
+            if not args.no_save:
+                C.record("ddp.csv", out, device=args.device, load_avg_start=load_start)
     if n_max > 1:
-        last = rows[-1]
+        last, base = rows[-1], rows[0]["cells_per_s_median"]
         print(f"scaling efficiency at {n_max} processes: {last['scaling_efficiency']:.2f} "
               f"({last['cells_per_s_median'] / base:.2f}x the 1-process throughput); "
               f"cells per CPU-second {last['cpu_efficiency']:.2f}x the 1-process value")
-    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    common = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_sha": _git_sha(), "device": _device_name(args.device), "n_cells": n_cells,
-        "n_genes": args.n_genes, "n_hidden": args.n_hidden, "n_latent": args.n_latent,
-        "n_layers": args.n_layers, "batch_size_per_rank": batch, "load_avg": load,
-        "torch": torch.__version__, "numpy": np.__version__, "numba": numba.__version__,
-        "python": platform.python_version(),
-    }
-    print(f"load average (1, 5, 15 min): {load}")
+    print(f"load average (1, 5, 15 min): {C.load_avg()}")
     if not args.no_save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        new = not RESULTS.exists()
-        with open(RESULTS, "a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            for r in rows:
-                row = common | r
-                w.writerow({k: (f"{row[k]:.6g}" if isinstance(row.get(k), float) else row.get(k, ""))
-                            for k in FIELDS})
-        print(f"appended {len(rows)} rows to {RESULTS}")
+        print(f"rows in {C.RESULTS / 'ddp.csv'}")
     return 0
 
 

@@ -7,8 +7,10 @@ floor is the top 50 principal components of log-normalised counts (1e4 per cell,
 Each embedding goes through ``scvi_fast.metrics.summary_table`` (label = ``cell_type``).
 scvi-tools runs in a subprocess of its own virtualenv (``--scvi-python``).
 
-Writes ``benchmarks/results/metrics_kang.csv`` (metrics x methods, with training times,
-device, versions and git sha on every row) and ``benchmarks/results/metrics_kang.png``.
+Appends one dated row per metric and method to ``metrics_kang.csv`` (long schema: ``provider``
+the method, ``mode`` the metric's kind, ``bio`` / ``batch`` / ``info``; training times as
+``train_time_s``), with device, versions and git sha, and writes ``metrics_kang.png`` to
+``--out``.
 
     python benchmarks/bench_metrics_kang.py --epochs 40
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -26,11 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "kang_ctrl_muscat.h5ad"
-OUT = ROOT / "benchmarks" / "results"
+import _common as C
+
+DATA = C.ROOT.parent / "shared" / "data" / "kang_ctrl_muscat.h5ad"
 
 SCVI_TOOLS_SCRIPT = r"""
 import json, sys, time
@@ -49,14 +49,6 @@ elbo = model.history["elbo_validation"].iloc[-1, 0] if "elbo_validation" in mode
 json.dump({"train_time_s": dt, "version": scvi.__version__, "torch": torch.__version__,
            "elbo_validation": float(elbo)}, open(out + "/info.json", "w"))
 """
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def pca_floor(adata, n_comps: int = 50, seed: int = 0) -> np.ndarray:
@@ -93,7 +85,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-cells", type=int, default=None, help="evaluate metrics on a random subset")
     ap.add_argument("--leiden-iterations", type=int, default=-1,
                     help="Leiden passes per resolution (-1: until stable, as scib)")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--out", default=str(C.RESULTS), help="folder of metrics_kang.png")
     args = ap.parse_args(argv)
 
     import anndata
@@ -140,18 +132,19 @@ def main(argv=None) -> int:
     t_metrics = time.perf_counter() - t0
     table.loc["train_time_s"] = ["info", *[train_time[c] for c in embeddings]]
     table.loc["embedding_dims"] = ["info", *[float(embeddings[c].shape[1]) for c in embeddings]]
-    meta = {
-        "data": DATA.name, "n_cells": adata.n_obs, "n_genes": adata.n_vars, "label_key": "cell_type",
-        "batch_key": "donor", "epochs": args.epochs, "seed": args.seed, "threads": args.threads,
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__, "git_sha": git_sha(), "methods": "; ".join(notes.values()),
-    }
+    config = {"data": DATA.name, "label_key": "cell_type", "batch_key": "donor",
+              "epochs": args.epochs, "seed": args.seed, "threads": args.threads,
+              "max_cells": args.max_cells, "leiden_iterations": args.leiden_iterations}
+    shape = {"cells": adata.n_obs, "genes": adata.n_vars}
+    rows = [C.result_row("metrics:kang", method, metric, "s" if metric == "train_time_s" else "",
+                         float(table.loc[metric, method]), mode=table.loc[metric, "kind"],
+                         shape=shape, config=config, notes=notes[method])
+            for metric in table.index for method in embeddings]
+    path = C.record("metrics_kang.csv", rows, device="cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    csv = table.assign(**meta)
-    csv.to_csv(out / "metrics_kang.csv")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    print(f"metrics in {t_metrics:.1f} s; wrote {out / 'metrics_kang.csv'}", flush=True)
+    print(f"metrics in {t_metrics:.1f} s; appended {len(rows)} rows to {path}", flush=True)
     png = metrics.plot_summary(embeddings, labels, batch, table.drop(["train_time_s", "embedding_dims"]),
                                out / "metrics_kang.png", seed=args.seed)
     print(f"wrote {png}; total {time.perf_counter() - t_all:.1f} s")

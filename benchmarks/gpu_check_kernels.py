@@ -5,35 +5,63 @@ On a GPU machine (default: the Census shape B=1024, G=8000, H=512, 10% non-zeros
 
     python benchmarks/gpu_check_kernels.py
 
-* checks lgamma / digamma (plain Triton) against torch over 1e-4 .. 1e6;
-* checks each op, value and every gradient with a non-unit upstream gradient: float64 against
-  the float64 reference, float32 against the float64 truth (within a small factor of torch's
-  own float32 error; for the NB op within k * the sum of |terms|, as in the tests);
-* times forward and forward+backward (median and spread of repeated runs, CUDA events) next to
-  the torch reference, and prints the NB op's achieved GB/s (bytes moved / time).
+Checks (exit status 1 when one fails), each value and every gradient with a non-unit
+upstream gradient:
 
-Exit status 1 when a check fails. ``--cpu`` runs the same under ``TRITON_INTERPRET=1`` on CPU
-tensors at a tiny shape (this is how the script itself is tested without a GPU).
+* lgamma / digamma (plain Triton) against torch over 1e-4 .. 1e6;
+* sparse_linear, both methods (``gather``; ``dense``: densified on the device + GEMM):
+  float64 against the float64 reference; float32 (TF32 off) against the float64 truth within
+  a small factor of torch's own float32 error; the dense method with TF32 and under bf16
+  autocast against the float64 truth, within a factor of the error of torch's own GEMM on a
+  dense input at that precision;
+* nb_softmax_loglik with float64, float32 and bfloat16 logits (within k * the sum of |terms|,
+  as in the tests; the bf16 logits' gradient within one bf16 rounding);
+* reparam_kl in float64 and float32;
+* the CSR contract: a poisoned padded tail past ``indptr[-1]`` changes no output or gradient
+  (int32 CSR arrays);
+* CUDA-graph safety: each op (forward + backward) runs under
+  ``torch.cuda.set_sync_debug_mode("error")`` (no host synchronisation), is captured in a CUDA
+  graph over static padded CSR buffers, and replayed after a different minibatch is copied
+  into those buffers: the replay matches an eager run on the new batch.
+
+Timings at that shape (recorded in ``benchmarks/results/kernels.csv`` with
+``_common.result_row`` / ``record``, and printed), each as a median over ``--repeats``:
+``eager`` (CUDA events around each call: launch overhead included) and ``graph`` (one replay of
+the op captured in a CUDA graph, the L2 cache flushed before each: what a captured step pays):
+
+* first layer forward+backward: Triton gather, Triton dense, and ``addmm`` of a dense input
+  already on the device (cuBLAS; the bar), in fp32, TF32 and bf16 where they apply, and the
+  torch sparse reference;
+* NB forward and forward+backward with float32 and bfloat16 logits, with the effective
+  bandwidth (compulsory bytes / time, see ``nb_bytes_moved``) and its share of the device's
+  HBM peak;
+* reparam_kl forward+backward.
+
+``--cpu`` runs the same under ``TRITON_INTERPRET=1`` on CPU tensors at a tiny shape (this is
+how the script itself is tested without a GPU): no CUDA-graph or sync checks, eager timings
+only, nothing recorded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 # runnable from a checkout without installing the package
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+_ROOT = Path(__file__).resolve().parents[1]
+for _p in (str(_ROOT), str(_ROOT / "benchmarks")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
-from scvi_fast import reference  # noqa: E402  (torch and the references never import triton)
+import _common as C  # noqa: E402
+from bench_kernels import capture, graph_time_ms, precision, time_ms  # noqa: E402
+
+from scvi_fast import reference  # noqa: E402  (never imports triton)
 
 # checks: (op, what) -> max error ratio; ratio <= 1 passes
 FACTOR32 = 4.0  # float32: error <= FACTOR32 * torch's float32 error + floor
@@ -41,6 +69,14 @@ FLOOR32 = 1e-6  # ... relative to max(1, max |truth|)
 TOL64 = 1e-12  # float64 sparse_linear / reparam_kl: rtol = atol
 NB_K = {"float64": 5e-13, "float32": 2e-6}  # NB: error <= k * sum of |terms| (term_magnitudes)
 SPECIAL_RTOL = {"float64": (5e-14, 5e-15), "float32": (1e-5, 2e-6)}  # (lgamma, digamma)
+# a bf16 gradient is one rounding of a float32-accurate value: 2^-8 relative (round to nearest;
+# Triton's CPU interpreter truncates: 2^-7)
+BF16_ULP = 2.0**-7
+
+#: HBM peak of known devices (bytes/s), matched by name; --hbm-peak overrides
+HBM_PEAK = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
+            ("GH200", 4.0e12), ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12),
+            ("A100", 1.56e12), ("L40S", 0.864e12), ("L4", 0.3e12)]
 
 
 def _parse(argv):
@@ -54,11 +90,15 @@ def _parse(argv):
     p.add_argument("--K", type=int, default=None, help="categories (default 128, 3 with --cpu)")
     p.add_argument("--Z", type=int, default=None, help="latent dims (default 50, 5 with --cpu)")
     p.add_argument("--density", type=float, default=0.1, help="fraction of non-zero counts")
-    p.add_argument("--repeats", type=int, default=None, help="runs (default 50, 1 with --cpu)")
+    p.add_argument("--pad", type=float, default=0.1,
+                   help="padded CSR capacity past the stored entries, as a fraction of them")
+    p.add_argument("--repeats", type=int, default=None, help="runs (default 30, 1 with --cpu)")
+    p.add_argument("--hbm-peak", type=float, default=None, help="HBM peak in GB/s")
+    p.add_argument("--no-record", action="store_true", help="print the timings only")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     tiny = dict(B=4, G=64, H=16, K=3, Z=5, repeats=1)
-    full = dict(B=1024, G=8000, H=512, K=128, Z=50, repeats=50)
+    full = dict(B=1024, G=8000, H=512, K=128, Z=50, repeats=30)
     for k, v in (tiny if args.cpu else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -83,17 +123,31 @@ def main(argv=None) -> int:
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (TRITON_INTERPRET=1)"
     print(f"device: {name}")
-    print(f"torch {torch.__version__}, triton {triton.__version__}")
-    print(f"shape: B={args.B} G={args.G} H={args.H} K={args.K} Z={args.Z} density={args.density}")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, git {C.git_sha()}")
+    print(f"shape: B={args.B} G={args.G} H={args.H} K={args.K} Z={args.Z} "
+          f"density={args.density} padded capacity +{args.pad:.0%}")
     gen = torch.Generator().manual_seed(args.seed)
     ok = True
     ok &= _check_special(tk, device)
     for dtype in (torch.float64, torch.float32):
         inputs = _inputs(gen, args, dtype, device)
-        ok &= _check_sparse_linear(tk, inputs, dtype)
+        for method in ("gather", "dense"):
+            ok &= _check_sparse_linear(tk, inputs, dtype, method)
         ok &= _check_nb(tk, inputs, dtype)
         ok &= _check_reparam(tk, inputs, dtype)
-    _time_all(tk, _inputs(gen, args, torch.float32, device), args, device)
+    inputs = _inputs(gen, args, torch.float32, device)
+    for prec in ("tf32", "bf16"):
+        ok &= _check_dense_low_precision(tk, inputs, prec, device)
+    ok &= _check_nb_bf16(tk, inputs)
+    ok &= _check_padding(tk, inputs, args)
+    if device.type == "cuda":
+        ok &= _check_graph_safety(tk, gen, args, device)
+    else:
+        print("  [SKIP] no-sync and CUDA-graph checks (CUDA only)")
+    rows = _time_all(tk, _inputs(gen, args, torch.float32, device), args, device, name)
+    if rows and device.type == "cuda" and not args.no_record:
+        path = C.record("kernels.csv", rows, device="cuda")
+        print(f"recorded {len(rows)} rows in {path}")
     print("ALL CHECKS PASS" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 
@@ -101,14 +155,18 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _inputs(gen, args, dtype, device):
-    B, G, H, K, Z = args.B, args.G, args.H, args.K, args.Z
-    f64 = dict(generator=gen, dtype=torch.float64)
-    mask = torch.rand(B, G, generator=gen) < args.density
+def _counts(gen, B, G, density):
+    mask = torch.rand(B, G, generator=gen) < density
     mask[0] = False  # a cell without counts
     mask[:, 0] = False  # a gene never observed
     counts = torch.floor(torch.exp(torch.rand(B, G, generator=gen) * 8.0)).clamp_min(1)  # 1..~3000
-    dense = torch.where(mask, counts, torch.zeros(()))
+    return torch.where(mask, counts, torch.zeros(()))
+
+
+def _inputs(gen, args, dtype, device):
+    B, G, H, K, Z = args.B, args.G, args.H, args.K, args.Z
+    f64 = dict(generator=gen, dtype=torch.float64)
+    dense = _counts(gen, B, G, args.density)
     csr = dense.to_sparse_csr()
     indptr, indices = csr.crow_indices(), csr.col_indices()
     values = csr.values().to(dtype)
@@ -130,9 +188,18 @@ def _inputs(gen, args, dtype, device):
     return out
 
 
+def _padded_csr(indptr, indices, values, pad, index_dtype=torch.int32):
+    """The CSR with ``pad`` x nnz poisoned slots past ``indptr[-1]`` (NaN values, gene ids -1
+    and 2^30), in ``index_dtype``."""
+    extra = max(1, int(pad * values.numel()))
+    bad = torch.tensor([-1, 2**30], device=indices.device).repeat(extra)[:extra]
+    nan = torch.full((extra,), float("nan"), dtype=values.dtype, device=values.device)
+    return (indptr.to(index_dtype), torch.cat([indices, bad]).to(index_dtype),
+            torch.cat([values, nan]))
+
+
 def _grads(out, leaves, upstream):
-    loss = sum((o * u).sum() for o, u in zip(out, upstream))
-    return [g for g in torch.autograd.grad(loss, leaves)]
+    return list(torch.autograd.grad(out, leaves, [u.to(o.dtype) for o, u in zip(out, upstream)]))
 
 
 def _leaf(*ts):
@@ -147,7 +214,7 @@ def _report(op, dtype, results) -> bool:
     worst = max(r for _, r in results)
     status = "PASS" if worst <= 1.0 else "FAIL"
     detail = ", ".join(f"{w} {r:.2g}" for w, r in results)
-    print(f"  [{status}] {op:<18} {str(dtype).replace('torch.', ''):<8} error/allowed: {detail}")
+    print(f"  [{status}] {op:<24} {str(dtype).replace('torch.', ''):<8} error/allowed: {detail}")
     return worst <= 1.0
 
 
@@ -180,15 +247,16 @@ def _check_special(tk, device) -> bool:
     return ok
 
 
-def _sparse_linear_run(fn, t, dtype_to=None):
+def _sparse_linear_run(fn, t, dtype_to=None, csr=None, **kw):
     conv = (lambda v: v.to(dtype_to)) if dtype_to is not None else (lambda v: v)
     W, b, W_cov = _leaf(conv(t["W"]), conv(t["b"]), conv(t["W_cov"]))
-    y = fn(t["indptr"], t["indices"], conv(t["values"]), W, b, t["cov"], W_cov, "log1p")
+    indptr, indices, values = csr or (t["indptr"], t["indices"], t["values"])
+    y = fn(indptr, indices, conv(values), W, b, t["cov"], W_cov, "log1p", **kw)
     return [y.detach()] + _grads([y], [W, b, W_cov], [conv(t["gy"])])
 
 
-def _check_sparse_linear(tk, t, dtype) -> bool:
-    got = _sparse_linear_run(tk.sparse_linear, t)
+def _check_sparse_linear(tk, t, dtype, method) -> bool:
+    got = _sparse_linear_run(tk.sparse_linear, t, method=method)
     names = ["y", "dW", "db", "dW_cov"]
     if dtype == torch.float64:
         want = _sparse_linear_run(reference.sparse_linear, t)
@@ -197,28 +265,62 @@ def _check_sparse_linear(tk, t, dtype) -> bool:
         truth = _sparse_linear_run(reference.sparse_linear, t, torch.float64)
         t32 = _sparse_linear_run(reference.sparse_linear, t)
         res = [(n, _ratio32(g, a, w)) for n, g, a, w in zip(names, got, t32, truth)]
-    return _report("sparse_linear", dtype, res)
+    return _report(f"sparse_linear {method}", dtype, res)
 
 
-def _nb_run(fn, t, dtype_to=None):
+def _check_dense_low_precision(tk, t, prec, device) -> bool:
+    """The dense method in TF32 / bf16 against the float64 truth, judged against the error of
+    torch's own GEMM on the dense input at the same precision (the layer an nn.Linear runs)."""
+    truth = _sparse_linear_run(reference.sparse_linear, t, torch.float64)
+    with precision(prec, device):
+        got = _sparse_linear_run(tk.sparse_linear, t, method="dense")
+        torch_lp = _sparse_linear_run(reference.sparse_linear, t, method="dense")
+    names = ["y", "dW", "db", "dW_cov"]
+    res = [(n, _ratio32(g, a, w)) for n, g, a, w in zip(names, got, torch_lp, truth)]
+    return _report("sparse_linear dense", prec, res)
+
+
+def _nb_run(fn, t, dtype_to=None, logits_dtype=None, csr=None):
     conv = (lambda v: v.to(dtype_to)) if dtype_to is not None else (lambda v: v)
-    z, l, r = _leaf(conv(t["logits"]), conv(t["log_library"]), conv(t["px_r"]))
-    ll = fn(z, l, r, (t["indptr"], t["indices"], conv(t["values"])), 1e-8)
+    logits = conv(t["logits"]) if logits_dtype is None else t["logits"].to(logits_dtype)
+    z, l, r = _leaf(logits, conv(t["log_library"]), conv(t["px_r"]))
+    indptr, indices, values = csr or (t["indptr"], t["indices"], t["values"])
+    ll = fn(z, l, r, (indptr, indices, conv(values)), 1e-8)
     return [ll.detach()] + _grads([ll], [z, l, r], [conv(t["w"])])
+
+
+def _nb_scales(tk, t, logits=None):
+    return tk._kernels("_nb_loglik").term_magnitudes(
+        t["logits"] if logits is None else logits, t["log_library"], t["px_r"],
+        (t["indptr"], t["indices"], t["values"]), t["w"],
+    )
 
 
 def _check_nb(tk, t, dtype) -> bool:
     got = _nb_run(tk.nb_softmax_loglik, t)
     truth = _nb_run(reference.nb_softmax_loglik, t, torch.float64)
     k = NB_K["float64" if dtype == torch.float64 else "float32"]
-    res = []
-    scales = tk._kernels("_nb_loglik").term_magnitudes(
-        t["logits"], t["log_library"], t["px_r"], (t["indptr"], t["indices"], t["values"]), t["w"]
-    )
     names = ["loglik", "dlogits", "dlog_library", "dpx_r"]
-    for n, g, w, s in zip(names, got, truth, scales):
-        res.append((n, ((g.double() - w).abs() / (k * s + 1e-300)).max().item()))
+    res = [(n, ((g.double() - w).abs() / (k * s + 1e-300)).max().item())
+           for n, g, w, s in zip(names, got, truth, _nb_scales(tk, t))]
     return _report("nb_softmax_loglik", dtype, res)
+
+
+def _check_nb_bf16(tk, t) -> bool:
+    """bfloat16 logits read directly: float32-accurate results for those (rounded) logits; the
+    logits' gradient in bf16 within one rounding."""
+    got = _nb_run(tk.nb_softmax_loglik, t, logits_dtype=torch.bfloat16)
+    rounded = dict(t, logits=t["logits"].to(torch.bfloat16).double())
+    truth = _nb_run(reference.nb_softmax_loglik, rounded, torch.float64)
+    scales = _nb_scales(tk, t, rounded["logits"])
+    k = NB_K["float32"]
+    names = ["loglik", "dlogits", "dlog_library", "dpx_r"]
+    res = []
+    for i, (n, g, w, s) in enumerate(zip(names, got, truth, scales)):
+        allowed = k * s + (BF16_ULP * w.abs() if i == 1 else 0.0) + 1e-300
+        res.append((n, ((g.double() - w).abs() / allowed).max().item()))
+    ok = got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    return _report("nb_softmax_loglik bf16 z", torch.bfloat16, res) and ok
 
 
 def _reparam_run(fn, t, dtype_to=None):
@@ -241,100 +343,242 @@ def _check_reparam(tk, t, dtype) -> bool:
     return _report("reparam_kl", dtype, res)
 
 
+def _check_padding(tk, t, args) -> bool:
+    """A poisoned padded tail (int32 arrays) changes no output or gradient: bit for bit, except
+    the NB px_r gradient whose per-gene atomic adds may run in another order on a GPU."""
+    padded = _padded_csr(t["indptr"], t["indices"], t["values"], args.pad)
+    res = []
+    for method in ("gather", "dense"):
+        a = _sparse_linear_run(tk.sparse_linear, t, method=method)
+        b = _sparse_linear_run(tk.sparse_linear, t, csr=padded, method=method)
+        res.append((f"sparse_linear {method}", _unequal(a, b)))
+    a = _nb_run(tk.nb_softmax_loglik, t)
+    b = _nb_run(tk.nb_softmax_loglik, t, csr=padded)
+    diffs = [_unequal(a[:3], b[:3])]
+    rel = ((a[3] - b[3]).abs() / (1e-6 * a[3].abs().max() + 1e-30)).max().item()
+    res.append(("nb", max(diffs + [rel])))
+    return _report("padded CSR tail", "int32", res)
+
+
+def _unequal(xs, ys) -> float:
+    """0 when every pair is bit for bit equal, else inf (a failed check)."""
+    return 0.0 if all(torch.equal(x, y) for x, y in zip(xs, ys)) else float("inf")
+
+
+def _check_graph_safety(tk, gen, args, device) -> bool:
+    """No host sync; captured once over static padded buffers, each op replays right on a new
+    minibatch copied into them."""
+    B, G = args.B, args.G
+    cap = int(B * G * min(1.0, 1.5 * args.density)) + 16  # room for both batches below
+    static = dict(indptr=torch.zeros(B + 1, dtype=torch.int32, device=device),
+                  indices=torch.full((cap,), -1, dtype=torch.int32, device=device),
+                  values=torch.full((cap,), float("nan"), device=device))
+
+    def load(batch):  # what the training step's input copy does: in place, no sync
+        x = batch.to_sparse_csr()
+        n = x.values().numel()
+        static["indptr"].copy_(x.crow_indices())
+        static["indices"][:n].copy_(x.col_indices())
+        static["values"][:n].copy_(x.values())
+        static["indices"][n:].fill_(-1)
+        static["values"][n:].fill_(float("nan"))
+
+    f64 = dict(generator=gen)
+    W = (torch.randn(G, args.H, **f64) / G**0.5).to(device).requires_grad_()
+    b = torch.randn(args.H, **f64).to(device).requires_grad_()
+    W_cov = torch.randn(args.K, args.H, **f64).to(device).requires_grad_()
+    cov = torch.randint(0, args.K, (B,), **f64).to(device)
+    gy = torch.randn(B, args.H, **f64).to(device)
+    logits = (torch.randn(B, G, **f64) * 2).to(device).requires_grad_()
+    lib = torch.randn(B, **f64).add(7).to(device).requires_grad_()
+    px_r = torch.randn(G, **f64).to(device).requires_grad_()
+    w = torch.randn(B, **f64).to(device)
+    q_m, q_v = (torch.randn(B, args.Z, **f64).to(device).requires_grad_() for _ in range(2))
+    noise = torch.randn(B, args.Z, **f64).to(device)
+    gz, gk = torch.randn(B, args.Z, **f64).to(device), torch.randn(B, **f64).to(device)
+    csr = (static["indptr"], static["indices"], static["values"])
+    ops = {
+        "sparse_linear gather": lambda: _step(
+            tk.sparse_linear(*csr, W, b, cov, W_cov, "log1p", method="gather"), [W, b, W_cov], gy),
+        "sparse_linear dense": lambda: _step(
+            tk.sparse_linear(*csr, W, b, cov, W_cov, "log1p", method="dense"), [W, b, W_cov], gy),
+        "nb_softmax_loglik": lambda: _step(
+            tk.nb_softmax_loglik(logits, lib, px_r, csr), [logits, lib, px_r], w),
+        "reparam_kl": lambda: _step(tk.reparam_kl(q_m, q_v, noise), [q_m, q_v], (gz, gk)),
+    }
+    batches = [_counts(gen, B, G, args.density * s) for s in (1.0, 1.25)]
+    ok = True
+    for name, fn in ops.items():
+        load(batches[0])
+        fn()  # warm-up: compile, choose configurations
+        torch.cuda.synchronize()
+        err = ""
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            fn()
+        except RuntimeError as e:
+            err = f"synchronises with the host: {str(e).splitlines()[0][:120]}"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if not err:
+            graph, outs = capture(fn, device, warmup=1)
+            load(batches[1])
+            graph.replay()
+            eager = fn()
+            for i, (g, e) in enumerate(zip(outs, eager)):
+                exact = not (name == "nb_softmax_loglik" and i == 3)  # atomics: order may vary
+                same = torch.equal(g, e) if exact else torch.allclose(g, e, rtol=1e-5, atol=0)
+                if not same:
+                    err = f"graph replay differs from eager on the new batch (output {i})"
+            del graph
+        print(f"  [{'FAIL' if err else 'PASS'}] {name:<24} no sync, CUDA graph replay on a "
+              f"new batch{': ' + err if err else ''}")
+        ok &= not err
+    return ok
+
+
+def _step(out, leaves, upstream):
+    outs = out if isinstance(out, tuple) else (out,)
+    ups = upstream if isinstance(upstream, tuple) else (upstream,)
+    grads = torch.autograd.grad(outs, leaves, ups)
+    return [o.detach() for o in outs] + list(grads)
+
+
 # ----------------------------------------------------------------------------- timing
 
 
-def _timeit(fn, repeats, device):
-    """Median and (min, max) in ms over ``repeats`` runs after warm-up."""
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
+def _hbm_peak(args, name) -> float | None:
+    if args.hbm_peak:
+        return args.hbm_peak * 1e9
+    for key, peak in HBM_PEAK:
+        if key in name:
+            return peak
+    return None
 
 
-def _nb_bytes(tk, t):
-    """Bytes moved by the NB kernels, as the package counts them."""
-    B, G = t["logits"].shape
-    return tk.nb_bytes_moved(
-        B, G, t["indices"].numel(), t["logits"].element_size(),
-        t["indices"].element_size(), t["values"].element_size(),
-    )
-
-
-def _time_all(tk, t, args, device):
+def _time_all(tk, t, args, device, device_name) -> list[dict]:
     rep = args.repeats
-    print(f"timing (float32, ms: median [min, max] of {rep} runs)")
+    warm = 1 if device.type == "cpu" else 3
+    shape = dict(B=args.B, G=args.G, H=args.H, density=args.density)
+    rows = []
+    peak = _hbm_peak(args, device_name)
+    print(f"timing (ms: median [p20, p80] of {rep} runs; eager = events around each call, "
+          f"graph = one CUDA-graph replay, L2 flushed)")
 
-    def row(name, fn):
-        med, lo, hi = _timeit(fn, rep, device)
-        print(f"  {name:<44} {med:9.3f} [{lo:.3f}, {hi:.3f}]")
-        return med
+    def timed(what, provider, impl, name, prec, fn, config=None, op_shape=None):
+        kinds = [("eager", lambda: time_ms(fn, device, rep, warm))]
+        if device.type == "cuda":
+            kinds.append(("graph", lambda: graph_time_ms(fn, device, rep)))
+        meds = {}
+        for timing, run in kinds:
+            ts = run()
+            row = C.result_row(f"kernel:{what}", provider, "time", "ms", ts, impl=impl,
+                               mode=f"{name},{prec},{timing}", shape=op_shape or shape,
+                               config=config)
+            rows.append(row)
+            meds[timing] = (row["median"], ts)
+            print(f"  {what:<18} {impl:<16} {name:<8} {prec:<5} {timing:<6}"
+                  f"{row['median']:9.4f} [{row['p20']:.4f}, {row['p80']:.4f}]", flush=True)
+        return meds
 
-    # NB: forward, forward+backward, GB/s
-    z, l, r = _leaf(t["logits"], t["log_library"], t["px_r"])
-    X = (t["indptr"], t["indices"], t["values"])
+    padded = _padded_csr(t["indptr"], t["indices"], t["values"], args.pad)
+    cap = padded[1].numel()
 
-    def nb_fwd(fn):
-        with torch.no_grad():
-            fn(z, l, r, X, 1e-8)
-
-    def nb_fwd_bwd(fn):
-        ll = fn(z, l, r, X, 1e-8)
-        torch.autograd.grad((ll * t["w"]).sum(), [z, r])
-
-    fwd_bytes, bwd_bytes = _nb_bytes(tk, t)
-    ms_f = row("nb_softmax_loglik fwd        triton", lambda: nb_fwd(tk.nb_softmax_loglik))
-    ms_fr = row("nb_softmax_loglik fwd        torch", lambda: nb_fwd(reference.nb_softmax_loglik))
-    ms_fb = row("nb_softmax_loglik fwd+bwd    triton", lambda: nb_fwd_bwd(tk.nb_softmax_loglik))
-    ms_fbr = row(
-        "nb_softmax_loglik fwd+bwd    torch", lambda: nb_fwd_bwd(reference.nb_softmax_loglik)
-    )
-    print(
-        f"  NB achieved bandwidth: fwd {fwd_bytes / ms_f / 1e6:.1f} GB/s "
-        f"({fwd_bytes / 1e6:.1f} MB), fwd+bwd {(fwd_bytes + bwd_bytes) / ms_fb / 1e6:.1f} GB/s "
-        f"({(fwd_bytes + bwd_bytes) / 1e6:.1f} MB); speed-up vs torch: fwd {ms_fr / ms_f:.1f}x, "
-        f"fwd+bwd {ms_fbr / ms_fb:.1f}x"
-    )
-
-    # sparse_linear: against the reference (torch.sparse.mm) and the dense addmm of the layer
+    # first layer: Triton gather and dense, against addmm of a dense input and torch sparse
     W, b, W_cov = _leaf(t["W"], t["b"], t["W_cov"])
 
-    def sl(fn):
-        y = fn(t["indptr"], t["indices"], t["values"], W, b, t["cov"], W_cov, "log1p")
-        torch.autograd.grad((y * t["gy"]).sum(), [W, b, W_cov])
+    def sl(fn, method=None, csr=padded):
+        kw = {} if method is None else {"method": method}
 
-    dense_x = torch.log1p(
-        reference.csr_to_dense(t["indptr"], t["indices"], t["values"], t["W"].shape[0])
-    )
+        def run():
+            y = fn(*csr, W, b, t["cov"], W_cov, "log1p", **kw)
+            torch.autograd.grad(y, [W, b, W_cov], t["gy"].to(y.dtype))
+        return run
+
+    dense_x = torch.log1p(reference.csr_to_dense(t["indptr"], t["indices"], t["values"], args.G))
     W_lin = t["W"].t().contiguous().requires_grad_(True)  # nn.Linear layout (H, G)
 
     def dense_addmm():
         y = torch.addmm(b, dense_x, W_lin.t())
-        torch.autograd.grad((y * t["gy"]).sum(), [W_lin])
+        torch.autograd.grad(y, [W_lin, b], t["gy"].to(y.dtype))
 
-    row("sparse_linear fwd+bwd        triton", lambda: sl(tk.sparse_linear))
-    row("sparse_linear fwd+bwd        torch sparse", lambda: sl(reference.sparse_linear))
-    row("dense addmm of the layer fwd+bwd", dense_addmm)
+    cfg_pad = dict(capacity=cap, nnz=t["values"].numel())
+    for prec in ("fp32", "tf32", "bf16"):
+        with precision(prec, device):
+            if prec == "fp32":
+                timed("sparse_linear", "scvi_fast", "triton:gather", "fwd+bwd", prec,
+                      sl(tk.sparse_linear, "gather"), dict(cfg_pad, method="gather"))
+            timed("sparse_linear", "scvi_fast", "triton:dense", "fwd+bwd", prec,
+                  sl(tk.sparse_linear, "dense"), dict(cfg_pad, method="dense"))
+            timed("sparse_linear", "torch", "cublas:addmm", "fwd+bwd", prec, dense_addmm,
+                  dict(baseline="addmm of a dense input already on the device"))
+            if prec == "fp32":
+                timed("sparse_linear", "torch", "torch:gather", "fwd+bwd", prec,
+                      sl(reference.sparse_linear, csr=(t["indptr"], t["indices"], t["values"])),
+                      dict(method="gather", baseline="torch.sparse.mm"))
 
-    m, rr, e = _leaf(t["q_m"], t["q_v_raw"], t["noise"])
+    # NB: forward and forward+backward, float32 and bfloat16 logits
+    nnz = t["values"].numel()
+    for prec, zdtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        z, l, r = _leaf(t["logits"].to(zdtype), t["log_library"], t["px_r"])
+
+        def nb_fwd(fn, z=z):
+            with torch.no_grad():
+                fn(z, l, r, padded, 1e-8)
+
+        def nb_fwd_bwd(fn, z=z):
+            ll = fn(z, l, r, padded, 1e-8)
+            torch.autograd.grad(ll, [z, l, r], t["w"])
+
+        fwd_bytes, bwd_bytes = tk.nb_bytes_moved(args.B, args.G, nnz, z.element_size(), 4, 4, 8)
+        meds = {}
+        for name, fn in (("fwd", nb_fwd), ("fwd+bwd", nb_fwd_bwd)):
+            meds[name] = timed("nb_softmax_loglik", "scvi_fast", "triton", name, prec,
+                               lambda fn=fn: fn(tk.nb_softmax_loglik), cfg_pad)
+            nbytes = fwd_bytes if name == "fwd" else fwd_bytes + bwd_bytes
+            for timing, (med, ts) in meds[name].items():
+                gbs = [nbytes / x / 1e6 for x in ts]
+                mode = f"{name},{prec},{timing}"
+                rows.append(C.result_row("kernel:nb_softmax_loglik", "scvi_fast", "bandwidth",
+                                         "GB/s", gbs, impl="triton", mode=mode, shape=shape,
+                                         config=dict(cfg_pad, bytes=nbytes, counted="compulsory")))
+                if peak:
+                    rows.append(C.result_row("kernel:nb_softmax_loglik", "scvi_fast",
+                                             "hbm_peak_fraction", "%",
+                                             [100 * g * 1e9 / peak for g in gbs], impl="triton",
+                                             mode=mode, shape=shape,
+                                             config=dict(peak_gb_s=peak / 1e9)))
+        best = "graph" if device.type == "cuda" else "eager"
+        f_ms, fb_ms = meds["fwd"][best][0], meds["fwd+bwd"][best][0]
+        share = (lambda gbs: f" = {100 * gbs * 1e9 / peak:.0f}% of HBM peak") if peak else (
+            lambda gbs: "")
+        gf, gfb = fwd_bytes / f_ms / 1e6, (fwd_bytes + bwd_bytes) / fb_ms / 1e6
+        print(f"  NB achieved bandwidth ({prec} logits, {best}): fwd {gf:.1f} GB/s{share(gf)} "
+              f"({fwd_bytes / 1e6:.1f} MB), fwd+bwd {gfb:.1f} GB/s{share(gfb)} "
+              f"({(fwd_bytes + bwd_bytes) / 1e6:.1f} MB)")
+    zr, lr_, rr = _leaf(t["logits"], t["log_library"], t["px_r"])
+
+    def nb_ref():
+        ll = reference.nb_softmax_loglik(zr, lr_, rr, (t["indptr"], t["indices"], t["values"]))
+        torch.autograd.grad(ll, [zr, lr_, rr], t["w"])
+
+    timed("nb_softmax_loglik", "torch", "torch", "fwd+bwd", "fp32", nb_ref)
+
+    # reparam_kl
+    m, rv, e = _leaf(t["q_m"], t["q_v_raw"], t["noise"])
+    rk_shape = dict(B=args.B, Z=args.Z)
 
     def rk(fn):
-        zz, kl = fn(m, rr, e)
-        torch.autograd.grad((zz * t["gz"]).sum() + (kl * t["gk"]).sum(), [m, rr])
+        def run():
+            zz, kl = fn(m, rv, e)
+            torch.autograd.grad([zz, kl], [m, rv], [t["gz"], t["gk"]])
+        return run
 
-    row("reparam_kl fwd+bwd           triton", lambda: rk(tk.reparam_kl))
-    row("reparam_kl fwd+bwd           torch", lambda: rk(reference.reparam_kl))
+    timed("reparam_kl", "scvi_fast", "triton", "fwd+bwd", "fp32", rk(tk.reparam_kl),
+          op_shape=rk_shape)
+    timed("reparam_kl", "torch", "torch", "fwd+bwd", "fp32", rk(reference.reparam_kl),
+          op_shape=rk_shape)
+    return rows
 
 
 if __name__ == "__main__":

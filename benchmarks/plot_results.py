@@ -1,8 +1,9 @@
 """Bar chart of the latest speed ratios against scvi-tools, and a markdown table for the README.
 
-Reads ``benchmarks/results/train.csv`` and ``embed.csv``, keeps the newest run (same date stamp)
-of each suite and device, and writes ``benchmarks/results/ratios.png``; ``--markdown`` prints the
-table that the README shows.
+Reads the long-schema ``train.csv``, ``embed.csv`` and ``census_model.csv`` of the results
+folder, keeps the newest row of every case (``what``, ``device``, ``provider``, ``impl``,
+``mode``, the batch size of ``config``, ``metric``) and writes ``ratios.png``; ``--markdown`` prints the cells/s, ratio and
+validation ELBO of those cases instead.
 """
 
 from __future__ import annotations
@@ -13,33 +14,50 @@ import pandas as pd
 
 import _common as C
 
-
-def _wide(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the long schema (``_common.result_row``) as one row per case: cells/s and the
-    ratio to scvi-tools side by side, the source taken from ``mode`` (``"store,npy,fp32"``)."""
-    keys = ["date", "device", "provider", "impl", "mode", "shape"]
-    rate = df[df["metric"] == "cells_per_s"][keys + ["median"]]
-    ratio = df[df["metric"] == "ratio_vs_scvi_tools"][keys + ["median"]]
-    out = rate.merge(ratio, on=keys, how="left", suffixes=("", "_ratio"))
-    return out.assign(
-        framework=out["provider"].str.replace("-", "_"),
-        source=out["mode"].str.split(",").str[0] + " " + out["mode"].str.split(",", n=1).str[1],
-        cells_per_s_median=out["median"], ratio_vs_scvi_tools=out["median_ratio"],
-    )
+FILES = ("train.csv", "embed.csv", "census_model.csv")
+CASE = ["what", "device", "provider", "impl", "mode", "batch_size"]
 
 
-def latest(name: str) -> pd.DataFrame:
-    path = C.RESULTS / name
-    if not path.exists():
-        return pd.DataFrame()
-    df = pd.read_csv(path)
-    if "metric" in df.columns:
-        df = _wide(df)
-    keys = ["suite", "device"] if "suite" in df.columns else ["device"]
-    newest = df.groupby(keys)["date"].transform("max")
-    df = df[df["date"] == newest].copy()
-    df["what"] = name.split(".")[0]
-    return df
+def latest(names=FILES) -> pd.DataFrame:
+    """The newest row of every case and metric over the long-schema files ``names``."""
+    frames = []
+    for name in names:
+        if not (C.RESULTS / name).exists():
+            continue
+        try:
+            frames.append(C.read_results(name))
+        except ValueError as err:
+            print(f"left out: {err}")
+    if not frames:
+        return pd.DataFrame(columns=C.RESULT_FIELDS)
+    df = pd.concat(frames, ignore_index=True)
+    df["impl"] = df["impl"].fillna("")
+    df["mode"] = df["mode"].fillna("")
+    df["batch_size"] = [str(c.get("batch_size", "")) for c in df["config"]]
+    df = df.sort_values("date").groupby(CASE + ["metric"], as_index=False, sort=False).last()
+    return df.sort_values(CASE, ignore_index=True)
+
+
+def wide(df: pd.DataFrame) -> pd.DataFrame:
+    """One line per case: cells/s, ratio and validation ELBO side by side."""
+    keep = df[df["metric"].isin(["cells_per_s", "ratio_vs_scvi_tools", "elbo_validation"])]
+    out = keep.pivot_table(index=CASE, columns="metric", values="median", aggfunc="first")
+    dates = keep.groupby(CASE)["date"].max()
+    return out.join(dates).reset_index()
+
+
+def markdown(df: pd.DataFrame) -> str:
+    """A GitHub markdown table (numbers to 4 significant digits, blanks for missing)."""
+    def cell(v):
+        if isinstance(v, float):
+            return "" if v != v else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |",
+             "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in df.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -47,32 +65,26 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--out", default=str(C.RESULTS / "ratios.png"))
     a = p.parse_args(argv)
-    train, embed = latest("train.csv"), latest("embed.csv")
-    if "suite" not in embed.columns and len(embed):
-        embed["suite"] = "census"
-    df = pd.concat([train, embed], ignore_index=True)
+    df = latest()
     if df.empty:
         raise SystemExit("no benchmark rows yet: run bench_train.py / bench_embed.py first")
-    df["label"] = df["what"] + "/" + df["suite"] + ": " + df["framework"] + " " + df["impl"] + \
-        " (" + df["source"] + ")"
     if a.markdown:
-        cols = ["what", "suite", "device", "framework", "impl", "source", "cells_per_s_median",
-                "ratio_vs_scvi_tools", "elbo_validation", "date"]
-        cols = [c for c in cols if c in df.columns]
-        print(df[cols].to_markdown(index=False, floatfmt=".4g"))
+        print(markdown(wide(df)))
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sub = df[(df["framework"] == "scvi_fast") & df["ratio_vs_scvi_tools"].notna()]
+    sub = df[(df["provider"] == "scvi_fast") & (df["metric"] == "ratio_vs_scvi_tools")]
+    sub = sub.sort_values(["what", "device", "mode", "impl"], ignore_index=True)
+    labels = (sub["what"] + ": " + sub["impl"] + " (" + sub["mode"] + ") | "
+              + sub["device"].str.slice(0, 28))
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(sub) + 1.5))
-    ax.barh(sub["label"] + " | " + sub["device"].str.slice(0, 28), sub["ratio_vs_scvi_tools"],
-            color="tab:blue")
+    ax.barh(labels, sub["median"], color="tab:blue")
     ax.axvline(1.0, color="k", lw=1)
     ax.set_xlabel("speed-up over scvi-tools (cells/s ratio, same run)")
-    for y, v in enumerate(sub["ratio_vs_scvi_tools"]):
+    for y, v in enumerate(sub["median"]):
         ax.text(v, y, f" {v:.1f}x", va="center")
     fig.tight_layout()
     fig.savefig(a.out, dpi=120)

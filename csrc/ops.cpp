@@ -66,7 +66,7 @@ void check_float(const at::Tensor& t, at::ScalarType dtype, const char* op, cons
               t.scalar_type());
 }
 
-// Validates a CSR batch of n_rows rows; returns nnz.
+// Validates a CSR batch of n_rows rows; returns nnz (= indptr[n_rows]).
 int64_t check_csr(const at::Tensor& indptr, const at::Tensor& indices, const at::Tensor& values,
                   int64_t n_rows, at::ScalarType dtype, const char* op) {
   check_tensor(indptr, op, "indptr");
@@ -86,9 +86,10 @@ int64_t check_csr(const at::Tensor& indptr, const at::Tensor& indices, const at:
   for (int64_t r = 0; r < n_rows; ++r) {
     TORCH_CHECK(p[r + 1] >= p[r], op, ": indptr must be non-decreasing (row ", r, ")");
   }
-  TORCH_CHECK(p[n_rows] == indices.numel(), op, ": indptr[-1] = ", p[n_rows],
-              " must equal the number of stored values ", indices.numel());
-  return indices.numel();
+  // indices / values may be a padded capacity: entries past indptr[-1] are never read
+  TORCH_CHECK(p[n_rows] <= indices.numel(), op, ": indptr[-1] = ", p[n_rows],
+              " exceeds the length of indices and values ", indices.numel());
+  return p[n_rows];
 }
 
 void check_bad(int64_t bad, const char* op, const char* what) {

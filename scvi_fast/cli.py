@@ -29,7 +29,7 @@ def _read_input(path: str, backed: bool = False):
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import scvi_fast
-    from scvi_fast.data import synthetic_anndata
+    from scvi_fast.data import synthetic_anndata, write_h5ad
     from scvi_fast.train import _distributed
 
     # Under torchrun every rank runs this command; rank 0 alone reports and writes.
@@ -88,7 +88,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not isinstance(adata, str):
         adata.obsm["X_scVI"] = latent
         adata.uns.pop(scvi_fast.model.SETUP_KEY, None)
-        adata.write_h5ad(out / "adata_scvi.h5ad")
+        write_h5ad(adata, out / "adata_scvi.h5ad")
         written.append(out / "adata_scvi.h5ad")
     else:
         written.append(out / "X_scVI.npy")
@@ -118,6 +118,7 @@ def _arch(args) -> dict:
 
 def _cmd_embed(args: argparse.Namespace) -> int:
     import scvi_fast
+    from scvi_fast.data import write_h5ad
 
     model = scvi_fast.SCVI.load(args.model, device=args.device)
     out = Path(args.out)
@@ -137,7 +138,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         adata = adata.to_memory() if getattr(adata, "isbacked", False) else adata
         adata.obsm["X_scVI"] = latent
         adata.uns.pop(scvi_fast.model.SETUP_KEY, None)
-        adata.write_h5ad(out)
+        write_h5ad(adata, out)
     print(f"Embedded {latent.shape[0]} cells in {dt:.1f} s ({latent.shape[0] / max(dt, 1e-9):,.0f} cells/s)")
     print(f"Wrote {out}")
     return 0

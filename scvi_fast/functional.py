@@ -18,6 +18,7 @@ from scvi_fast import reference
 
 Impl = Literal["auto", "triton", "native", "torch"]
 IMPLS = ("auto", "triton", "native", "torch")
+Method = Literal["auto", "gather", "dense"]
 
 
 def _check_impl(impl: str) -> None:
@@ -72,13 +73,16 @@ def sparse_linear(
     W_cov: torch.Tensor | None = None,
     transform: Literal["log1p", "identity"] = "log1p",
     impl: Impl = "auto",
+    method: Method = "auto",
 ) -> torch.Tensor:
     """``y = f(X) @ W + b (+ W_cov[cov])`` for a CSR minibatch ``X`` of shape ``(B, G)``.
 
     Parameters
     ----------
     indptr, indices, values
-        The CSR minibatch (row pointer of length ``B + 1``, gene ids, counts).
+        The CSR minibatch (row pointer of length ``B + 1``, gene ids, counts). ``indptr`` and
+        ``indices`` may be int32 or int64; ``indices`` / ``values`` may be longer than
+        ``indptr[-1]`` (a padded capacity: the tail is ignored, whatever it holds).
     W
         ``(G, H)`` weight, gene-major (the transpose of ``nn.Linear.weight``).
     b
@@ -89,15 +93,26 @@ def sparse_linear(
         Applied to the stored values on the fly: ``"log1p"`` (scVI's encoder) or ``"identity"``.
     impl
         Back-end, see module docstring.
+    method
+        ``"gather"``: sum ``f(v) W[g]`` over the stored entries (``2 nnz H`` work);
+        ``"dense"``: scatter ``f(values)`` into a dense ``(B, G)`` matrix on the tensors'
+        device (never on the host) and run the GEMM (cuBLAS on CUDA: TF32 when
+        ``torch.backends.cuda.matmul.allow_tf32`` is set, the autocast dtype under autocast);
+        ``"auto"``: dense for CUDA tensors, gather elsewhere. Every back-end accepts it.
 
     Returns
     -------
-    ``(B, H)`` tensor. Gradients flow to ``W``, ``b`` and ``W_cov`` only.
+    ``(B, H)`` tensor (in the autocast dtype for ``"dense"`` under autocast). Gradients flow
+    to ``W``, ``b`` and ``W_cov`` only.
     """
     which = resolve_impl(impl, W.device)
     if which == "torch":
-        return reference.sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform)
-    return backend(which).sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform)
+        return reference.sparse_linear(
+            indptr, indices, values, W, b, cov, W_cov, transform, method=method
+        )
+    return backend(which).sparse_linear(
+        indptr, indices, values, W, b, cov, W_cov, transform, method=method
+    )
 
 
 def nb_softmax_loglik(
@@ -110,10 +125,14 @@ def nb_softmax_loglik(
 ) -> torch.Tensor:
     """Per-cell NB log-likelihood of CSR counts under ``mu = exp(l) softmax(logits)``.
 
-    See :func:`scvi_fast.reference.nb_softmax_loglik`; gradients flow to
-    ``logits`` and ``px_r``.
+    See :func:`scvi_fast.reference.nb_softmax_loglik`; gradients flow to ``logits``,
+    ``log_library`` and ``px_r``. The likelihood is always evaluated in float32 or better:
+    the Triton back-end reads bfloat16 / float16 logits as they are (the logits' gradient
+    comes back in their dtype), the other back-ends evaluate them in float32.
     """
     which = resolve_impl(impl, logits.device)
+    if which != "triton" and logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
     if which == "torch":
         return reference.nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
     return backend(which).nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
@@ -135,7 +154,7 @@ def nb_softmax_loglik_linear(
     gradient stay in reused buffers and the backward never forms the scaled logit gradient,
     see :mod:`scvi_fast.kernels.native.nb_linear_loglik`); the other back-ends compose
     ``F.linear`` and :func:`nb_softmax_loglik`. Under autocast, or for mixed dtypes, the
-    composition is used.
+    composition is used; with the Triton back-end the logits stay in the autocast dtype.
     """
     which = resolve_impl(impl, h.device)
     if (
@@ -146,7 +165,10 @@ def nb_softmax_loglik_linear(
         return backend("native").nb_softmax_loglik_linear(
             h, weight, bias, log_library, px_r, X_csr, eps
         )
-    logits = reference.output_logits(h, weight, bias)
+    if which == "triton":
+        logits = torch.nn.functional.linear(h, weight, bias)
+    else:
+        logits = reference.output_logits(h, weight, bias)
     return nb_softmax_loglik(logits, log_library, px_r, X_csr, eps, impl=which)
 
 

@@ -63,6 +63,14 @@ def _prefetch_default(device: torch.device) -> bool:
     return cores > torch.get_num_threads()
 
 
+def _step_mode(cuda_graph) -> str:
+    """The trainer's step mode for ``train(cuda_graph=...)``."""
+    modes = {None: "auto", True: "graph", False: "eager"}
+    if not (cuda_graph is None or isinstance(cuda_graph, bool)):
+        raise ValueError(f"cuda_graph must be None, True or False; got {cuda_graph!r}")
+    return modes[cuda_graph]
+
+
 def _categories(values: pd.Series) -> tuple[np.ndarray, list[str]]:
     """Integer codes and category names, the way scvi-tools categorises a column."""
     cat = values if isinstance(values.dtype, pd.CategoricalDtype) else values.astype("category")
@@ -403,6 +411,7 @@ class SCVI:
         allow_tf32: bool = False,
         precision: Literal["32", "bf16-mixed"] = "32",
         compile_dense: bool = False,
+        cuda_graph: bool | None = None,
         strategy: Literal["auto", "ddp"] = "auto",
         devices: int | Literal["auto"] = "auto",
         max_restarts: int = 0,
@@ -436,6 +445,12 @@ class SCVI:
             CUDA speed options (TF32 GEMMs; ``"bf16-mixed"`` autocast of the GEMMs with the
             likelihood in fp32; ``torch.compile`` of the dense stacks). Off by default, and
             ignored on the CPU.
+        cuda_graph
+            On CUDA the whole training step (forward, backward, Adam) and the validation step
+            are captured as CUDA graphs and replayed, with the minibatch copied into static
+            device buffers ahead of each step: ``None`` (default) does so on a single CUDA
+            device (not with DDP or ``compile_dense``), ``True`` requires it, ``False`` runs
+            every step eagerly (for debugging). Same arithmetic either way.
         strategy, devices, max_restarts
             ``"ddp"``: data-parallel training (``DistributedDataParallel``), one process per
             GPU (NCCL) or per CPU share (gloo). Under ``torchrun`` every rank calls ``train``
@@ -485,6 +500,7 @@ class SCVI:
         if ctx is not None:
             self.device = ctx.device
         loader_kwargs.setdefault("prefetch", _prefetch_default(self.device))
+        loader_kwargs.setdefault("pin_memory", self.device.type == "cuda")
         train_loader = _data.CSRLoader(
             source, batch_size=batch_size, shuffle=True, seed=seed, indices=train_idx,
             drop_last=False, rank=rank, world_size=world_size, **loader_kwargs,
@@ -506,6 +522,7 @@ class SCVI:
             checkpoint_dir=checkpoint_dir, checkpoint_every_n_steps=checkpoint_every_n_steps,
             device=self.device, seed=seed, progress_bar=progress_bar,
             allow_tf32=allow_tf32, precision=precision, compile_dense=compile_dense,
+            step_mode=_step_mode(cuda_graph),
             distributed=ctx,
         )
         self.trainer = trainer
@@ -947,7 +964,7 @@ class SCVI:
             else:
                 raise ValueError(f"format must be 'scvi_fast' or 'scvi-tools'; got {format!r}")
             if save_anndata and self.adata is not None and hasattr(self.adata, "write_h5ad"):
-                self.adata.write_h5ad(tmp / "adata.h5ad")
+                _data.write_h5ad(self.adata, tmp / "adata.h5ad")
             if dir_path.exists():
                 old = dir_path.with_name(f".{dir_path.name}.old")
                 if old.exists():

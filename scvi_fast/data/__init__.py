@@ -1,15 +1,24 @@
 """The data path: sources, the on-disk CSR store, readers, HVG selection and the loader.
 
-Imports numpy, scipy and numba only; torch is imported when a minibatch is moved to a device.
+The ground floor of the package: it imports numpy, scipy, numba, pandas, h5py and anndata,
+nothing of scvi_fast above it, and torch only when a minibatch is handed to it. Inside, each
+module imports only from those listed before it: ``_csr`` and ``_categories`` (the one
+category coder); ``_source`` (the base classes); ``_readers`` and ``_store`` (the store
+format); ``_open`` (``as_source``); ``_counts``; ``_convert`` (``StoreWriter`` and
+``CSRStore.create``); ``_hvg``, ``_loader`` and ``_synthetic``.
 """
 
+from ._categories import categorize, codes_for
+from ._convert import StoreWriter
 from ._counts import CountChecker, check_counts
 from ._csr import gather_rows, row_offsets
+from ._h5ad import write_h5ad
 from ._hvg import highly_variable_genes
 from ._loader import BlockShuffleSampler, BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
+from ._open import as_source
 from ._readers import read_10x_h5_source, read_mtx_source, soma_source
-from ._source import ArraySource, ChunkSource, H5CSRSource, Source, as_source
-from ._store import CSRStore, StoreCorruptError, StoreWriter
+from ._source import ArraySource, ChunkSource, H5CSRSource, Source
+from ._store import CSRStore, StoreCorruptError
 from ._synthetic import synthetic_anndata, write_synthetic_store
 
 __all__ = [
@@ -27,7 +36,9 @@ __all__ = [
     "StoreWriter",
     "TorchMinibatch",
     "as_source",
+    "categorize",
     "check_counts",
+    "codes_for",
     "gather_rows",
     "highly_variable_genes",
     "read_10x_h5_source",
@@ -35,5 +46,6 @@ __all__ = [
     "row_offsets",
     "soma_source",
     "synthetic_anndata",
+    "write_h5ad",
     "write_synthetic_store",
 ]

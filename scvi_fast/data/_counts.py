@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from ._open import as_source
+from ._source import Source
+
 _N_SHOW = 5
 
 
@@ -135,8 +138,6 @@ def check_counts(
         On NaN/Inf, negative or non-integer values, or cells with zero total counts; the
         message says where and how to fix it.
     """
-    from ._source import Source, as_source
-
     if sp.issparse(source_or_matrix) or isinstance(source_or_matrix, np.ndarray):
         m = source_or_matrix
         if sp.issparse(m) and m.format != "csr":

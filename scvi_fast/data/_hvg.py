@@ -5,7 +5,11 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import pandas as pd
 from numba import njit
+
+from ._open import as_source
+from ._store import CSRStore
 
 
 @njit(nogil=True, cache=True)
@@ -77,7 +81,7 @@ def _loess_direct_inner(x_sorted, y_sorted, q, out):
 
 def _loess_fit(x: np.ndarray, y: np.ndarray, span: float, method: str) -> np.ndarray:
     if method in ("auto", "skmisc"):
-        try:
+        try:  # optional (scikit-misc, the hvg extra): imported only when asked for
             from skmisc.loess import loess
         except ImportError:
             if method == "skmisc":
@@ -98,18 +102,11 @@ def _loess_fit(x: np.ndarray, y: np.ndarray, span: float, method: str) -> np.nda
 
 
 def _batch_codes_for(src, obj, batch_key):
-    from ._store import CSRStore
-
     if batch_key is None:
         return np.zeros(src.n_cells, np.int64)
     store = obj if isinstance(obj, CSRStore) else getattr(src, "store", None)
     if store is not None:
-        if batch_key == store.batch_key:
-            return store.batch_codes
-        if batch_key == store.labels_key:
-            return store.labels_codes
-        raise KeyError(f"the store records {store.batch_key!r} and {store.labels_key!r}, "
-                       f"not {batch_key!r}")
+        return store.obs_column(batch_key).codes.astype(np.int64)
     return src.batch_codes
 
 
@@ -152,10 +149,6 @@ def highly_variable_genes(store_or_adata, n_top_genes: int, batch_key: str | Non
         Indexed by gene name, with columns ``highly_variable``, ``highly_variable_rank``,
         ``highly_variable_nbatches``, ``means``, ``variances``, ``variances_norm``.
     """
-    import pandas as pd
-
-    from ._source import as_source
-
     src = as_source(store_or_adata, layer=layer, batch_key=batch_key)
     codes = _batch_codes_for(src, store_or_adata, batch_key)
     n_b = int(codes.max()) + 1 if codes.size else 1

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._csr import gather_rows, row_offsets
-from ._source import Source, as_source
+from ._open import as_source
+from ._source import Source
 
 
 @dataclass
@@ -272,13 +273,23 @@ def _alloc(n: int, dtype) -> np.ndarray:
     return np.frombuffer(mm, dtype=dtype, count=n)
 
 
+def _alloc_pinned(n: int, dtype) -> np.ndarray:
+    """An uninitialised array in page-locked (pinned) host memory, from which CUDA copies run
+    asynchronously; the numpy array keeps the torch tensor that owns the memory alive."""
+    import torch
+
+    t = torch.empty(n, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, pin_memory=True)
+    return t.numpy()
+
+
 class _OutBuffer:
     """Reusable output arrays of one minibatch; reused only when nothing still views them."""
 
-    def __init__(self, n_rows: int, nnz: int):
+    def __init__(self, n_rows: int, nnz: int, pin_memory: bool = False):
+        alloc = _alloc_pinned if pin_memory else _alloc
         self.indptr = np.empty(n_rows + 1, dtype=np.int64)
-        self.indices = _alloc(nnz, np.int32)
-        self.values = _alloc(nnz, np.float32)
+        self.indices = alloc(nnz, np.int32)
+        self.values = alloc(nnz, np.float32)
         self.library = np.empty(n_rows, dtype=np.float32)
 
     def fits(self, n_rows: int, nnz: int) -> bool:
@@ -316,7 +327,8 @@ class BufferFetcher:
     """
 
     def __init__(self, source: Source, batch_size: int, stage: bool | None = None,
-                 emit_batches: int = 4, max_pool: int = 6, n_slots: int = 2):
+                 emit_batches: int = 4, max_pool: int = 6, n_slots: int = 2,
+                 pin_memory: bool = False):
         if not source.supports_random_access:
             raise TypeError(
                 f"{type(source).__name__} cannot be read by row; convert it to a store first: "
@@ -330,6 +342,7 @@ class BufferFetcher:
         self._pool: list[_OutBuffer] = []
         self._max_pool = max_pool
         self._pool_lock = threading.Lock()
+        self.pin_memory = pin_memory
 
     def stage(self, rows: np.ndarray, perm: np.ndarray, slot: int = 0):
         """Read buffer ``rows`` into staging slot ``slot``.
@@ -364,7 +377,7 @@ class BufferFetcher:
                         return buf
                     free = i
             buf = _OutBuffer(max(n_rows, self.batch_size * self.emit_batches),
-                             int(nnz * 1.25) + 1)
+                             int(nnz * 1.25) + 1, pin_memory=self.pin_memory)
             if free is not None:
                 self._pool[free] = buf
             elif len(self._pool) < self._max_pool:
@@ -477,6 +490,9 @@ class CSRLoader:
         for stores and HDF5 files, not for in-memory matrices). ``False`` on a store gathers
         straight from the memory map: one copy fewer, but the mapped page-cache pages count
         towards the process's RSS while a buffer is read.
+    pin_memory
+        Gather the minibatches' entries into page-locked host memory, so that copies to a
+        CUDA device run asynchronously (needs a CUDA build of torch; used by training on a GPU).
     num_threads
         numba threads for the gather on the background thread (default: all cores but one
         when a reader thread stages rows, else numba's setting). On machines whose cores are
@@ -496,7 +512,7 @@ class CSRLoader:
     def __init__(self, source, batch_size: int = 1024, shuffle: bool = True, seed: int = 0,
                  indices=None, drop_last: bool = False, rank: int = 0, world_size: int = 1,
                  block_size: int = 32, buffer_size: int = 16384, prefetch: bool = True,
-                 emit_batches: int = 4, stage: bool | None = None,
+                 emit_batches: int = 4, stage: bool | None = None, pin_memory: bool = False,
                  num_threads: int | None = None, layer: str | None = None, batch_codes=None, labels_codes=None,
                  batch_key: str | None = None, labels_key: str | None = None):
         self.source = as_source(source, layer=layer, batch_codes=batch_codes,
@@ -508,7 +524,8 @@ class CSRLoader:
             rank=rank, world_size=world_size,
         )
         self.fetcher = BufferFetcher(self.source, self.sampler.batch_size,
-                                     emit_batches=emit_batches, stage=stage)
+                                     emit_batches=emit_batches, stage=stage,
+                                     pin_memory=pin_memory)
         self.prefetch = prefetch
         self.num_threads = num_threads
 

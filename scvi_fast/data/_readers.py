@@ -1,14 +1,26 @@
-"""Readers for 10x Genomics files and TileDB-SOMA experiments."""
+"""Readers of file formats: ``.h5ad``, 10x Genomics ``.h5`` and ``.mtx``, TileDB-SOMA queries.
+
+Each turns its input into a :class:`Source`; ``as_source`` (in ``_open``) picks the reader.
+"""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
 
+import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+from scipy.io import mmread
 
-from ._source import ArraySource, ChunkSource, H5CSRSource, _categorical_codes
+from ._categories import obs_categories
+from ._source import ArraySource, ChunkSource, H5CSRSource, Source
+
+try:
+    from anndata.io import read_elem
+except ImportError:  # anndata < 0.11
+    from anndata.experimental import read_elem
 
 
 def _decode(a) -> np.ndarray:
@@ -18,6 +30,54 @@ def _decode(a) -> np.ndarray:
     return a.astype(str)
 
 
+def read_h5ad_source(path, layer=None, batch_key=None, labels_key=None) -> Source:
+    """An ``.h5ad`` file (``X`` or a layer) as a source, without loading the matrix.
+
+    A CSR matrix is read by rows in place (:class:`H5CSRSource`); a dense one is streamed in
+    chunks. CSC cannot be read by cell: the error says how to convert it. ``obs`` is read whole
+    for the covariates (``batch_key``, ``labels_key``; see :func:`categorize`).
+    """
+    with h5py.File(path, "r") as f:
+        obs = read_elem(f["obs"])
+        var = read_elem(f["var"])
+        node = f["X"] if layer is None else f["layers"][layer]
+        enc = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
+        if isinstance(enc, bytes):
+            enc = enc.decode()
+        group = node.name
+        is_group = isinstance(node, h5py.Group)
+        shape = tuple(node.attrs["shape"]) if is_group and "shape" in node.attrs else node.shape
+    bc, bcat = obs_categories(obs, batch_key)
+    lc, lcat = obs_categories(obs, labels_key)
+    meta = dict(var_names=var.index, obs_names=obs.index.to_numpy(), batch_codes=bc,
+                labels_codes=lc)
+    what = f"{path}:{group}"
+    if is_group and enc in ("csr_matrix", "csr"):
+        src = H5CSRSource(path, group, shape[1], **meta)
+    elif is_group and enc in ("csc_matrix", "csc"):
+        raise ValueError(
+            f"{what} is stored as CSC (gene-major), which cannot be read by cell without loading "
+            "it whole. Load it in memory (anndata.read_h5ad) and pass the AnnData, or rewrite it "
+            "as CSR: adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)."
+        )
+    elif not is_group:
+        src = ChunkSource(_dense_h5_chunks(path, group), shape[0], shape[1], **meta)
+    else:
+        raise ValueError(f"{what}: unsupported matrix encoding {enc!r}")
+    src.batch_categories, src.labels_categories = bcat, lcat
+    return src
+
+
+def _dense_h5_chunks(path, group):
+    def chunks(chunk_size):
+        with h5py.File(path, "r") as f:
+            d = f[group]
+            for start in range(0, d.shape[0], chunk_size):
+                yield start, sp.csr_matrix(d[start : start + chunk_size])
+
+    return chunks
+
+
 def read_10x_h5_source(path) -> H5CSRSource:
     """A 10x Cell Ranger ``filtered_feature_bc_matrix.h5`` (v3) or v2 ``.h5`` as a source.
 
@@ -25,8 +85,6 @@ def read_10x_h5_source(path) -> H5CSRSource:
     cells are read in place without conversion. Gene symbols become ``var_names``; all feature
     types are kept.
     """
-    import h5py
-
     with h5py.File(path, "r") as f:
         if "matrix" in f:
             g = f["matrix"]
@@ -66,8 +124,6 @@ def read_mtx_source(path) -> ArraySource:
     taken as genes x cells when a features/genes file beside it has one line per matrix row,
     otherwise as cells x genes.
     """
-    from scipy.io import mmread
-
     path = Path(path)
     d = path if path.is_dir() else path.parent
     mpath = _first(d, ["matrix.mtx.gz", "matrix.mtx"]) if path.is_dir() else path
@@ -123,8 +179,6 @@ def soma_source(query, X_name: str | None = None, batch_key: str | None = None,
         var column holding gene names (default: ``feature_name`` if present, else the first
         string column).
     """
-    import pandas as pd
-
     obs_cols = [c for c in (batch_key, labels_key) if c is not None]
     obs_joinids = query.obs_joinids().to_numpy()
     var_joinids = query.var_joinids().to_numpy()
@@ -145,8 +199,8 @@ def soma_source(query, X_name: str | None = None, batch_key: str | None = None,
     obs = obs.loc[obs_joinids]
     obs_names = (obs[name_col].astype(str).to_numpy() if name_col
                  else obs_joinids.astype(str))
-    bc, bcat = _categorical_codes(obs, batch_key)
-    lc, lcat = _categorical_codes(obs, labels_key)
+    bc, bcat = obs_categories(obs, batch_key)
+    lc, lcat = obs_categories(obs, labels_key)
     layers = query.experiment.ms[query.measurement_name].X
     if X_name is None:
         keys = list(layers.keys())

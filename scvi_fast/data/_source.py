@@ -7,18 +7,22 @@ abilities exist:
 * ``read_rows(rows, out_indptr, out_indices, out_data)``: copy arbitrary rows into a
   preallocated CSR buffer (sources with random row access: in-memory CSR, the on-disk store,
   backed ``.h5ad`` and 10x ``.h5``). The loader needs this one.
+
+This module is the leaf of the data path: it holds the base classes and the sources of CSR
+arrays and HDF5 files. Readers of file formats live in ``_readers``, the store in ``_store``,
+and ``as_source`` (which turns a path, an AnnData or a store into a source) in ``_open``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 
+import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from ._csr import gather_rows
+from ._csr import gather_rows, row_offsets
 
 
 def _as_str_array(names) -> np.ndarray:
@@ -79,8 +83,6 @@ class Source:
 
     def get_rows(self, rows) -> sp.csr_matrix:
         """Rows ``rows`` as a scipy CSR matrix in the source's dtypes."""
-        from ._csr import row_offsets
-
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         indptr, nnz = row_offsets(self.indptr, rows)
         indices = np.empty(nnz, dtype=self.indices_dtype)
@@ -163,8 +165,6 @@ class H5CSRSource(Source):
     def __init__(self, path, group: str, n_genes: int, var_names=None, obs_names=None,
                  batch_codes=None, labels_codes=None, data_name="data", indices_name="indices",
                  indptr_name="indptr"):
-        import h5py
-
         self.path = str(path)
         self.group = group
         self._names = (data_name, indices_name, indptr_name)
@@ -182,8 +182,6 @@ class H5CSRSource(Source):
         self._set_meta(var_names, obs_names, batch_codes, labels_codes)
 
     def _datasets(self):
-        import h5py
-
         if self._file is None or self._pid != os.getpid():
             self._file = h5py.File(self.path, "r")
             self._pid = os.getpid()
@@ -225,157 +223,3 @@ class ChunkSource(Source):
 
     def iter_chunks(self, chunk_size: int = 65536):
         yield from self._chunk_fn(chunk_size)
-
-
-def _categorical_codes(obs, key):
-    if key is None:
-        return None, None
-    if key not in obs:
-        raise KeyError(f"obs has no column {key!r}; available: {list(obs.columns)}")
-    import pandas as pd
-
-    cat = pd.Categorical(obs[key])
-    if (cat.codes < 0).any():
-        raise ValueError(f"obs[{key!r}] has missing values; fill them before conversion")
-    return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
-
-
-def _from_h5ad(path, layer=None, batch_key=None, labels_key=None) -> Source:
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as f:
-        obs = read_elem(f["obs"])
-        var = read_elem(f["var"])
-        node = f["X"] if layer is None else f["layers"][layer]
-        enc = node.attrs.get("encoding-type", node.attrs.get("h5sparse_format", ""))
-        if isinstance(enc, bytes):
-            enc = enc.decode()
-        group = node.name
-        is_group = isinstance(node, h5py.Group)
-        shape = tuple(node.attrs["shape"]) if is_group and "shape" in node.attrs else node.shape
-    bc, bcat = _categorical_codes(obs, batch_key)
-    lc, lcat = _categorical_codes(obs, labels_key)
-    meta = dict(var_names=var.index, obs_names=obs.index.to_numpy(), batch_codes=bc,
-                labels_codes=lc)
-    what = f"{path}:{group}"
-    if is_group and enc in ("csr_matrix", "csr"):
-        src = H5CSRSource(path, group, shape[1], **meta)
-    elif is_group and enc in ("csc_matrix", "csc"):
-        raise ValueError(
-            f"{what} is stored as CSC (gene-major), which cannot be read by cell without loading "
-            "it whole. Load it in memory (anndata.read_h5ad) and pass the AnnData, or rewrite it "
-            "as CSR: adata.X = scipy.sparse.csr_matrix(adata.X); adata.write_h5ad(path)."
-        )
-    elif not is_group:
-        src = ChunkSource(_dense_h5_chunks(path, group), shape[0], shape[1], **meta)
-    else:
-        raise ValueError(f"{what}: unsupported matrix encoding {enc!r}")
-    src.batch_categories, src.labels_categories = bcat, lcat
-    return src
-
-
-def _dense_h5_chunks(path, group):
-    def chunks(chunk_size):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            d = f[group]
-            for start in range(0, d.shape[0], chunk_size):
-                yield start, sp.csr_matrix(d[start : start + chunk_size])
-
-    return chunks
-
-
-def _anndata_source(adata, layer=None, batch_key=None, labels_key=None) -> Source:
-    if getattr(adata, "isbacked", False):
-        return _from_h5ad(adata.filename, layer, batch_key, labels_key)
-    m = adata.X if layer is None else adata.layers[layer]
-    if m is None:
-        raise ValueError("adata.X is None; pass layer= to choose a count layer")
-    if not (sp.issparse(m) or isinstance(m, np.ndarray)):
-        # backed sparse datasets or other array types
-        m = m.to_memory() if hasattr(m, "to_memory") else m[...]
-    bc, bcat = _categorical_codes(adata.obs, batch_key)
-    lc, lcat = _categorical_codes(adata.obs, labels_key)
-    src = ArraySource.from_matrix(
-        m, var_names=adata.var_names, obs_names=adata.obs_names.to_numpy(), batch_codes=bc,
-        labels_codes=lc,
-    )
-    src.batch_categories, src.labels_categories = bcat, lcat
-    return src
-
-
-def as_source(obj, layer: str | None = None, batch_codes=None, labels_codes=None,
-              batch_key: str | None = None, labels_key: str | None = None) -> Source:
-    """Wrap anything the data path reads as a :class:`Source`.
-
-    Parameters
-    ----------
-    obj
-        An in-memory AnnData (CSR, CSC or dense ``X`` or ``layer``), a backed AnnData, a path to
-        an ``.h5ad``, a 10x ``.h5``, a ``.mtx``/``.mtx.gz`` file or 10x mtx directory, a
-        :class:`CSRStore` or a path to a store directory, a TileDB-SOMA ``ExperimentAxisQuery``,
-        a scipy sparse matrix or dense array, or a :class:`Source`.
-    layer
-        AnnData layer holding the counts (default ``X``).
-    batch_codes, labels_codes
-        Integer codes per cell; override the stored ones.
-    batch_key, labels_key
-        obs columns to read codes (and categories) from, for AnnData / h5ad / SOMA inputs.
-
-    Returns
-    -------
-    Source
-        With ``n_cells``, ``n_genes``, ``var_names``, ``batch_codes``, ``labels_codes``.
-    """
-    from ._store import CSRStore
-
-    src: Source
-    if isinstance(obj, Source):
-        src = obj
-    elif isinstance(obj, CSRStore):
-        src = obj.source
-    elif isinstance(obj, (str, os.PathLike)):
-        src = _path_source(Path(obj), layer, batch_key, labels_key)
-    elif sp.issparse(obj) or isinstance(obj, np.ndarray):
-        src = ArraySource.from_matrix(obj)
-    elif type(obj).__name__ == "AnnData" or hasattr(obj, "obs_names") and hasattr(obj, "X"):
-        src = _anndata_source(obj, layer, batch_key, labels_key)
-    elif type(obj).__name__ == "ExperimentAxisQuery":
-        from ._readers import soma_source
-
-        src = soma_source(obj, batch_key=batch_key, labels_key=labels_key)
-    else:
-        raise TypeError(f"cannot read cells from an object of type {type(obj).__name__}")
-    if batch_codes is not None or labels_codes is not None:
-        src = src.with_codes(batch_codes, labels_codes)
-    return src
-
-
-def _path_source(path: Path, layer, batch_key, labels_key) -> Source:
-    from ._readers import read_10x_h5_source, read_mtx_source
-    from ._store import CSRStore
-
-    if not path.exists():
-        raise FileNotFoundError(path)
-    name = path.name.lower()
-    if path.is_dir():
-        if (path / "manifest.json").exists():
-            return CSRStore.open(path).source
-        if any((path / f).exists() for f in ("matrix.mtx", "matrix.mtx.gz")):
-            return read_mtx_source(path)
-        raise ValueError(f"{path} is neither a CSR store nor a 10x mtx directory")
-    if name.endswith(".h5ad"):
-        return _from_h5ad(path, layer, batch_key, labels_key)
-    if name.endswith((".h5", ".hdf5")):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            is_anndata = "X" in f and "obs" in f
-        if is_anndata:
-            return _from_h5ad(path, layer, batch_key, labels_key)
-        return read_10x_h5_source(path)
-    if name.endswith((".mtx", ".mtx.gz")):
-        return read_mtx_source(path)
-    raise ValueError(f"unrecognised input {path}: expected .h5ad, .h5, .mtx(.gz) or a store")

@@ -22,6 +22,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+#: changes whenever the cells drawn for given parameters change (recorded in stores)
+GENERATOR_VERSION = 2
 _N_LIB_BINS = 24
 _LIB_SIGMA = 0.45
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -129,6 +131,24 @@ def _fill_counts_inner(seed, start, cell_type, cell_batch, cell_bin, p0, rho, be
                 j += 1
 
 
+@njit(nogil=True, parallel=True, cache=True)
+def _zero_prob_inner(lib, rho, beta, theta, out):
+    """``P(x = 0)`` of every (cell type, batch, library bin) row and gene, as float32:
+    ``(theta / (theta + mu)) ** theta`` with ``mu = lib * rho * beta`` (the product in the
+    order the fill pass uses)."""
+    n_types, n_genes = rho.shape
+    n_batches, n_bins = lib.shape
+    log_theta = np.log(theta)
+    for r in prange(n_types * n_batches * n_bins):
+        t = r // (n_batches * n_bins)
+        b = (r // n_bins) % n_batches
+        k = r % n_bins
+        for g in range(n_genes):
+            th = theta[g]
+            mu = lib[b, k] * rho[t, g] * beta[b, g]
+            out[r, g] = np.float32(math.exp(th * (log_theta[g] - math.log(th + mu))))
+
+
 class _Params:
     """Gene programs, batch effects, dispersions and library sizes of one synthetic dataset."""
 
@@ -156,35 +176,51 @@ class _Params:
         self.log_scale = self._calibrate(density)
         self.lib = np.exp(self.log_scale + self.batch_shift[:, None]
                           + _LIB_SIGMA * z[None, :])  # (n_batches, n_bins)
-        mu = (self.lib[None, :, :, None] * self.rho[:, None, None, :]
-              * self.beta[None, :, None, :])  # (T, B, bins, G)
-        th = self.theta
-        self.p0 = np.ascontiguousarray(
-            np.exp(th * (np.log(th) - np.log(th + mu))).reshape(-1, g), dtype=np.float32
-        )
+        # (types x batches x bins, genes): about 1 GB at 10 types, 128 batches, 8000 genes
+        self.p0 = np.empty((n_cell_types * n_batches * _N_LIB_BINS, g), np.float32)
+        _zero_prob_inner(self.lib, self.rho, self.beta, self.theta, self.p0)
 
-    def _density(self, log_scale, genes):
+    def _density(self, log_scale, genes, batches):
+        """Expected fraction of non-zeros over ``genes`` x ``batches`` and its derivative in
+        ``log_scale``."""
         th = self.theta[genes]
-        lib = np.exp(log_scale + self.batch_shift[:, None] + _LIB_SIGMA * self.bin_z[None, :])
+        lib = np.exp(log_scale + self.batch_shift[batches, None]
+                     + _LIB_SIGMA * self.bin_z[None, :])
         mu = (lib[None, :, :, None] * self.rho[:, None, None, genes]
-              * self.beta[None, :, None, genes])
-        nz = 1.0 - np.exp(th * (np.log(th) - np.log(th + mu)))
-        w = self.type_p[:, None, None] * self.bin_p[None, None, :] / self.n_batches
-        return float((nz.mean(axis=-1) * w).sum())
+              * self.beta[None, batches][:, :, None, genes])
+        p0 = np.exp(th * (np.log(th) - np.log(th + mu)))
+        w = self.type_p[:, None, None] * self.bin_p[None, None, :] / len(batches)
+        value = float(((1.0 - p0).mean(axis=-1) * w).sum())
+        slope = float(((th * p0 * mu / (th + mu)).mean(axis=-1) * w).sum())
+        return value, slope
 
     def _calibrate(self, density):
+        """The log library scale whose expected density is ``density``: safeguarded Newton
+        on a bracket (the density rises monotonically with the scale), over at most 2000
+        genes and 16 batches (evenly spaced; the batch shifts are small), so that the cost
+        does not grow with the data set."""
         if not 0.0 < density < 1.0:
             raise ValueError(f"density must lie in (0, 1), got {density}")
         g = self.rho.shape[1]
         genes = np.arange(g) if g <= 2000 else np.random.default_rng(0).choice(g, 2000, False)
+        nb = self.n_batches
+        batches = np.arange(nb) if nb <= 16 else np.unique(np.linspace(0, nb - 1, 16).round()
+                                                           .astype(np.int64))
         lo, hi = -5.0, 25.0
-        for _ in range(50):
-            mid = 0.5 * (lo + hi)
-            if self._density(mid, genes) < density:
-                lo = mid
+        x = 0.5 * (lo + hi)
+        for _ in range(200):
+            value, slope = self._density(x, genes, batches)
+            if value < density:
+                lo = x
             else:
-                hi = mid
-        return 0.5 * (lo + hi)
+                hi = x
+            step = (density - value) / slope if slope > 0 else math.inf
+            if abs(step) < 1e-12:  # converged (quadratically): the rest is rounding noise
+                return x + step
+            x = x + step if lo < x + step < hi else 0.5 * (lo + hi)
+            if hi - lo < 1e-12:
+                return x
+        return x
 
 
 def _generate_chunk(params: _Params, seed, start, n, n_cells):
@@ -277,7 +313,7 @@ def write_synthetic_store(path, n_cells: int, n_genes: int = 8000, n_batches: in
     CSRStore
         The opened store.
     """
-    from ._store import StoreWriter
+    from ._convert import StoreWriter
 
     params = _Params(n_genes, n_batches, n_cell_types, density, seed)
     writer = StoreWriter(
@@ -286,7 +322,7 @@ def write_synthetic_store(path, n_cells: int, n_genes: int = 8000, n_batches: in
         labels_categories=[f"type_{i}" for i in range(n_cell_types)], check=False,
         overwrite=overwrite, with_obs_names=False,
         extra={"synthetic": {"seed": seed, "density": density, "n_batches": n_batches,
-                             "n_cell_types": n_cell_types}},
+                             "n_cell_types": n_cell_types, "version": GENERATOR_VERSION}},
     )
     import scipy.sparse as sp
 

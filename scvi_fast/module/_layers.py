@@ -33,12 +33,16 @@ class SparseInputLinear(nn.Module):
     """``y = f(X_csr) @ weight + bias`` with ``weight`` stored gene-major ``(n_in, n_out)``.
 
     Equivalent to ``nn.Linear(n_in, n_out)`` applied to ``f(X)`` with
-    ``weight = linear.weight.T``; ``f`` is ``log1p`` for scVI's encoder.
+    ``weight = linear.weight.T``; ``f`` is ``log1p`` for scVI's encoder. ``method`` is
+    :func:`scvi_fast.functional.sparse_linear`'s (``"auto"``: a densified batch and a GEMM
+    on a GPU, a gather over the stored entries on the CPU).
     """
 
-    def __init__(self, n_in: int, n_out: int, transform: str = "log1p", impl: str = "auto"):
+    def __init__(self, n_in: int, n_out: int, transform: str = "log1p", impl: str = "auto",
+                 method: str = "auto"):
         super().__init__()
         self.n_in, self.n_out, self.transform, self.impl = n_in, n_out, transform, impl
+        self.method = method
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.empty(n_out))
         _linear_init_(self.weight, self.bias, n_in)
@@ -46,7 +50,7 @@ class SparseInputLinear(nn.Module):
     def forward(self, x) -> torch.Tensor:
         return F_ops.sparse_linear(
             x.indptr, x.indices, x.values, self.weight, self.bias,
-            transform=self.transform, impl=self.impl,
+            transform=self.transform, impl=self.impl, method=self.method,
         )
 
 

@@ -207,9 +207,8 @@ class VAE(nn.Module):
     # ---- loss --------------------------------------------------------------------
     def loss(self, x, inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0):
         """Per-cell reconstruction loss and KL, and the KL-weighted mean to minimise."""
+        # bf16 logits: the likelihood op evaluates them in fp32 (Triton reads them as they are)
         logits = generative_outputs["logits"]
-        if logits.dtype == torch.bfloat16:  # the likelihood is always evaluated in fp32
-            logits = logits.float()
         rec = -F_ops.nb_softmax_loglik(
             logits,
             inference_outputs["library"],

@@ -6,7 +6,13 @@ import warnings
 
 import torch
 
+from scvi_fast.reference._csr import csr_masked, csr_to_dense
+
 _TRANSFORMS = ("log1p", "identity")
+
+#: how the first layer is computed: a gather over the stored entries, or a densified batch
+#: and a GEMM; ``"auto"`` is ``"dense"`` for CUDA tensors and ``"gather"`` elsewhere
+METHODS = ("auto", "gather", "dense")
 
 
 def apply_transform(values: torch.Tensor, transform: str) -> torch.Tensor:
@@ -15,6 +21,20 @@ def apply_transform(values: torch.Tensor, transform: str) -> torch.Tensor:
     if transform == "identity":
         return values
     raise ValueError(f"transform must be one of {_TRANSFORMS}; got {transform!r}")
+
+
+def resolve_method(method: str, device: torch.device | str) -> str:
+    """The concrete first-layer method (``"gather"`` or ``"dense"``) for tensors on ``device``.
+
+    On a GPU the densified batch (``B x G``, written on the device) feeds a cuBLAS GEMM on
+    tensor cores (TF32 / bf16), which beats a gather of ``nnz`` weight rows there; on the CPU
+    the gather does ``2 nnz H`` work instead of ``2 B G H`` and wins.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if method != "auto":
+        return method
+    return "dense" if torch.device(device).type == "cuda" else "gather"
 
 
 def sparse_linear(
@@ -26,6 +46,7 @@ def sparse_linear(
     cov: torch.Tensor | None = None,
     W_cov: torch.Tensor | None = None,
     transform: str = "log1p",
+    method: str = "auto",
 ) -> torch.Tensor:
     """``y = f(X) @ W + b (+ W_cov[cov])`` for a CSR ``X`` of shape ``(B, G)``.
 
@@ -34,23 +55,34 @@ def sparse_linear(
     ``W_cov`` is ``(K, H)``, one contiguous row per covariate category. The
     covariate term equals concatenating a one-hot of ``cov`` to the input and
     running the wider GEMM, as scvi-tools does. No gradient flows to the data.
+    Entries past ``indptr[-1]`` are ignored (see :mod:`scvi_fast.reference._csr`).
+
+    ``method="gather"`` multiplies the sparse matrix (``torch.sparse.mm``); ``"dense"``
+    scatters ``f(values)`` into a dense ``(B, G)`` matrix (repeated genes of a row add up)
+    and runs a dense GEMM, in the autocast dtype under autocast.
     """
-    n_rows = indptr.numel() - 1
-    fx = apply_transform(values.to(W.dtype), transform)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        X = torch.sparse_csr_tensor(
-            indptr.to(torch.int64),
-            indices.to(torch.int64),
-            fx,
-            size=(n_rows, W.shape[0]),
-            check_invariants=False,
-        )
-    y = torch.sparse.mm(X, W) if n_rows > 0 else W.new_zeros(0, W.shape[1])
+    if cov is not None and W_cov is None:
+        raise ValueError("cov was given without W_cov")
+    method = resolve_method(method, W.device)
+    n_rows, G = indptr.numel() - 1, W.shape[0]
+    idx, val = csr_masked(indptr, indices, values.to(W.dtype))
+    fx = apply_transform(val, transform)  # f(0) = 0: the padding stays 0
+    if method == "dense":
+        X = csr_to_dense(indptr, idx, fx, G)
+        y = X @ W
+    elif n_rows > 0:
+        # the padded tail (now gene 0, value 0) forms one extra row whose output is dropped
+        crow = torch.cat([indptr.to(torch.int64), indptr.new_full((1,), idx.numel(),
+                                                                  dtype=torch.int64)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            X = torch.sparse_csr_tensor(crow, idx, fx, size=(n_rows + 1, G),
+                                        check_invariants=False)
+        y = torch.sparse.mm(X, W)[:n_rows]
+    else:
+        y = W.new_zeros(0, W.shape[1])
     if b is not None:
-        y = y + b
+        y = y + b.to(y.dtype)
     if cov is not None:
-        if W_cov is None:
-            raise ValueError("cov was given without W_cov")
-        y = y + W_cov.index_select(0, cov.reshape(-1).to(torch.int64))
+        y = y + W_cov.index_select(0, cov.reshape(-1).to(torch.int64)).to(y.dtype)
     return y

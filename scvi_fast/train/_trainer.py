@@ -6,6 +6,7 @@ loaders; it does not know the user-facing model class or where data comes from.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 
 from scvi_fast.module import kl_weight as kl_weight_fn
 from scvi_fast.train._checkpoint import atomic_torch_save, load_checkpoint
+from scvi_fast.train._step import StaticBatches, StepRunner, max_batch_nnz, resolve_step_mode
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS = ("elbo", "reconstruction_loss", "kl_local")
@@ -29,17 +31,23 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
-def make_adam(params, lr: float, eps: float, weight_decay: float) -> torch.optim.Adam:
+def make_adam(params, lr: float, eps: float, weight_decay: float,
+              capturable: bool = False) -> torch.optim.Adam:
     """Adam with scvi-tools' settings, using the fused single-kernel update where available.
 
     The fused update does the same arithmetic in one pass over each tensor (on a 2-core
-    CPU about 8x faster than the multi-tensor path at the Census shape).
+    CPU about 8x faster than the multi-tensor path at the Census shape). ``capturable`` keeps
+    the step count on the device, so that the update can be captured in a CUDA graph (set on
+    CUDA whatever the step mode, so that graph and eager runs do the same arithmetic).
     """
     params = list(params)
+    kw = dict(lr=lr, eps=eps, weight_decay=weight_decay)
+    if capturable:
+        kw["capturable"] = True
     try:
-        return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=True)
+        return torch.optim.Adam(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, eps=eps, weight_decay=weight_decay)
+        return torch.optim.Adam(params, **kw)
 
 
 class Trainer:
@@ -76,6 +84,11 @@ class Trainer:
         GEMMs to bfloat16; the NB likelihood, KL and optimiser stay in fp32.
     compile_dense
         ``torch.compile`` the dense encoder/decoder stacks (CUDA; off by default).
+    step_mode
+        ``"auto"`` (default: the whole step captured as a CUDA graph on CUDA, eager on the
+        CPU), ``"graph"``, ``"static"`` (the graph's step body on static buffers, not
+        captured: the debugging and CPU-testing path) or ``"eager"``. See
+        :mod:`scvi_fast.train._step`.
     distributed
         A :class:`~scvi_fast.train._distributed.DistContext` (from ``_distributed.setup``) to
         train data-parallel: the module is wrapped in DDP, the loaders must be this rank's
@@ -109,6 +122,7 @@ class Trainer:
         allow_tf32: bool = False,
         precision: str = "32",
         compile_dense: bool = False,
+        step_mode: str = "auto",
         distributed=None,
     ):
         self.dist = distributed if distributed is not None and distributed.world_size > 1 else None
@@ -141,8 +155,22 @@ class Trainer:
         self.seed = seed
         self.progress_bar = progress_bar
         self.optimizer = make_adam(
-            [p for p in module.parameters() if p.requires_grad], lr, adam_eps, weight_decay
+            [p for p in module.parameters() if p.requires_grad], lr, adam_eps, weight_decay,
+            capturable=on_cuda,
         )
+        self.step_mode = resolve_step_mode(
+            step_mode, self.device, distributed=self.dist is not None,
+            compiled=compile_dense and on_cuda,
+        )
+        self.runner = StepRunner(self._net, self.module, self.optimizer, self.device,
+                                 mode=self.step_mode, autocast_dtype=self.autocast_dtype)
+        self._batches = None
+        if self.step_mode != "eager":
+            loaders = [ld for ld in (train_loader, val_loader) if ld is not None]
+            self._batches = StaticBatches(
+                self.device, max(ld.batch_size for ld in loaders),
+                max(max_batch_nnz(ld) for ld in loaders), loaders[0].n_genes,
+            )
         self.history: dict[str, list[float]] = {}
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -238,9 +266,9 @@ class Trainer:
             torch.manual_seed(self.seed + RNG_STRIDE * rank + self.global_step)
 
     def _reduced(self, sums: torch.Tensor, n_obs: int) -> tuple[torch.Tensor, int]:
-        """``(sums, n_obs)`` over all ranks, on the CPU."""
+        """``(sums, n_obs)`` over all ranks, a CPU copy (``sums`` is the runner's live buffer)."""
         if self.dist is None:
-            return sums.cpu(), n_obs
+            return sums.detach().to("cpu", copy=True), n_obs
         both = torch.cat([sums, sums.new_tensor([n_obs])])
         self.dist.all_reduce_sum(both)
         return both[:-1].cpu(), int(both[-1].item())
@@ -248,7 +276,10 @@ class Trainer:
     # ---- one pass ------------------------------------------------------------------
     def _run_epoch(self, loader, train: bool, kl_w: float, skip: int = 0) -> dict[str, float]:
         self.module.train(train)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        runner = self.runner
+        sums = runner.sums if train else runner.val_sums
+        sums.zero_()
+        runner.kl_weight.fill_(kl_w)
         n_obs = 0
         if skip and self._partial is not None and self.is_main:
             # the partial sums of a checkpoint are over all ranks: one rank adds them back
@@ -261,33 +292,26 @@ class Trainer:
             # Resuming mid-epoch: the loader order depends on the epoch only, so
             # skipping the batches already trained continues exactly where it stopped.
             it = itertools.islice(it, skip, None)
-        ctx = torch.enable_grad() if train else torch.inference_mode()
-        autocast = torch.autocast(
-            self.device.type, dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
-        )
+        batches = self._batches
+        # eager evaluation runs under inference mode; the static step body (captured or not)
+        # under no_grad, inside the runner
+        ctx = torch.inference_mode() if not train and batches is None else contextlib.nullcontext()
         with ctx:
             for mb in it:
-                x = mb.to(self.device, non_blocking=True)
-                with autocast:
-                    _, _, out = (self._net if train else self.module)(x, kl_weight=kl_w)
+                if batches is None:
+                    runner.run(mb.to(self.device, non_blocking=True), train)
+                else:
+                    slot, x = batches.load(mb)
+                    runner.run(x, train, slot, batches.generation)
+                    batches.release(slot)
+                n_obs += mb.n_cells
                 if train:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    self.optimizer.step()
                     self.global_step += 1
                     self._step_in_epoch += 1
-                rec = out.reconstruction_loss.detach()
-                kl = out.kl_local.detach()
-                sums += torch.stack([(rec + kl).sum(), rec.sum(), kl.sum()]).double()
-                n_obs += out.n_obs
-                if (
-                    train
-                    and self.checkpoint_every_n_steps
-                    and self.global_step % self.checkpoint_every_n_steps == 0
-                ):
-                    self._partial = self._reduced(sums, n_obs)
-                    self.save_checkpoint()
+                    if (self.checkpoint_every_n_steps
+                            and self.global_step % self.checkpoint_every_n_steps == 0):
+                        self._partial = self._reduced(sums, n_obs)
+                        self.save_checkpoint()
         if train and self.dist is not None:
             self.dist.sync_buffers(self.module)
         sums, n_obs = self._reduced(sums, n_obs)

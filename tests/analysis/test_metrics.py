@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from scvi_fast import metrics  # noqa: E402
+from scvi_fast.data import write_h5ad  # noqa: E402
 
 
 def test_batch_entropy_by_hand():
@@ -149,7 +150,7 @@ def test_cli_evaluate_h5ad(blobs, tmp_path, capsys):
     adata.obs["cell_type"] = labels
     adata.obs["donor"] = batch
     adata.obsm["X_emb"] = X
-    adata.write_h5ad(tmp_path / "a.h5ad")
+    write_h5ad(adata, tmp_path / "a.h5ad")
     rc = main(["evaluate", str(tmp_path / "a.h5ad"), "--label-key", "cell_type", "--batch-key", "donor",
                "--embedding-key", "X_emb", "--out", str(tmp_path / "ev"), "--no-plot"])
     assert rc == 0

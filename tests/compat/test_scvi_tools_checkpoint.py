@@ -26,6 +26,7 @@ from scvi_fast.compat import (
     save_scvi_tools,
     unused_scvi_tools_heads,
 )
+from scvi_fast.data import write_h5ad
 from tests.helpers import FIXTURES, load_fixture
 
 MODELS = ["default", "nobatch"]
@@ -209,7 +210,7 @@ def test_folder_with_saved_anndata(tmp_path):
     adata, arrays, _ = _fixture_adata("default")
     shutil.copy(_folder("default") / "model.pt", tmp_path / "model.pt")
     adata.obs["_scvi_batch"] = adata.obs["donor"].cat.codes  # what scvi-tools adds to obs
-    adata.write_h5ad(tmp_path / "adata.h5ad")
+    write_h5ad(adata, tmp_path / "adata.h5ad")
     model = scvi_fast.SCVI.load(tmp_path, impl="torch")
     np.testing.assert_allclose(model.get_latent_representation(), arrays["latent_mean"], rtol=2e-5, atol=2e-6)
 

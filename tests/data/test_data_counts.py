@@ -4,7 +4,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scvi_fast.data import CSRStore, check_counts
+from scvi_fast.data import CSRStore, check_counts, write_h5ad
 from _data_helpers import random_counts
 
 
@@ -68,10 +68,10 @@ def test_layer_and_h5ad(rng, tmp_path):
     check_counts(adata, layer="counts")
     with pytest.raises(ValueError, match="X contains .* non-integer"):
         check_counts(adata)
-    adata.write_h5ad(tmp_path / "a.h5ad")
+    write_h5ad(adata, tmp_path / "a.h5ad")
     check_counts(tmp_path / "a.h5ad", layer="counts")
     Y = X.copy()
     Y.data[0] = -1
-    ad.AnnData(X=X, layers={"counts": Y}).write_h5ad(tmp_path / "b.h5ad")
+    write_h5ad(ad.AnnData(X=X, layers={"counts": Y}), tmp_path / "b.h5ad")
     with pytest.raises(ValueError, match="layer 'counts' contains 1 negative"):
         check_counts(tmp_path / "b.h5ad", layer="counts")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from scvi_fast.data import BlockShuffleSampler, CSRLoader, CSRMinibatch, as_source
+from scvi_fast.data import BlockShuffleSampler, CSRLoader, CSRMinibatch, as_source, write_h5ad
 from _data_helpers import random_counts
 
 LOADER_ARGS = dict(batch_size=64, block_size=8, buffer_size=256)
@@ -167,7 +167,7 @@ def test_anndata_inputs(rng, tmp_path, fmt):
     elif fmt == "layer":
         adata = ad.AnnData(X=np.log1p(X), obs=obs, layers={"counts": X})
     else:
-        ad.AnnData(X=X, obs=obs).write_h5ad(tmp_path / "a.h5ad")
+        write_h5ad(ad.AnnData(X=X, obs=obs), tmp_path / "a.h5ad")
         adata = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
     layer = "counts" if fmt == "layer" else None
     codes = adata.obs["b"].cat.codes.to_numpy()

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from scvi_fast.data import (CSRLoader, CSRStore, StoreCorruptError, as_source,
-                            synthetic_anndata, write_synthetic_store)
+                            synthetic_anndata, write_h5ad, write_synthetic_store)
 from _data_helpers import random_counts
 
 
@@ -72,7 +72,7 @@ def test_gene_subset_and_order(small_adata, tmp_path):
 def test_pre_shuffle(small_adata, tmp_path, from_h5ad):
     src = small_adata
     if from_h5ad:
-        small_adata.write_h5ad(tmp_path / "a.h5ad")
+        write_h5ad(small_adata, tmp_path / "a.h5ad")
         src = tmp_path / "a.h5ad"
     store = CSRStore.create(tmp_path / "s", src, batch_key="batch", shuffle=True, seed=4,
                             chunk_size=500)
@@ -102,11 +102,16 @@ def test_store_as_loader_source(small_adata, tmp_path):
     np.testing.assert_array_equal(mb.batch, other[: mb.n_cells])
 
 
-def test_synthetic_store_equals_synthetic_anndata(tmp_path):
-    kw = dict(n_genes=120, n_batches=2, n_cell_types=3, density=0.2, seed=9)
+@pytest.mark.parametrize("n_batches", [2, 24])
+def test_synthetic_store_equals_synthetic_anndata(tmp_path, n_batches):
+    from scvi_fast.data._synthetic import GENERATOR_VERSION
+
+    kw = dict(n_genes=120, n_batches=n_batches, n_cell_types=3, density=0.2, seed=9)
     adata = synthetic_anndata(n_cells=700, **kw, chunk_size=256)
     store = write_synthetic_store(tmp_path / "s", 700, **kw, chunk_size=100)
     assert (store.to_scipy() != adata.X).nnz == 0
+    assert store.manifest["synthetic"] == {"seed": 9, "density": 0.2, "n_batches": n_batches,
+                                           "n_cell_types": 3, "version": GENERATOR_VERSION}
     back = store.to_anndata()
     np.testing.assert_array_equal(back.obs["batch"].astype(str), adata.obs["batch"].astype(str))
     np.testing.assert_array_equal(back.obs["cell_type"].astype(str),

@@ -42,3 +42,40 @@ def test_cell_types_and_batches_differ():
     bprof = np.stack([X[(b == k) & (t == 0)].mean(axis=0) for k in range(2)])
     blfc = np.abs(np.log((bprof[0] + 1e-4) / (bprof[1] + 1e-4)))
     assert np.median(blfc) > 0.1  # multiplicative batch effects
+
+
+def test_zero_probability_table_matches_numpy():
+    from scvi_fast.data._synthetic import _N_LIB_BINS, _Params
+
+    p = _Params(n_genes=37, n_batches=5, n_cell_types=3, density=0.2, seed=11)
+    th = p.theta
+    mu = (p.lib[None, :, :, None] * p.rho[:, None, None, :] * p.beta[None, :, None, :])
+    ref = np.exp(th * (np.log(th) - np.log(th + mu))).reshape(-1, 37)
+    assert p.p0.shape == (3 * 5 * _N_LIB_BINS, 37) and p.p0.dtype == np.float32
+    # float64 math in numba vs numpy, then rounded to float32: equal up to one float32 ulp
+    np.testing.assert_array_max_ulp(p.p0, ref.astype(np.float32), maxulp=1)
+
+
+@pytest.mark.parametrize("n_batches", [3, 40])
+def test_calibrated_density_with_many_batches(n_batches):
+    # above 16 batches the library scale is calibrated on 16 of them
+    a = synthetic_anndata(n_cells=4000, n_genes=300, n_batches=n_batches, n_cell_types=5,
+                          density=0.1, seed=6)
+    frac = a.X.nnz / np.prod(a.shape)
+    assert abs(frac - 0.1) < 0.01
+    assert a.obs["batch"].nunique() == n_batches
+
+
+def test_counts_do_not_depend_on_the_thread_count():
+    import numba
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        a = synthetic_anndata(n_cells=300, n_genes=150, n_batches=20, seed=9)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        b = synthetic_anndata(n_cells=300, n_genes=150, n_batches=20, seed=9)
+    finally:
+        numba.set_num_threads(before)
+    assert (a.X != b.X).nnz == 0
+    assert np.array_equal(a.obs["batch"].cat.codes, b.obs["batch"].cat.codes)

@@ -179,8 +179,11 @@ def test_rejects_bad_input(gen, native_ext):
     bad[0] = 10
     with pytest.raises(RuntimeError, match="out of range"):
         native.sparse_linear(indptr, bad, values, W, None)
+    # indptr[:-1] is a valid batch of 3 rows with a padded tail; past the capacity is not
+    past_end = indptr.clone()
+    past_end[-1] = indices.numel() + 1
     with pytest.raises(RuntimeError, match="indptr"):
-        native.sparse_linear(indptr[:-1], indices, values, W, None)
+        native.sparse_linear(past_end, indices, values, W, None)
     with pytest.raises(RuntimeError, match="W must be"):
         native.sparse_linear(indptr, indices, values.int(), W.int(), None)
     with pytest.raises(ValueError, match="W_cov"):

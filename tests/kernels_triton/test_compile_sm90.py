@@ -1,8 +1,13 @@
 """Every Triton kernel compiles for a real GPU (sm_90: H100 / H200), all the way to a cubin.
 
 Triton compiles ahead of time without a device: this catches what the interpreter cannot
-(lowering, libdevice calls, register allocation by ptxas). It needs the kernels decorated as
-compiled functions, so it skips when the run itself is interpreted (``TRITON_INTERPRET=1``).
+(lowering, libdevice calls, 16-bit atomics, register allocation by ptxas). Every launch
+configuration a launcher can pick (the default and each candidate of
+``scvi_fast.kernels.triton._configs``) is compiled, with the pointer types the launchers pass
+(float32, float64, and bfloat16 logits / gradients / dense buffers where the op takes them;
+int32 and int64 CSR indices), and must not spill registers to local memory. It needs the
+kernels decorated as compiled functions, so it skips when the run itself is interpreted
+(``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -26,20 +31,25 @@ pytestmark = [
 ]
 
 INT_POINTERS = {"indptr_ptr", "indices_ptr", "seg_ptr", "idx_ptr", "cov_ptr"}
+G, H, Z = 8000, 512, 50  # the Census shape
 
 
-def _compile(kernel, float_ty: str, config: dict):
-    """Compile ``kernel`` for sm_90 with float pointers of ``float_ty``; ``config`` holds the
-    constexpr arguments and ``num_warps``, as the launchers pass them."""
+def _compile(kernel, float_ty: str, config: dict, pointers: dict | None = None):
+    """Compile ``kernel`` for sm_90: float pointers of ``float_ty``, integer pointers int64,
+    except where ``pointers`` names another type; ``config`` holds the constexpr arguments and
+    ``num_warps``, as the launchers pass them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    pointers = pointers or {}
     constexprs = {k: v for k, v in config.items() if k != "num_warps"}
     signature = {}
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{pointers[name]}"
         elif name.endswith("_ptr"):
             signature[name] = "*i64" if name in INT_POINTERS else f"*{float_ty}"
         else:
@@ -51,37 +61,96 @@ def _compile(kernel, float_ty: str, config: dict):
     return compiled
 
 
-def _cases():
-    """(name, kernel, float type, config) at the Census shape (G=8000, H=512, Z=50)."""
+def _acc(float_ty):
     import triton.language as tl
 
-    from scvi_fast.kernels.triton import _math, _nb_loglik, _reparam_kl, _sparse_linear
+    return tl.float64 if float_ty == "fp64" else tl.float32
 
-    G, H, Z = 8000, 512, 50
+
+def _torch_dtype(float_ty):
+    import torch
+
+    return {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}[float_ty]
+
+
+def _small_op_cases():
+    from scvi_fast.kernels.triton import _math, _reparam_kl
+
     cases = []
-    for float_ty, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
+    for ty in ("fp32", "fp64"):
+        cfg = _reparam_kl.launch_config(Z)
         cases += [
-            (f"special-{float_ty}", _math._special_kernel, float_ty, dict(BLOCK=256)),
-            (f"reparam_fwd-{float_ty}", _reparam_kl._reparam_kl_fwd_kernel, float_ty,
-             dict(VAR_EPS=1e-4, ACC=acc, **_reparam_kl.launch_config(Z))),
-            (f"reparam_bwd-{float_ty}", _reparam_kl._reparam_kl_bwd_kernel, float_ty,
-             dict(VAR_EPS=1e-4, NEED_DM=True, NEED_DR=True, NEED_DE=True, ACC=acc,
-                  **_reparam_kl.launch_config(Z))),
-            (f"segment_gather-{float_ty}", _sparse_linear._segment_gather_kernel, float_ty,
-             dict(HAS_VAL=True, LOG1P=True, HAS_BIAS=True, HAS_COV=True, ACC=acc,
-                  **_sparse_linear.launch_config(H))),
-            (f"nb_fwd-{float_ty}", _nb_loglik._nb_fwd_kernel, float_ty,
-             dict(EPS=1e-8, ACC=acc, **_nb_loglik.fwd_config(G))),
-            (f"nb_bwd_dense-{float_ty}", _nb_loglik._nb_bwd_dense_kernel, float_ty,
-             dict(EPS=1e-8, NEED_DZ=True, NEED_DR=True, ACC=acc, **_nb_loglik.bwd_dense_config(G))),
-            (f"nb_bwd_sparse-{float_ty}", _nb_loglik._nb_bwd_sparse_kernel, float_ty,
-             dict(EPS=1e-8, NEED_DZ=True, NEED_DR=True, ACC=acc, **_nb_loglik.bwd_sparse_config())),
+            (f"special-{ty}", _math._special_kernel, ty, dict(BLOCK=256), None),
+            (f"reparam_fwd-{ty}", _reparam_kl._reparam_kl_fwd_kernel, ty,
+             dict(VAR_EPS=1e-4, ACC=_acc(ty), **cfg), None),
+            (f"reparam_bwd-{ty}", _reparam_kl._reparam_kl_bwd_kernel, ty,
+             dict(VAR_EPS=1e-4, NEED_DM=True, NEED_DR=True, NEED_DE=True, ACC=_acc(ty), **cfg),
+             None),
         ]
-    # the dW_cov variant: unweighted entries, no epilogue
-    cases.append(("segment_gather-unweighted-fp32", _sparse_linear._segment_gather_kernel, "fp32",
-                  dict(HAS_VAL=False, LOG1P=False, HAS_BIAS=False, HAS_COV=False,
-                       ACC=tl.float32, **_sparse_linear.launch_config(H))))
     return cases
+
+
+def _sparse_linear_cases():
+    from scvi_fast.kernels.triton import _sparse_linear as sl
+
+    cases = []
+    for ty in ("fp32", "fp64"):
+        for i, cfg in enumerate(sl.gather_candidates(H, _torch_dtype(ty))):
+            cases.append((f"segment_gather-{ty}-{i}", sl._segment_gather_kernel, ty,
+                          dict(HAS_VAL=True, LOG1P=True, HAS_BIAS=True, HAS_COV=True,
+                               ACC=_acc(ty), **cfg), None))
+    # dW_cov: unweighted entries, no epilogue; under bf16 autocast dy (src) is bf16
+    for src in ("fp32", "bf16"):
+        cases.append((f"segment_gather-unweighted-{src}", sl._segment_gather_kernel, "fp32",
+                      dict(HAS_VAL=False, LOG1P=False, HAS_BIAS=False, HAS_COV=False,
+                           ACC=_acc("fp32"), **sl.launch_config(H)), {"src_ptr": src}))
+    # densify: a float32, bfloat16 (autocast) or float64 buffer from float32 counts
+    for out in ("fp32", "bf16", "fp64"):
+        for i, cfg in enumerate(sl.densify_candidates()):
+            idx = "i32" if i % 2 else "i64"
+            cases.append((f"densify-{out}-{i}-{idx}", sl._densify_kernel, "fp32",
+                          dict(LOG1P=True, ACC=_acc(out), **cfg),
+                          {"out_ptr": out, "indices_ptr": idx, "indptr_ptr": idx}))
+    return cases
+
+
+def _nb_cases(part):
+    from scvi_fast.kernels.triton import _nb_loglik as nb
+
+    fwd, bwd = [], []
+    # logits (and their gradient) in float32, bfloat16 or float64; every other float float32
+    # (float64 with float64 logits)
+    for zt in ("fp32", "bf16", "fp64"):
+        ty = "fp64" if zt == "fp64" else "fp32"
+        dt = _torch_dtype(zt)
+        zp = {"logits_ptr": zt}
+        for i, cfg in enumerate(nb.fwd_candidates(G, dt)):
+            idx = "i32" if i % 2 else "i64"
+            nc = -(-G // cfg["CHUNK"])
+            split = nc > 1
+            nc_block = max(2, 1 << (nc - 1).bit_length())
+            fwd.append((f"nb_fwd-{zt}-{i}", nb._nb_fwd_kernel, ty,
+                          dict(EPS=1e-8, ACC=_acc(ty), SPLIT=split, NC_BLOCK=nc_block, **cfg),
+                          dict(zp, indices_ptr=idx, indptr_ptr=idx)))
+            if split:
+                fwd.append((f"nb_fwd_chunk_max-{zt}-{i}", nb._nb_fwd_chunk_max_kernel, ty,
+                              dict(ACC=_acc(ty), CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"]),
+                              zp))
+                fwd.append((f"nb_fwd_combine-{zt}-{i}", nb._nb_fwd_combine_kernel, ty,
+                              dict(NC_BLOCK=nc_block, **nb.COMBINE_CONFIG), None))
+        for i, cfg in enumerate(nb.bwd_dense_candidates(G, dt)):
+            bwd.append((f"nb_bwd_dense-{zt}-{i}", nb._nb_bwd_dense_kernel, ty,
+                          dict(EPS=1e-8, NEED_DZ=True, NEED_DR=True, ZERO_ACC=True, ACC=_acc(ty),
+                               **cfg), dict(zp, dz_ptr=zt)))
+        for i, cfg in enumerate(nb.bwd_sparse_candidates(dt)):
+            for atomic in (True, False):
+                bwd.append((f"nb_bwd_sparse-{zt}-{i}-atomic{int(atomic)}",
+                              nb._nb_bwd_sparse_kernel, ty,
+                              dict(EPS=1e-8, NEED_DZ=True, NEED_DL=True, NEED_DR=True,
+                                   ATOMIC=atomic, ACC=_acc(ty), **cfg), dict(zp, dz_ptr=zt)))
+        bwd.append((f"nb_bwd_px_r-{zt}", nb._nb_bwd_px_r_kernel, ty,
+                    dict(ACC=_acc(ty), **nb.PX_R_CONFIG), None))
+    return fwd if part == "fwd" else bwd
 
 
 def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
@@ -98,12 +167,15 @@ def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def test_all_kernels_compile_for_sm90_without_spills(monkeypatch, tmp_path):
+@pytest.mark.parametrize("group", ["small_ops", "sparse_linear", "nb_fwd", "nb_bwd"])
+def test_all_kernels_compile_for_sm90_without_spills(group, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
+    cases = {"small_ops": _small_op_cases, "sparse_linear": _sparse_linear_cases,
+             "nb_fwd": lambda: _nb_cases("fwd"), "nb_bwd": lambda: _nb_cases("bwd")}[group]()
     failures = []
-    for name, kernel, float_ty, config in _cases():
+    for name, kernel, float_ty, config, pointers in cases:
         try:
-            compiled = _compile(kernel, float_ty, config)
+            compiled = _compile(kernel, float_ty, config, pointers)
         except Exception as err:  # report every kernel that fails, not just the first
             failures.append(f"{name}: {type(err).__name__}: {str(err)[:2000]}")
             continue

@@ -40,7 +40,9 @@ def _inputs(gen, case, dtype, device):
 
 def _condition_scales(tk, floats, csr, w, eps=1e-8):
     """Per output element, the sum of |terms| it adds up (see ``term_magnitudes``)."""
-    return tk._kernels("_nb_loglik").term_magnitudes(*floats, csr, w, eps)
+    from scvi_fast.kernels.triton._nb_loglik import term_magnitudes
+
+    return term_magnitudes(*floats, csr, w, eps)
 
 
 def _run(fn, floats, csr, w, eps=1e-8):
@@ -50,19 +52,23 @@ def _run(fn, floats, csr, w, eps=1e-8):
     return [ll.detach()] + list(grads)
 
 
+def _check(got, floats, csr, w, dtype, what=""):
+    """``got`` (value and gradients) against the float64 reference on the same inputs."""
+    floats64 = [t.double() for t in floats]
+    csr64 = (csr[0], csr[1], csr[2].double())
+    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
+    scales = _condition_scales(None, floats64, csr64, w)
+    for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
+        assert_within_scale(g, t, s, "nb", dtype, f"{what} {n}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_matches_reference(tk, device, poison_empty, case, dtype):
     gen = torch.Generator().manual_seed(seed_of(case[:2], dtype))
     floats, csr = _inputs(gen, case, dtype, device)
     w = torch.randn(case[0], generator=gen, dtype=torch.float64).to(device, dtype)
-    got = _run(tk.nb_softmax_loglik, floats, csr, w)
-    floats64 = [t.double() for t in floats]
-    csr64 = (csr[0], csr[1], csr[2].double())
-    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(tk, floats64, csr64, w)
-    for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
-        assert_within_scale(g, t, s, "nb", dtype, n)
+    _check(_run(tk.nb_softmax_loglik, floats, csr, w), floats, csr, w, dtype)
 
 
 def test_partial_grads_shapes_and_dispatch(tk, device):
@@ -106,3 +112,140 @@ def test_bad_input(tk, device):
         tk.nb_softmax_loglik(logits, zeros(2), zeros(4), csr)
     with pytest.raises(ValueError, match="log_library"):
         tk.nb_softmax_loglik(logits, zeros(3), zeros(3), csr)
+
+
+# every launch shape of the forward and backward at a small G: whole rows from registers or
+# in steps, and rows split into 2 or 3 chunks (G = 300 -> chunks of 128 or 256)
+FORCED = [
+    ("nb_fwd", dict(CHUNK=512, BLOCK_G=128, BLOCK_NZ=16, num_warps=4)),
+    ("nb_fwd", dict(CHUNK=128, BLOCK_G=128, BLOCK_NZ=16, num_warps=4)),
+    ("nb_fwd", dict(CHUNK=256, BLOCK_G=64, BLOCK_NZ=32, num_warps=4)),
+    ("nb_bwd_dense", dict(BLOCK_B=2, BLOCK_G=64, num_warps=4)),
+    ("nb_bwd_sparse", dict(BLOCK_NZ=16, num_warps=4)),
+]
+
+
+@pytest.mark.parametrize("kernel, config", FORCED, ids=lambda v: str(v))
+def test_every_launch_shape(tk, device, poison_empty, kernel, config):
+    from scvi_fast.kernels.triton._configs import forced
+
+    case = CASES[0]
+    gen = torch.Generator().manual_seed(seed_of(kernel, sorted(config.items())))
+    floats, csr = _inputs(gen, case, torch.float32, device)
+    w = torch.randn(case[0], generator=gen, dtype=torch.float64).to(device, torch.float32)
+    with forced(kernel, config):
+        got = _run(tk.nb_softmax_loglik, floats, csr, w)
+    _check(got, floats, csr, w, torch.float32, f"{kernel} {config}:")
+
+
+def _padded(csr, extra=6):
+    indptr, indices, values = csr
+    G_bad = torch.tensor([-2, 10**6, 0, 1, -1, 7])[:extra].to(indices)
+    nan = torch.full((extra,), float("nan"), dtype=values.dtype, device=values.device)
+    return indptr, torch.cat([indices, G_bad]), torch.cat([values, nan])
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_padded_tail_changes_nothing(tk, device, deterministic):
+    """A poisoned tail past indptr[-1] changes no output or gradient, bit for bit (except the
+    order of the per-gene atomic adds of the px_r gradient on a GPU), with the per-gene atomic
+    adds and with the deterministic per-entry path."""
+    case = CASES[0]
+    gen = torch.Generator().manual_seed(seed_of("pad", deterministic))
+    floats, csr = _inputs(gen, case, torch.float32, device)
+    w = torch.randn(case[0], generator=gen).to(device)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        want = _run(tk.nb_softmax_loglik, floats, csr, w)
+        got = _run(tk.nb_softmax_loglik, floats, _padded(csr), w)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for i, (g, t) in enumerate(zip(got, want)):
+        if i == 3 and device.type == "cuda" and not deterministic:
+            torch.testing.assert_close(g, t, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(g, t), f"output {i}"
+
+
+def test_deterministic_path_matches_atomic_path(tk, device):
+    case = CASES[3]
+    gen = torch.Generator().manual_seed(21)
+    floats, csr = _inputs(gen, case, torch.float64, device)
+    w = torch.randn(case[0], generator=gen, dtype=torch.float64).to(device)
+    atomic = _run(tk.nb_softmax_loglik, floats, csr, w)
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = _run(tk.nb_softmax_loglik, floats, csr, w)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, d in zip(atomic, det):
+        torch.testing.assert_close(a, d, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_bf16_logits_read_directly(tk, device, case):
+    """bfloat16 logits: float32 log-likelihood as accurate as for the same (rounded) logits in
+    float32; the logits' gradient in bfloat16, within its rounding of the float32 one."""
+    gen = torch.Generator().manual_seed(seed_of("bf16", case[:2]))
+    floats, csr = _inputs(gen, case, torch.float32, device)
+    floats[0] = floats[0].to(torch.bfloat16)
+    w = torch.randn(case[0], generator=gen).to(device)
+    got = _run(tk.nb_softmax_loglik, floats, csr, w)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    assert got[2].dtype == got[3].dtype == torch.float32
+    floats64 = [t.double() for t in floats]
+    csr64 = (csr[0], csr[1], csr[2].double())
+    truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
+    scales = _condition_scales(tk, floats64, csr64, w)
+    for i, (g, t, s) in enumerate(zip(got, truth, scales)):
+        if i == 1:
+            # one bf16 rounding of a float32-accurate value: 2^-8 relative when rounded to
+            # nearest (compiled), 2^-7 when truncated (Triton's interpreter casts so)
+            err = (g.double() - t).abs()
+            assert (err <= 2.0**-7 * t.abs() + 2e-6 * s).all(), "dlogits"
+        else:
+            assert_within_scale(g, t, s, "nb", torch.float32, f"output {i}")
+
+
+def test_functional_keeps_bf16_logits_for_triton_only(device):
+    """functional.nb_softmax_loglik_linear under bf16 autocast: the Triton back-end gets the
+    bf16 logits, the reference evaluates them in float32; both return float32."""
+    gen = torch.Generator().manual_seed(4)
+    B, G, H = 5, 40, 6
+    floats, csr = _inputs(gen, (B, G, 0.3, 100, (), ()), torch.float32, device)
+    _, lib, px_r = floats
+    h = torch.randn(B, H, generator=gen).to(device)
+    W = (torch.randn(G, H, generator=gen) / H**0.5).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        lt = functional.nb_softmax_loglik_linear(h, W, None, lib, px_r, csr, impl="triton")
+        lr = functional.nb_softmax_loglik_linear(h, W, None, lib, px_r, csr, impl="torch")
+        logits = torch.nn.functional.linear(h, W)
+    assert logits.dtype == torch.bfloat16
+    assert lt.dtype == lr.dtype == torch.float32
+    # the Triton result is the float64 likelihood of those bf16 logits, to float32 accuracy
+    truth = reference.nb_softmax_loglik(logits.double(), lib.double(), px_r.double(),
+                                        (csr[0], csr[1], csr[2].double()))
+    w = torch.ones(B, dtype=torch.float64, device=device)
+    scale = _condition_scales(None, [logits.double(), lib.double(), px_r.double()],
+                              (csr[0], csr[1], csr[2].double()), w)[0]
+    assert_within_scale(lt, truth, scale, "nb", torch.float32, "loglik")
+
+
+def test_every_candidate_configuration(tk, device):
+    """Each candidate a sweep or SCVI_FAST_AUTOTUNE=1 may pick gives the right answer."""
+    from scvi_fast.kernels.triton import _nb_loglik as nb
+    from scvi_fast.kernels.triton._configs import forced
+
+    case = CASES[3]  # 4 x 1100: more than one block of genes
+    G = case[1]
+    gen = torch.Generator().manual_seed(17)
+    floats, csr = _inputs(gen, case, torch.float32, device)
+    w = torch.randn(case[0], generator=gen).to(device)
+    runs = [("nb_fwd", c) for c in nb.fwd_candidates(G, torch.float32)]
+    runs += [("nb_bwd_dense", c) for c in nb.bwd_dense_candidates(G, torch.float32)]
+    runs += [("nb_bwd_sparse", c) for c in nb.bwd_sparse_candidates(torch.float32)]
+    for kernel, config in runs:
+        with forced(kernel, config):
+            got = _run(tk.nb_softmax_loglik, floats, csr, w)
+        _check(got, floats, csr, w, torch.float32, f"{kernel} {config}:")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_helpers import assert_close64, assert_within_torch32, random_csr, seed_of
+from _triton_helpers import assert_close64, assert_within_torch32, random_csr, seed_of, to
 from scvi_fast import reference
 
 # (B, G, H, K, empty rows, genes never observed)
@@ -17,10 +17,10 @@ CASES = [
 ]
 
 
-def _run(fn, csr, W, b, cov, W_cov, transform, gy):
+def _run(fn, csr, W, b, cov, W_cov, transform, gy, **kw):
     indptr, indices, values = csr
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (W, b, W_cov)]
-    y = fn(indptr, indices, values, leaves[0], leaves[1], cov, leaves[2], transform)
+    y = fn(indptr, indices, values, leaves[0], leaves[1], cov, leaves[2], transform, **kw)
     wrt = [t for t in leaves if t is not None]
     grads = torch.autograd.grad((y * gy).sum(), wrt)
     return [y.detach()] + list(grads)
@@ -29,7 +29,8 @@ def _run(fn, csr, W, b, cov, W_cov, transform, gy):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("transform", ["log1p", "identity"])
-def test_matches_reference(tk, device, poison_empty, case, dtype, transform):
+@pytest.mark.parametrize("method", ["gather", "dense"])
+def test_matches_reference(tk, device, poison_empty, case, dtype, transform, method):
     B, G, H, K, empty_rows, unobserved = case
     gen = torch.Generator().manual_seed(seed_of(case, dtype, transform))
     index_dtype = torch.int32 if B % 2 else torch.int64  # both index widths
@@ -40,7 +41,7 @@ def test_matches_reference(tk, device, poison_empty, case, dtype, transform):
     W_cov = torch.randn(K, H, generator=gen, dtype=torch.float64).to(device, dtype)
     cov = torch.randint(0, K, (B,), generator=gen).to(device)
     gy = torch.randn(B, H, generator=gen, dtype=torch.float64).to(device, dtype)
-    got = _run(tk.sparse_linear, csr, W, b, cov, W_cov, transform, gy)
+    got = _run(tk.sparse_linear, csr, W, b, cov, W_cov, transform, gy, method=method)
     names = ["y", "dW", "db", "dW_cov"]
     if dtype == torch.float64:
         want = _run(reference.sparse_linear, csr, W, b, cov, W_cov, transform, gy)
@@ -94,3 +95,103 @@ def test_bad_input(tk, device):
     with pytest.raises(ValueError, match="without W_cov"):
         cov = torch.zeros(1, dtype=torch.long, device=device)
         tk.sparse_linear(indptr, indices, values, W, None, cov, None)
+
+
+def _duplicates_csr(gen, B, G, device, index_dtype=torch.int32):
+    """Unsorted rows, repeated genes (they add up), an empty row, and a poisoned padded tail."""
+    counts = [3, 0, 5] + [2] * (B - 3)
+    indptr = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0)
+    n = int(indptr[-1])
+    indices = torch.randint(0, G, (n,), generator=gen)
+    indices[1] = indices[0]
+    indices[3:8] = torch.tensor([G - 1, 0, G - 1, 5 % G, 0])
+    values = torch.floor(torch.rand(n, generator=gen) * 40) + 1
+    tail_idx = torch.tensor([-4, G, G + 3, 0])
+    tail_val = torch.tensor([float("nan"), float("inf"), 2.0, float("nan")])
+    return [t.to(device) for t in (indptr.to(index_dtype), torch.cat([indices, tail_idx]).to(
+        index_dtype), torch.cat([values, tail_val]))]
+
+
+@pytest.mark.parametrize("method", ["gather", "dense"])
+def test_duplicates_and_padding_against_float64(tk, device, poison_empty, method):
+    """dense == gather == the float64 reference with repeated genes, empty rows, int32 CSR
+    arrays and a poisoned padded tail (float64: no rounding hides a wrong sum)."""
+    gen = torch.Generator().manual_seed(seed_of("dup", method))
+    B, G, H, K = 6, 19, 9, 2
+    csr = _duplicates_csr(gen, B, G, device)
+    W = torch.randn(G, H, generator=gen, dtype=torch.float64).to(device)
+    b = torch.randn(H, generator=gen, dtype=torch.float64).to(device)
+    W_cov = torch.randn(K, H, generator=gen, dtype=torch.float64).to(device)
+    cov = torch.randint(0, K, (B,), generator=gen).to(device)
+    gy = torch.randn(B, H, generator=gen, dtype=torch.float64).to(device)
+    got = _run(tk.sparse_linear, csr, W, b, cov, W_cov, "log1p", gy, method=method)
+    want = _run(reference.sparse_linear, csr, W, b, cov, W_cov, "log1p", gy, method="gather")
+    for g, w, n in zip(got, want, ["y", "dW", "db", "dW_cov"]):
+        assert_close64(g, w, "sparse_linear", n)
+
+
+@pytest.mark.parametrize("method", ["gather", "dense"])
+def test_padded_tail_changes_nothing(tk, device, method):
+    """A poisoned tail past indptr[-1] leaves every output and gradient bit for bit the same."""
+    gen = torch.Generator().manual_seed(seed_of("pad", method))
+    B, G, H, K = 7, 30, 12, 3
+    indptr, indices, values = random_csr(gen, B, G, 0.3, torch.float32, torch.int64, 500, (2,))
+    tail = torch.tensor([-1, G, 2**30, 0, 3])
+    nan = torch.full((5,), float("nan"))
+    padded = (indptr, torch.cat([indices, tail]), torch.cat([values, nan]))
+    W = torch.randn(G, H, generator=gen).to(device)
+    b, W_cov = torch.randn(H, generator=gen).to(device), torch.randn(K, H, generator=gen).to(device)
+    cov = torch.randint(0, K, (B,), generator=gen).to(device)
+    gy = torch.randn(B, H, generator=gen).to(device)
+    want = _run(tk.sparse_linear, to(device, indptr, indices, values), W, b, cov, W_cov, "log1p",
+                gy, method=method)
+    for idx_dtype in (torch.int64, torch.int32):
+        csr = to(device, *(t.to(idx_dtype) if not t.is_floating_point() else t for t in padded))
+        got = _run(tk.sparse_linear, csr, W, b, cov, W_cov, "log1p", gy, method=method)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_dense_method_under_bf16_autocast(tk, device):
+    """Under bf16 autocast the densified batch is bf16 and the GEMM runs in bf16; the weight
+    gradient comes back in the weight's dtype."""
+    gen = torch.Generator().manual_seed(5)
+    B, G, H = 6, 40, 8
+    csr = to(device, *random_csr(gen, B, G, 0.3, torch.float32, torch.int32, 300))
+    W = torch.randn(G, H, generator=gen).to(device).requires_grad_(True)
+    b = torch.randn(H, generator=gen).to(device).requires_grad_(True)
+    gy = torch.randn(B, H, generator=gen).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = tk.sparse_linear(*csr, W, b, None, None, "log1p", method="dense")
+        y_ref = reference.sparse_linear(*csr, W, b, None, None, "log1p", method="dense")
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    # the same bf16 inputs and GEMM: equal up to the GEMM's own summation order
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2**-7, atol=2**-7)
+    (gW, gb) = torch.autograd.grad((y.float() * gy).sum(), [W, b])
+    (gW_ref, gb_ref) = torch.autograd.grad((y_ref.float() * gy).sum(), [W, b])
+    assert gW.dtype == torch.float32 and gb.dtype == torch.float32
+    torch.testing.assert_close(gW, gW_ref, rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(gb, gb_ref, rtol=2**-7, atol=2**-7)
+
+
+def test_every_candidate_configuration(tk, device):
+    """Each gather and densify candidate a sweep or SCVI_FAST_AUTOTUNE=1 may pick is right."""
+    from scvi_fast.kernels.triton import _sparse_linear as sl
+    from scvi_fast.kernels.triton._configs import forced
+
+    gen = torch.Generator().manual_seed(23)
+    B, G, H, K = 5, 70, 40, 2
+    csr = to(device, *random_csr(gen, B, G, 0.3, torch.float64, torch.int64, 300, (1,)))
+    W = torch.randn(G, H, generator=gen, dtype=torch.float64).to(device)
+    b = torch.randn(H, generator=gen, dtype=torch.float64).to(device)
+    W_cov = torch.randn(K, H, generator=gen, dtype=torch.float64).to(device)
+    cov = torch.randint(0, K, (B,), generator=gen).to(device)
+    gy = torch.randn(B, H, generator=gen, dtype=torch.float64).to(device)
+    want = _run(reference.sparse_linear, csr, W, b, cov, W_cov, "log1p", gy)
+    runs = [("segment_gather", "gather", c) for c in sl.gather_candidates(H, torch.float32)]
+    runs += [("densify", "dense", c) for c in sl.densify_candidates()]
+    for kernel, method, config in runs:
+        with forced(kernel, config):
+            got = _run(tk.sparse_linear, csr, W, b, cov, W_cov, "log1p", gy, method=method)
+        for g, w, n in zip(got, want, ["y", "dW", "db", "dW_cov"]):
+            assert_close64(g, w, "sparse_linear", f"{kernel} {config}: {n}")

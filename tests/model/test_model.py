@@ -9,7 +9,7 @@ import scipy.sparse as sp
 import torch
 
 import scvi_fast
-from scvi_fast.data import synthetic_anndata
+from scvi_fast.data import synthetic_anndata, write_h5ad
 
 TRAIN = dict(max_epochs=3, batch_size=64, progress_bar=False, device="cpu")
 
@@ -237,7 +237,7 @@ def test_streaming_embedding_from_backed_h5ad_and_store(adata, tmp_path):
 
     model = scvi_fast.SCVI(adata, n_hidden=32, n_latent=5).train(**TRAIN)
     z = model.get_latent_representation()
-    adata.write_h5ad(tmp_path / "a.h5ad")
+    write_h5ad(adata, tmp_path / "a.h5ad")
     backed = anndata.read_h5ad(tmp_path / "a.h5ad", backed="r")
     zb = model.get_latent_representation(backed, out=tmp_path / "zb.npy", batch_size=50)
     assert isinstance(zb, np.memmap) or isinstance(zb, np.ndarray)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from scvi_fast import reference
 from scvi_fast._native import load
 
 _TRANSFORM_CODES = {"identity": 0, "log1p": 1}
@@ -61,12 +62,20 @@ def sparse_linear(
     cov: torch.Tensor | None = None,
     W_cov: torch.Tensor | None = None,
     transform: str = "log1p",
+    method: str = "auto",
 ) -> torch.Tensor:
-    """Native version of :func:`scvi_fast.reference.sparse_linear` (same arguments)."""
+    """Native version of :func:`scvi_fast.reference.sparse_linear` (same arguments).
+
+    ``method="dense"`` is the reference's densify + GEMM (the CPU kernels are the gather;
+    ``"auto"`` picks it on the CPU).
+    """
     if transform not in _TRANSFORM_CODES:
         raise ValueError(f"transform must be one of {tuple(_TRANSFORM_CODES)}; got {transform!r}")
     if cov is not None and W_cov is None:
         raise ValueError("cov was given without W_cov")
+    if reference.resolve_method(method, W.device) == "dense":
+        return reference.sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform,
+                                       method="dense")
     if cov is None:
         W_cov = None
     else:

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_NULL = contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -42,13 +43,16 @@ def check_tensors(op: str, interpreted: bool, **tensors: torch.Tensor | None) ->
 
 def on_device(t: torch.Tensor):
     """Make ``t``'s GPU the current one while launching: Triton launches on the current
-    device, not on the tensors' (the autograd engine already does this for backward)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    device, not on the tensors' (the autograd engine already does this for backward).
+    Nothing to switch (the usual case) costs one device query."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _NULL
 
 
 def check_float(op: str, **tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be a floating-point tensor; got {t.dtype}")
 
 

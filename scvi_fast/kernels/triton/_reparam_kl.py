@@ -18,6 +18,8 @@ Both directions are one pass over ``(B, Z)`` tiles; nothing but the three inputs
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from scvi_fast.kernels.triton import interpreting
 from scvi_fast.kernels.triton._common import (
+    FLOAT_DTYPES,
     acc_dtype,
     block_size,
     check_float,
@@ -106,6 +109,7 @@ def _reparam_kl_bwd_kernel(
                 tl.store(de_ptr + offs, (gz * s).to(de_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.lru_cache(maxsize=None)
 def launch_config(Z: int) -> dict:
     """Tile sizes and warps: ~512 elements per tile (4 per thread), which keeps the float64
     backward (several live temporaries per element) clear of register spills on sm_90."""
@@ -162,17 +166,29 @@ class ReparamKL(torch.autograd.Function):
     def backward(ctx, grad_z, grad_kl):
         q_m, q_v_raw, eps_noise = ctx.saved_tensors
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
-        return reparam_kl_backward(
-            q_m, q_v_raw, eps_noise, grad_z.contiguous(), grad_kl.contiguous(), needs
-        )
+        grad_z = grad_z if grad_z.is_contiguous() else grad_z.contiguous()
+        grad_kl = grad_kl if grad_kl.is_contiguous() else grad_kl.contiguous()
+        return reparam_kl_backward(q_m, q_v_raw, eps_noise, grad_z, grad_kl, needs)
 
 
 def reparam_kl(q_m, q_v_raw, eps_noise):
     """``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise`` and the per-cell KL to N(0, I).
 
     Same semantics as :func:`scvi_fast.reference.reparam_kl` for ``(B, Z)`` inputs (a leading
-    batch of any shape is flattened and restored).
+    batch of any shape is flattened and restored). Contiguous ``(B, Z)`` inputs of one dtype
+    on one device (the training step's) go straight to the kernels: no copies, few checks.
     """
+    if (
+        q_m.dim() == 2
+        and q_m.dtype == q_v_raw.dtype == eps_noise.dtype
+        and q_m.dtype in FLOAT_DTYPES
+        and q_m.shape == q_v_raw.shape == eps_noise.shape
+        and q_m.device == q_v_raw.device == eps_noise.device
+        and (q_m.is_cuda or _INTERPRETED)
+        and q_m.is_contiguous() and q_v_raw.is_contiguous() and eps_noise.is_contiguous()
+    ):
+        with on_device(q_m):
+            return ReparamKL.apply(q_m, q_v_raw, eps_noise)
     check_tensors("reparam_kl", _INTERPRETED, q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
     check_float("reparam_kl", q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
     if not (q_m.shape == q_v_raw.shape == eps_noise.shape):

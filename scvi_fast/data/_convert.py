@@ -1,0 +1,355 @@
+"""Conversion into a CSR store: the chunked :class:`StoreWriter` and :func:`create_store`.
+
+``create_store`` is the public ``CSRStore.create``: it reads its input through ``as_source``
+(which itself opens stores), so it lives above both the store format and the dispatcher and is
+set on :class:`CSRStore` at the end of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ._categories import categorize
+from ._counts import CountChecker
+from ._open import as_source
+from ._source import ArraySource, Source
+from ._store import _CRC_BLOCK, FORMAT, FORMAT_VERSION, CSRStore, StoreSource
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    """Smallest unsigned integer dtype holding ``max_value``."""
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise OverflowError(max_value)
+
+
+def _data_dtype_for(values: np.ndarray) -> np.dtype:
+    if values.size == 0:
+        return np.dtype(np.uint8)
+    if values.dtype.kind in "iu":
+        if values.min() < 0:
+            return np.dtype(np.float32)
+        return smallest_uint(int(values.max()))
+    if np.all(values == np.floor(values)) and values.min() >= 0 and values.max() < 2**32:
+        return smallest_uint(int(values.max()))
+    return np.dtype(np.float32)
+
+
+def _wider(a: np.dtype, b: np.dtype) -> np.dtype:
+    if a == b:
+        return a
+    if a.kind == "f" or b.kind == "f":
+        return np.dtype(np.float32)
+    return a if a.itemsize >= b.itemsize else b
+
+
+class _ArrayFile:
+    """An append-only binary array file with an incremental CRC-32 and in-place upcasting."""
+
+    def __init__(self, path: Path, dtype):
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.n = 0
+        self.crc = 0
+        self._f = open(path, "wb")
+
+    def append(self, arr: np.ndarray) -> None:
+        buf = np.ascontiguousarray(arr, dtype=self.dtype)
+        self._f.write(memoryview(buf).cast("B"))
+        self.crc = zlib.crc32(memoryview(buf).cast("B"), self.crc)
+        self.n += buf.size
+
+    def upcast(self, dtype) -> None:
+        dtype = np.dtype(dtype)
+        if dtype == self.dtype:
+            return
+        self._f.close()
+        old = self.path.with_suffix(".old")
+        os.replace(self.path, old)
+        prev, self.dtype, self.n, self.crc = self.dtype, dtype, 0, 0
+        self._f = open(self.path, "wb")
+        step = _CRC_BLOCK
+        with open(old, "rb") as f:
+            while True:
+                raw = f.read(step * prev.itemsize)
+                if not raw:
+                    break
+                self.append(np.frombuffer(raw, dtype=prev))
+        old.unlink()
+
+    def close(self) -> dict:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        return {"file": self.path.name, "dtype": self.dtype.str, "shape": [self.n],
+                "nbytes": self.n * self.dtype.itemsize, "crc32": self.crc}
+
+
+class StoreWriter:
+    """Writes a store from CSR row chunks, in bounded memory, atomically.
+
+    Use as a context manager; on an exception the temporary directory is removed and nothing
+    appears at ``path``. Codes and categories are recorded as given: code obs columns with
+    :func:`categorize` (as :meth:`CSRStore.create` does).
+    """
+
+    def __init__(self, path, n_genes: int, var_names, batch_key=None, batch_categories=None,
+                 labels_key=None, labels_categories=None, check: bool = True,
+                 overwrite: bool = False, with_obs_names: bool = True, extra: dict | None = None):
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.tmp.mkdir()
+        self.overwrite = overwrite
+        self.n_genes = int(n_genes)
+        self.var_names = [str(v) for v in var_names]
+        if len(self.var_names) != self.n_genes:
+            raise ValueError(f"{len(self.var_names)} gene names for {self.n_genes} genes")
+        self.meta = {"batch_key": batch_key, "batch_categories": batch_categories,
+                     "labels_key": labels_key, "labels_categories": labels_categories,
+                     **(extra or {})}
+        self.checker = CountChecker(what="the counts") if check else None
+        self.n_cells = 0
+        self.nnz = 0
+        self.files = {
+            "indptr": _ArrayFile(self.tmp / "indptr.bin", np.int64),
+            "indices": _ArrayFile(self.tmp / "indices.bin", smallest_uint(max(self.n_genes - 1, 0))),
+            "data": _ArrayFile(self.tmp / "data.bin", np.uint8),
+            "batch": _ArrayFile(self.tmp / "batch.bin", np.int32),
+            "labels": _ArrayFile(self.tmp / "labels.bin", np.int32),
+        }
+        self.files["indptr"].append(np.zeros(1, dtype=np.int64))
+        self._obs = open(self.tmp / "obs_names.txt", "w", encoding="utf-8") if with_obs_names else None
+        self._source_rows = None
+
+    def add(self, chunk, batch_codes=None, labels_codes=None, obs_names=None,
+            source_rows=None) -> None:
+        """Append a chunk of cells (a scipy CSR matrix with ``n_genes`` columns)."""
+        if not sp.issparse(chunk) or chunk.format != "csr":
+            chunk = sp.csr_matrix(chunk)
+        if not chunk.has_canonical_format:  # sorted genes, duplicates summed
+            chunk = chunk.copy()
+            chunk.sum_duplicates()
+        n = chunk.shape[0]
+        if chunk.shape[1] != self.n_genes:
+            raise ValueError(f"chunk has {chunk.shape[1]} genes, the store {self.n_genes}")
+        if self.checker is not None:
+            self.checker.update(self.n_cells, chunk)
+        data = chunk.data
+        f = self.files
+        need = _wider(f["data"].dtype, _data_dtype_for(data))
+        f["data"].upcast(need)
+        indptr = chunk.indptr.astype(np.int64)
+        f["indptr"].append(indptr[1:] - indptr[0] + self.nnz)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        f["indices"].append(chunk.indices[lo:hi])
+        f["data"].append(data[lo:hi])
+        f["batch"].append(np.zeros(n, np.int32) if batch_codes is None else batch_codes)
+        f["labels"].append(np.zeros(n, np.int32) if labels_codes is None else labels_codes)
+        if self._obs is not None:
+            if obs_names is None:
+                obs_names = np.arange(self.n_cells, self.n_cells + n).astype(str)
+            for name in obs_names:
+                s = str(name)
+                if "\n" in s:
+                    raise ValueError(f"cell name {s!r} contains a newline")
+                self._obs.write(s + "\n")
+        if source_rows is not None:
+            if self._source_rows is None:
+                self._source_rows = _ArrayFile(self.tmp / "source_rows.bin", np.int64)
+            self._source_rows.append(source_rows)
+        self.n_cells += n
+        self.nnz += hi - lo
+
+    def close(self) -> CSRStore:
+        """Validate, write the manifest and move the store into place."""
+        if self.checker is not None:
+            self.checker.finish()
+        arrays = {k: v.close() for k, v in self.files.items()}
+        if self._source_rows is not None:
+            arrays["source_rows"] = self._source_rows.close()
+        if self._obs is not None:
+            self._obs.close()
+        with open(self.tmp / "var_names.json", "w", encoding="utf-8") as fh:
+            json.dump(self.var_names, fh)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "n_cells": self.n_cells,
+            "n_genes": self.n_genes,
+            "nnz": self.nnz,
+            "arrays": arrays,
+            "has_obs_names": self._obs is not None,
+            **self.meta,
+        }
+        with open(self.tmp / "manifest.json", "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if self.path.exists():
+            trash = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(self.path, trash)
+            os.replace(self.tmp, self.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.path)
+        return CSRStore.open(self.path)
+
+    def abort(self) -> None:
+        for v in self.files.values():
+            if not v._f.closed:
+                v._f.close()
+        if self._obs is not None and not self._obs.closed:
+            self._obs.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False
+
+
+def create_store(path, source, batch_key: str | None = None, labels_key: str | None = None,
+                 genes=None, shuffle: bool = False, chunk_size: int = 16384,
+                 layer: str | None = None, seed: int = 0, check: bool = True,
+                 overwrite: bool = False) -> CSRStore:
+    """Convert counts into a store at ``path``, in bounded memory, atomically.
+
+    Parameters
+    ----------
+    path
+        Destination directory (must not exist unless ``overwrite``).
+    source
+        An AnnData (in memory or backed), a path to ``.h5ad`` / 10x ``.h5`` / ``.mtx(.gz)``,
+        another store, a TileDB-SOMA ``ExperimentAxisQuery``, or a :class:`Source`.
+    batch_key, labels_key
+        obs columns stored as covariate codes with their categories, coded by
+        :func:`categorize` (categories no cell uses are dropped, as for an AnnData given to
+        the model; missing values are an error).
+    genes
+        Keep only these genes, in this order: gene names, integer positions or a boolean
+        mask (e.g. the highly variable genes).
+    shuffle
+        Write cells in a random order (seeded by ``seed``); ``source_rows`` records the
+        original row of each stored cell.
+    chunk_size
+        Cells converted per chunk; bounds memory.
+    layer
+        AnnData layer holding the counts.
+    check
+        Validate the counts while writing (see :func:`check_counts`).
+    overwrite
+        Replace an existing store at ``path`` (only once the new one is complete).
+
+    Returns
+    -------
+    CSRStore
+        The opened store.
+    """
+    src = as_source(source, layer=layer, batch_key=batch_key, labels_key=labels_key)
+    cols = _gene_positions(src, genes)
+    var_names = src.var_names if cols is None else src.var_names[cols]
+    if shuffle and not isinstance(src, ArraySource):
+        # random row access on HDF5/SOMA is slow: stage an unshuffled store, shuffle from it
+        tmp = Path(path).parent / f".{Path(path).name}.stage-{uuid.uuid4().hex[:12]}"
+        try:
+            staged = create_store(tmp, src, genes=genes, chunk_size=chunk_size, check=check,
+                                  batch_key=batch_key, labels_key=labels_key)
+            return create_store(path, staged, batch_key=batch_key, labels_key=labels_key,
+                                shuffle=True, chunk_size=chunk_size, seed=seed, check=False,
+                                overwrite=overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(src, StoreSource):
+        batch_key = batch_key or src.store.batch_key
+        labels_key = labels_key or src.store.labels_key
+    bcodes, bcat = _recorded(src.batch_codes, src.batch_categories, batch_key or "batch")
+    lcodes, lcat = _recorded(src.labels_codes, src.labels_categories, labels_key or "labels")
+    obs_names = src.obs_names
+    writer = StoreWriter(path, len(var_names), var_names, batch_key=batch_key,
+                         batch_categories=bcat, labels_key=labels_key,
+                         labels_categories=lcat, check=check, overwrite=overwrite,
+                         with_obs_names=obs_names is not None)
+    with writer:
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(src.n_cells)
+            for a in range(0, src.n_cells, chunk_size):
+                rows = order[a : a + chunk_size]
+                chunk = src.get_rows(rows)
+                src.release()
+                writer.add(_subset_cols(chunk, cols), bcodes[rows], lcodes[rows],
+                           None if obs_names is None else obs_names[rows], source_rows=rows)
+        else:
+            for start, chunk in src.iter_chunks(chunk_size):
+                stop = start + chunk.shape[0]
+                writer.add(_subset_cols(chunk, cols), bcodes[start:stop], lcodes[start:stop],
+                           None if obs_names is None else obs_names[start:stop])
+        if writer.n_cells != src.n_cells:
+            raise ValueError(f"source yielded {writer.n_cells} cells, expected {src.n_cells}")
+        return writer.close()
+
+
+def _recorded(codes: np.ndarray, categories, key: str):
+    """Codes and categories as a store records them: unused categories dropped.
+
+    A source read with a key (AnnData, ``.h5ad``, SOMA) is coded already; this matters for a
+    source that brings its own categories, e.g. a store written before unused categories were
+    dropped. Bare integer codes (no categories) are kept as given.
+    """
+    if categories is None:
+        return codes, None
+    return categorize(pd.Categorical.from_codes(codes, categories), key)
+
+
+def _gene_positions(src: Source, genes) -> np.ndarray | None:
+    if genes is None:
+        return None
+    if isinstance(genes, (str, os.PathLike)):
+        if Path(genes).is_file():
+            genes = [g.strip() for g in Path(genes).read_text().splitlines() if g.strip()]
+        else:
+            genes = [str(genes)]
+    g = np.asarray(genes)
+    if g.dtype == bool:
+        if g.shape != (src.n_genes,):
+            raise ValueError(f"gene mask has {g.size} entries for {src.n_genes} genes")
+        return np.flatnonzero(g)
+    if g.dtype.kind in "iu":
+        if g.size and (g.min() < 0 or g.max() >= src.n_genes):
+            raise IndexError("gene positions out of range")
+        return g.astype(np.int64)
+    first: dict[str, int] = {}
+    for i, name in enumerate(src.var_names.tolist()):
+        first.setdefault(name, i)
+    pos = np.array([first.get(x, -1) for x in g.astype(str).tolist()], dtype=np.int64)
+    missing = g[pos < 0]
+    if missing.size:
+        raise KeyError(f"{missing.size} requested genes are not in the data, e.g. "
+                       f"{list(missing[:5])}")
+    return pos.astype(np.int64)
+
+
+def _subset_cols(chunk: sp.csr_matrix, cols) -> sp.csr_matrix:
+    if cols is None:
+        return chunk
+    out = chunk[:, cols]
+    out.sort_indices()
+    return out
+
+
+CSRStore.create = staticmethod(create_store)
