@@ -21,7 +21,10 @@ memory too. ``max_abs_diff`` compares the first minibatches' embedding with a pl
 loop in fp32 (0 for fp32: the pipeline changes nothing; the bf16 rounding error otherwise).
 
 Rows (the long schema of ``_common.result_row``) are appended to
-``benchmarks/results/embed.csv`` as each case finishes, all dated with the run's start.
+``benchmarks/results/embed.csv`` as each case finishes, all dated with the run's start;
+``mode`` is ``<source>/<output>/<precision>`` (e.g. ``store/npy/bf16-mixed``) and the batch
+size is in ``shape`` and ``config``. The data are the synthetic store of ``_common`` (the
+``.h5ad`` is made from it only for the in-memory and scvi-tools cases).
 
 Usage::
 
@@ -46,19 +49,9 @@ import numpy as np
 import _common as C
 
 ARCH = {"n_hidden": 512, "n_latent": 50, "n_layers": 2}
+PRECISION_LABEL = {"32": "fp32", "bf16-mixed": "bf16-mixed"}
 #: minibatches compared with the plain per-batch loop in each configuration
 CHECK_BATCHES = 2
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 class PeakRSS:
@@ -70,11 +63,11 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, C.rss_mb())
             time.sleep(self.interval)
 
     def __enter__(self):
-        self.base = self.peak = _rss_mb()
+        self.base = self.peak = C.rss_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -83,7 +76,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, C.rss_mb())
 
 
 def _timed_passes(call, repeats: int):
@@ -214,8 +207,8 @@ def _key(cfg: dict) -> tuple:
 
 
 def _mode(source: str, cfg: dict) -> str:
-    prec = "bf16" if cfg["precision"] == "bf16-mixed" else "fp32"
-    return f"{source},{cfg['output']},{prec}"
+    """``<source>/<output>/<precision>``, e.g. ``store/npy/bf16-mixed``."""
+    return f"{source}/{cfg['output']}/{PRECISION_LABEL[cfg['precision']]}"
 
 
 def _case_rows(provider: str, impl: str, source: str, rounds: list[dict], shape: dict,
@@ -283,18 +276,16 @@ def main(argv=None) -> None:
     a.batch_sizes = a.batch_sizes or ("1024,16384" if cuda else "1024")
     a.precisions = a.precisions or ("32,bf16-mixed" if cuda else "32")
     work = Path(a.workdir)
-    data = C.synthetic_h5ad(
-        work / f"synthetic_{a.n_cells}x{a.n_genes}_{a.n_batches}b_{a.density}.h5ad",
-        a.n_cells, a.n_genes, a.n_batches, a.density)
     sources = a.sources.split(",")
-    store = work / (data.stem + ".store")
-    if "store" in sources and not store.exists():
-        from scvi_fast.data import CSRStore
-
-        CSRStore.create(store, str(data), batch_key="batch")
+    shape_args = (a.n_cells, a.n_genes, a.n_batches, a.density)
+    store = C.synthetic_store(C.synthetic_path(work, *shape_args, ".store"), *shape_args)
     scvi_python = a.scvi_python or sys.executable
+    have_scvi = C.has_module(scvi_python, "scvi")
+    data = C.synthetic_path(work, *shape_args, ".h5ad")
+    if have_scvi or "memory" in sources:  # the store is all the other cases read
+        data = C.synthetic_h5ad(data, *shape_args)
     cases = []
-    if C.has_module(scvi_python, "scvi"):
+    if have_scvi:
         cases.append(("scvi-tools", "scvi-tools", "memory"))  # first: the ratios need it
     else:
         print(f"scvi-tools not importable by {scvi_python}: its rows are skipped", flush=True)

@@ -349,7 +349,8 @@ class SCVI:
             "SCVI.prepare_query_anndata(adata, model)."
         )
 
-    def _loader(self, source, indices=None, batch_size=None, shuffle=False, seed=0, drop_last=False):
+    def _loader(self, source, indices=None, batch_size=None, shuffle=False, seed=0, drop_last=False,
+                pin_memory=False):
         return _data.CSRLoader(
             source,
             batch_size=batch_size or INFERENCE_BATCH_SIZE,
@@ -358,6 +359,7 @@ class SCVI:
             indices=None if indices is None else np.asarray(indices, dtype=np.int64),
             drop_last=drop_last,
             prefetch=_prefetch_default(self.device),
+            pin_memory=pin_memory,
         )
 
     # --------------------------------------------------------------- training --
@@ -641,7 +643,9 @@ class SCVI:
         n = source.n_cells if indices is None else len(indices)
         batches = in_order_batches(source, batch_size) if indices is None else None
         if batches is None:
-            batches = self._loader(source, indices=indices, batch_size=batch_size)
+            # on a GPU the loader gathers into pinned memory, copied from without staging
+            batches = self._loader(source, indices=indices, batch_size=batch_size,
+                                   pin_memory=self.device.type == "cuda")
         return latent_representation(
             self.module, batches, n, self.device, give_mean=give_mean, return_dist=return_dist,
             out=out, precision=precision, progress_bar=progress_bar,

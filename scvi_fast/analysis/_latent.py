@@ -12,11 +12,12 @@ Three stages overlap, each on its own thread::
                          encode batch i on the compute stream,     copy its rows into the
                          D2H into a free output slot, event         result or append to the file
 
-* Inputs (CUDA): each minibatch's CSR arrays are copied into one of two pinned host slots that
-  are reused from batch to batch (grown when a batch has more non-zeros), then sent with
-  asynchronous copies on a side stream; the compute stream waits on that copy's event only. A
-  slot is refilled once its previous copy has finished (its event), which in practice is long
-  done, so the host never waits for the GPU there. On the CPU the minibatch is used as is (no
+* Inputs (CUDA): each minibatch's CSR arrays are sent with asynchronous copies on a side
+  stream, straight from the loader's pinned buffers (``CSRLoader(pin_memory=True)``), else
+  from one of two pinned host slots that are reused from batch to batch (grown when a batch
+  has more non-zeros); the compute stream waits on that copy's event only. A slot is refilled,
+  and the loader arrays it holds let go, once its previous copy has finished (its event),
+  which in practice is long done, so the host never waits for the GPU there. On the CPU the minibatch is used as is (no
   copy; ``int32`` gene indices are kept, every back-end reads them).
 * Outputs: ``max_pending`` output slots (pinned on CUDA). The result of batch ``i`` is copied
   into a free slot asynchronously and handed to the writer thread with an event; the writer
@@ -303,22 +304,31 @@ class _HostToDevice:
 
 
 class _InputSlot:
-    """Reusable host buffers for one minibatch's CSR arrays (pinned for CUDA)."""
+    """Host memory for one minibatch's CSR arrays on their way to the GPU.
+
+    Arrays already in pinned memory (a ``CSRLoader(pin_memory=True)`` gathers into it) are
+    sent as they are and held until their copy is done, so that the loader cannot reuse them
+    under a running copy; others are copied into reusable buffers (pinned on CUDA) first.
+    """
 
     def __init__(self, pin: bool):
         self.pin = pin
         self.buffers: dict[str, torch.Tensor] = {}
         self.event = torch.cuda.Event() if pin else None
+        self.held: list[torch.Tensor] = []
         self.n_allocs = 0  # how often a buffer was (re)allocated
 
     def fill(self, mb) -> list[torch.Tensor]:
         if self.event is not None:
-            # the previous copy out of this slot must be done before it is overwritten; it
-            # was issued two batches ago, so this does not wait in practice
+            # the previous copy out of this slot must be done before it is overwritten or its
+            # arrays are let go; it was issued two batches ago, so this does not wait in practice
             self.event.synchronize()
         out = []
         for name in _CSR_FIELDS:
             src = torch.from_numpy(np.ascontiguousarray(getattr(mb, name)))
+            if self.pin and src.is_pinned():
+                out.append(src)
+                continue
             buf = self.buffers.get(name)
             n = src.shape[0]
             if buf is None or buf.shape[0] < n or buf.dtype != src.dtype:
@@ -329,6 +339,7 @@ class _InputSlot:
             dst = buf[:n]
             dst.copy_(src)
             out.append(dst)
+        self.held = out
         return out
 
 
