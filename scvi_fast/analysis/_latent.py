@@ -1,7 +1,7 @@
 """The embedding: the posterior of ``z`` for every cell, streamed through the encoder.
 
 :func:`latent_representation` takes a module, an iterable of host minibatches
-(:class:`~scvi_fast.data.CSRMinibatch`, in output order) and a device, and returns the
+(:class:`~scvi_fast.data.CSRMinibatch` or :func:`in_order_batches`, in output order) and a device, and returns the
 ``(n_cells, n_latent)`` posterior means (or samples, or means and variances), or writes them to
 a ``.npy`` file. Only the encoder runs, and only its mean head when the mean is asked for.
 
@@ -17,8 +17,9 @@ Three stages overlap, each on its own thread::
   from one of two pinned host slots that are reused from batch to batch (grown when a batch
   has more non-zeros); the compute stream waits on that copy's event only. A slot is refilled,
   and the loader arrays it holds let go, once its previous copy has finished (its event),
-  which in practice is long done, so the host never waits for the GPU there. On the CPU the minibatch is used as is (no
-  copy; ``int32`` gene indices are kept, every back-end reads them).
+  which in practice is long done, so the host never waits for the GPU there. On the CPU the
+  minibatch is used as is (no copy; ``int32`` gene indices are kept, every back-end reads
+  them).
 * Outputs: ``max_pending`` output slots (pinned on CUDA). The result of batch ``i`` is copied
   into a free slot asynchronously and handed to the writer thread with an event; the writer
   waits for that event (not for the whole device), writes the rows and frees the slot. There
