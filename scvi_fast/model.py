@@ -349,7 +349,8 @@ class SCVI:
             "SCVI.prepare_query_anndata(adata, model)."
         )
 
-    def _loader(self, source, indices=None, batch_size=None, shuffle=False, seed=0, drop_last=False):
+    def _loader(self, source, indices=None, batch_size=None, shuffle=False, seed=0, drop_last=False,
+                pin_memory=False):
         return _data.CSRLoader(
             source,
             batch_size=batch_size or INFERENCE_BATCH_SIZE,
@@ -358,6 +359,7 @@ class SCVI:
             indices=None if indices is None else np.asarray(indices, dtype=np.int64),
             drop_last=drop_last,
             prefetch=_prefetch_default(self.device),
+            pin_memory=pin_memory,
         )
 
     # --------------------------------------------------------------- training --
@@ -586,7 +588,6 @@ class SCVI:
         for mb in loader:
             yield mb, mb.to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def get_latent_representation(
         self,
         adata=None,
@@ -597,90 +598,74 @@ class SCVI:
         return_dist: bool = False,
         out: str | os.PathLike | None = None,
         progress_bar: bool = False,
+        precision: Literal["32", "bf16-mixed"] = "32",
     ):
         """Posterior mean (or a sample) of ``z`` for each cell, ``(n_cells, n_latent)``.
 
-        Streams minibatches (default 1024 cells) through the encoder only, so an
-        in-memory AnnData, a backed ``.h5ad`` or a CSR store of any size can be embedded.
+        Streams minibatches through the encoder only, so an in-memory AnnData, a backed
+        ``.h5ad`` or a CSR store of any size can be embedded. On a GPU, reading, computing and
+        writing overlap (see :mod:`scvi_fast.analysis._latent`).
 
         Parameters
         ----------
         give_mean
             Posterior mean (default) or one sample of ``z``.
+        batch_size
+            Cells per minibatch; default 16384 on a GPU, 1024 on the CPU.
         return_dist
             Return ``(q_m, q_v)``, the posterior mean and variance.
         out
-            Path of a ``.npy`` file to write the embedding into, chunk by chunk, as a
-            memory map (host memory stays bounded by one minibatch); the open memmap is
-            returned.
+            Path of a ``.npy`` file to write the embedding into, block by block (host memory
+            stays bounded by a few minibatches, whatever the number of cells); the file is
+            returned opened read-only as a memory map.
         progress_bar
             Show cells/s while embedding.
+        precision
+            ``"32"`` (default) or ``"bf16-mixed"``: CUDA only, run the encoder's GEMMs under
+            bfloat16 autocast (faster; the embedding differs from fp32 by bfloat16 rounding);
+            ignored on the CPU, like ``train(precision=...)``.
 
         Under a distributed job (``torchrun``, after ``train(strategy="ddp")``) this is a
         collective, called on every rank: each rank embeds a contiguous share of the cells;
         with ``out`` (on a filesystem all ranks see) the ranks write their own row ranges of
         the file, otherwise the shares are gathered and every rank gets the whole array.
         """
+        from scvi_fast.analysis import default_batch_size, in_order_batches, latent_representation
+
+        batch_size = batch_size or default_batch_size(self.device)
         ctx = _distributed.active()
         if ctx is not None:
-            return self._latent_distributed(ctx, adata, indices, give_mean, batch_size, return_dist, out)
+            return self._latent_distributed(ctx, adata, indices, give_mean, batch_size, return_dist,
+                                            out, precision)
+        if out is not None and return_dist:
+            raise ValueError("return_dist=True cannot be combined with out=")
         source = self._source(adata)
         n = source.n_cells if indices is None else len(indices)
-        Z = self.module.n_latent
-        if out is not None:
-            if return_dist:
-                raise ValueError("return_dist=True cannot be combined with out=")
-            out = Path(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.partial")
-            result = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, Z))
-        else:
-            result = np.empty((n, Z), dtype=np.float32)
-        variances = np.empty((n, Z), dtype=np.float32) if return_dist else None
-        loader = self._loader(source, indices=indices, batch_size=batch_size)
-        self.module.to(self.device).eval()
-        bar = None
-        if progress_bar:
-            from tqdm.auto import tqdm
+        batches = in_order_batches(source, batch_size) if indices is None else None
+        if batches is None:
+            # on a GPU the loader gathers into pinned memory, copied from without staging
+            batches = self._loader(source, indices=indices, batch_size=batch_size,
+                                   pin_memory=self.device.type == "cuda")
+        return latent_representation(
+            self.module, batches, n, self.device, give_mean=give_mean, return_dist=return_dist,
+            out=out, precision=precision, progress_bar=progress_bar,
+        )
 
-            bar = tqdm(total=n, desc="Embedding", unit="cells", unit_scale=True)
-        pos = 0
-        for mb in loader:
-            x = mb.to(self.device, non_blocking=True)
-            q_m, q_v = self.module.encode(x, need_var=return_dist or not give_mean)
-            z = q_m if give_mean or return_dist else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
-            k = z.shape[0]
-            result[pos : pos + k] = z.cpu().numpy()
-            if variances is not None:
-                variances[pos : pos + k] = q_v.cpu().numpy()
-            pos += k
-            if bar is not None:
-                bar.update(k)
-        if bar is not None:
-            bar.close()
-        if out is not None:
-            result.flush()
-            del result
-            os.replace(tmp, out)
-            return np.load(out, mmap_mode="r")
-        return (result, variances) if return_dist else result
+    def _latent_distributed(self, ctx, adata, indices, give_mean, batch_size, return_dist, out,
+                            precision="32"):
+        from scvi_fast.analysis import latent_fn
 
-    def _latent_distributed(self, ctx, adata, indices, give_mean, batch_size, return_dist, out):
         source = self._source(adata)
         rows = np.arange(source.n_cells) if indices is None else np.asarray(indices, dtype=np.int64)
         Z = self.module.n_latent
         self.module.to(self.device).eval()
-
-        def latent(x):
-            q_m, q_v = self.module.encode(x, need_var=return_dist or not give_mean)
-            if return_dist:
-                return torch.cat([q_m, q_v], dim=1)
-            return q_m if give_mean else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
-
-        res = _distributed.map_rows(
-            latent, lambda idx: self._loader(source, indices=idx, batch_size=batch_size), rows,
-            2 * Z if return_dist else Z, self.device, ctx=ctx, out=out,
-        )
+        with torch.inference_mode():
+            res = _distributed.map_rows(
+                latent_fn(self.module, give_mean=give_mean, return_dist=return_dist,
+                          precision=precision),
+                lambda idx: self._loader(source, indices=idx, batch_size=batch_size), rows,
+                2 * Z if return_dist else Z, self.device, ctx=ctx, out=out,
+            )
         return (res[:, :Z], res[:, Z:]) if return_dist else res
 
     def _batch_codes_of(self, transform_batch) -> list[int | None]:

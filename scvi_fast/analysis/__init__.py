@@ -1,8 +1,8 @@
-"""Analysis on a trained VAE: differential expression and posterior expression.
+"""Analysis on a trained VAE: the embedding, differential expression and posterior expression.
 
 Functions here take a module and minibatch iterators, not the user-facing ``SCVI`` class
-(which wraps them as ``differential_expression``, ``get_normalized_expression`` and
-``posterior_predictive_sample``). Integration metrics live in :mod:`scvi_fast.metrics`.
+(which wraps them as ``get_latent_representation``, ``differential_expression``,
+``get_normalized_expression`` and ``posterior_predictive_sample``). Integration metrics live in :mod:`scvi_fast.metrics`.
 """
 
 from ._de import (
@@ -16,16 +16,21 @@ from ._de import (
     raw_counts_properties,
 )
 from ._expression import decode_scale, normalized_expression, posterior_predictive, sample_scales
+from ._latent import default_batch_size, in_order_batches, latent_fn, latent_representation
 
 __all__ = [
     "bayes_factors",
     "comparisons",
     "credible_intervals",
     "decode_scale",
+    "default_batch_size",
     "differential_expression",
     "estimate_delta",
     "estimate_pseudocounts_offset",
     "fdr_de_prediction",
+    "in_order_batches",
+    "latent_fn",
+    "latent_representation",
     "normalized_expression",
     "posterior_predictive",
     "raw_counts_properties",
