@@ -75,3 +75,20 @@ def test_layer_and_h5ad(rng, tmp_path):
     write_h5ad(ad.AnnData(X=X, layers={"counts": Y}), tmp_path / "b.h5ad")
     with pytest.raises(ValueError, match="layer 'counts' contains 1 negative"):
         check_counts(tmp_path / "b.h5ad", layer="counts")
+
+
+@pytest.mark.parametrize("value", [1e39, 2.0**24 + 2])
+def test_counts_beyond_float32_are_refused_with_cell_and_gene(value):
+    """A finite float64 count that float32 cannot hold (1e39 becomes inf) or hold exactly is
+    refused before anything runs, naming the cell and the gene."""
+    x = np.ones((4, 6))
+    x[2, 3] = value
+    a = ad.AnnData(x)
+    a.obs_names = [f"c{i}" for i in range(4)]
+    a.var_names = [f"g{i}" for i in range(6)]
+    with pytest.raises(ValueError, match=r"cell 2 \(c2\), gene 3 \(g3\).*not exact in float32"):
+        check_counts(a)
+    import scipy.sparse as sp
+
+    with pytest.raises(ValueError, match=r"cell 2, gene 3"):
+        check_counts(sp.csr_matrix(x))
