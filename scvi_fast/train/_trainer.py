@@ -29,6 +29,23 @@ _NONFINITE_HINT = (
 )
 
 
+def _check_trainable(loader) -> None:
+    """Refuse, before anything runs, a training set BatchNorm cannot train on: no cells, or a
+    minibatch of a single cell (its batch statistics are undefined)."""
+    n, bs = int(loader.n_cells), int(loader.batch_size)
+    if n == 0:
+        raise ValueError(
+            "there are no cells to train on (the data is empty, or train_size leaves none); "
+            "check the data's shape and train_size"
+        )
+    if n % bs == 1:
+        raise ValueError(
+            f"training needs at least 2 cells in every minibatch (BatchNorm normalises over "
+            f"the minibatch), but {n} training cells at batch_size={bs} leave a last minibatch "
+            f"of 1 cell; {'add cells' if n == 1 else 'change batch_size or train_size'}"
+        )
+
+
 class NonFiniteError(FloatingPointError):
     """Training met a non-finite loss or gradient (see the message for where and why)."""
 
@@ -137,6 +154,7 @@ class Trainer:
         distributed=None,
     ):
         self.dist = distributed if distributed is not None and distributed.world_size > 1 else None
+        _check_trainable(train_loader)
         self.device = resolve_device(device)
         if precision not in ("32", "bf16-mixed"):
             raise ValueError(f"precision must be '32' or 'bf16-mixed'; got {precision!r}")

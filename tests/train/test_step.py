@@ -263,3 +263,19 @@ def test_non_finite_loss_stops_training_with_the_weights_before_it(adata, tmp_pa
     for n, p in module.named_parameters():
         assert torch.equal(p.detach(), snapshots[-1][n]), n
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("n_train, batch_size, match", [
+    (0, 64, "no cells to train on"),
+    (1, 64, "last minibatch of 1 cell; add cells"),
+    (129, 64, "last minibatch of 1 cell; change batch_size"),
+])
+def test_degenerate_training_sets_are_refused_before_training(adata, n_train, batch_size, match):
+    codes = adata.obs["batch"].cat.codes.to_numpy().astype(np.int64)
+    loader = CSRLoader(adata, batch_size=batch_size, indices=np.arange(n_train),
+                       batch_codes=codes, prefetch=False)
+    module = VAE(adata.n_vars, n_batch=3, n_hidden=8, n_latent=2, impl="torch")
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        Trainer(module, loader, None, device="cpu", progress_bar=False)
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
