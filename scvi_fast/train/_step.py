@@ -106,6 +106,14 @@ class StaticBatches:
              for name, dt, by in _FIELDS}
             for _ in range(self.n_slots)
         ]
+        # pinned host mirrors: a copy from pageable memory would make the host wait for the
+        # copy stream (and so for the step that last read the slot); arrays that are already
+        # pinned (the loader's entries with pin_memory=True) are copied directly
+        self.host_slots = [
+            {name: torch.empty(size[by] + (name == "indptr"), dtype=dt, pin_memory=True)
+             for name, dt, by in _FIELDS}
+            for _ in range(self.n_slots)
+        ] if self.cuda else None
 
     def _grow(self, n_cells: int, nnz: int) -> None:
         """Reallocate every slot larger (rare: the initial capacity is an upper bound)."""
@@ -146,8 +154,11 @@ class StaticBatches:
             ctx = contextlib.nullcontext()
         with ctx:
             for name, src in sources.items():
-                dst = views[name] if name not in ("indices", "values") else views[name][:nnz]
-                dst.copy_(torch.from_numpy(np.ascontiguousarray(src)), non_blocking=self.cuda)
+                k = nnz if name in ("indices", "values") else views[name].shape[0]
+                host = torch.from_numpy(np.ascontiguousarray(src))
+                if self.cuda and not host.is_pinned():
+                    host = self.host_slots[slot][name][:k].copy_(host)
+                views[name][:k].copy_(host, non_blocking=self.cuda)
         if self.cuda:
             self._ready[slot].record(stream)
             torch.cuda.current_stream(self.device).wait_event(self._ready[slot])
