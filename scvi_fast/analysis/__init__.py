@@ -15,14 +15,13 @@ from ._de import (
     fdr_de_prediction,
     raw_counts_properties,
 )
-from ._expression import decode_scale, normalized_expression, posterior_predictive, sample_scales
+from ._expression import normalized_expression, posterior_predictive, sample_scales
 from ._latent import default_batch_size, in_order_batches, latent_fn, latent_representation
 
 __all__ = [
     "bayes_factors",
     "comparisons",
     "credible_intervals",
-    "decode_scale",
     "default_batch_size",
     "differential_expression",
     "estimate_delta",

@@ -33,9 +33,9 @@ Three stages overlap, each on its own thread::
   ``max_pending`` output slots, whatever the number of cells.
 
 Each batch's encoder runs exactly as a plain loop would run it (the same kernels, in the same
-order, on the same rows), so the result is bitwise that of ``module.encode`` applied batch by
-batch; sampling (``give_mean=False``) draws ``torch.randn_like(q_m)`` per batch from the global
-generator, as that loop would.
+order, on the same rows), so the result is bitwise that of ``module.posterior`` applied batch by
+batch; sampling (``give_mean=False``) draws :func:`~scvi_fast.module.sample_z` per batch from the
+global generator, as that loop would.
 
 Not done: capturing the encoder as a CUDA graph. At the default CUDA batch of 16384 cells an
 encoder call is about ten kernel launches against milliseconds of work per batch, so the
@@ -55,6 +55,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from scvi_fast.module import sample_z
 
 #: the values of ``precision``: fp32, or bfloat16 autocast of the encoder's GEMMs (CUDA only)
 PRECISIONS = ("32", "bf16-mixed")
@@ -125,7 +127,7 @@ def latent_fn(
     """The per-minibatch embedding: a device minibatch -> ``(B, Z)`` float32 tensor.
 
     ``give_mean``: the posterior mean (mean head only), else one sample
-    ``q_m + sqrt(q_v) * eps`` with ``eps = torch.randn_like(q_m)``. ``return_dist``: ``(B, 2Z)``,
+    (:func:`~scvi_fast.module.sample_z`, global generator). ``return_dist``: ``(B, 2Z)``,
     the mean and the variance side by side. ``precision="bf16-mixed"`` runs the encoder under
     bfloat16 autocast on CUDA (ignored on the CPU); the outputs stay float32.
     """
@@ -137,12 +139,12 @@ def latent_fn(
         ctx = (torch.autocast(dev.type, dtype=torch.bfloat16)
                if precision == "bf16-mixed" and dev.type == "cuda" else contextlib.nullcontext())
         with ctx:
-            q_m, q_v = module.encode(x, need_var=need_var)
+            q_m, q_v = module.posterior(x, need_var=need_var)
         if return_dist:
             return torch.cat([q_m, q_v], dim=1)
         if give_mean:
             return q_m
-        return q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
+        return sample_z(q_m, q_v)
 
     return fn
 
@@ -166,7 +168,7 @@ def latent_representation(
     Parameters
     ----------
     module
-        A :class:`~scvi_fast.module.VAE` (anything with ``encode(x, need_var)`` and
+        A :class:`~scvi_fast.module.VAE` (anything with ``posterior(x, need_var)`` and
         ``n_latent``); moved to ``device`` and put in eval mode.
     batches
         Host minibatches in output order: :class:`~scvi_fast.data.CSRMinibatch` (e.g. from a

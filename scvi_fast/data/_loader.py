@@ -427,10 +427,6 @@ class BufferFetcher:
         for group in self.emit(self.stage(rows, perm, slot)):
             yield from group
 
-    def fetch(self, rows: np.ndarray, perm: np.ndarray) -> list[CSRMinibatch]:
-        """All minibatches of one buffer."""
-        return list(self.iter_batches(rows, perm))
-
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
     while not stop.is_set():
