@@ -6,7 +6,7 @@ The statistics follow ``scvi.model.base.DifferentialComputation.get_bayes_factor
 * For each group, ``n_samples_overall`` (5000) posterior samples of the normalised
   expression ``rho`` are drawn (:func:`~scvi_fast.analysis.sample_scales`), split evenly
   over the batches decoded in: the cells' own batches by default, every batch category
-  (or ``batchid1``/``batchid2``) with ``batch_correction=True``.
+  (or the codes of ``batchid1``/``batchid2``) with ``batch_correction=True``.
 * ``vanilla`` (Lopez et al. 2018): ``proba_m1 = P(rho1 > rho2)`` over paired samples,
   ``bayes_factor = log(proba_m1 + eps) - log(proba_m2 + eps)``, sorted by the Bayes factor.
 * ``change`` (Boyeau et al. 2019): ``lfc = log2(rho1 + pc) - log2(rho2 + pc)`` with a
@@ -330,7 +330,9 @@ def comparisons(
                        f"{list(obs.columns)[:20]}")
     col = obs[groupby].astype(str).to_numpy()
     if group1 is None:
-        group1 = [str(c) for c in obs[groupby].astype("category").cat.categories]
+        # the categories cells have (a categorical column's unused ones are no group)
+        used = pd.Categorical(obs[groupby]).remove_unused_categories().categories
+        group1 = [str(c) for c in used]
         if len(group1) == 1:
             raise ValueError("Only a single group in the data. Can't run DE on a single group.")
     if isinstance(group1, str) or not isinstance(group1, Iterable):
@@ -353,7 +355,6 @@ def differential_expression(
     iter_batches: Callable[[np.ndarray], Iterable],
     n_cells: int,
     var_names: Sequence[str],
-    batch_categories: Sequence[str],
     obs: pd.DataFrame | None = None,
     groupby: str | None = None,
     group1=None,
@@ -363,9 +364,8 @@ def differential_expression(
     mode: Literal["vanilla", "change"] = "vanilla",
     delta: float | None = 0.25,
     all_stats: bool = True,
-    batch_correction: bool = False,
-    batchid1: Sequence[str] | None = None,
-    batchid2: Sequence[str] | None = None,
+    batch_codes1: Sequence[int] | None = None,
+    batch_codes2: Sequence[int] | None = None,
     fdr_target: float = 0.05,
     silent: bool = False,
     n_samples_overall: int = 5000,
@@ -390,10 +390,13 @@ def differential_expression(
     iter_batches
         ``iter_batches(rows)`` yields ``(host_minibatch, device_minibatch)`` pairs for the
         given source rows, in that order (``SCVI._iter`` with ``indices=rows``).
-    n_cells, var_names, batch_categories
-        Size of the data, gene names (the result's index), the model's batch categories.
+    n_cells, var_names
+        Size of the data and gene names (the result's index).
     obs
         The cells' annotations (``adata.obs``) for ``groupby`` and query strings.
+    batch_codes1, batch_codes2
+        Batch codes to decode group 1 / group 2 in (scvi-tools' ``batch_correction=True``
+        with ``batchid1`` / ``batchid2`` made codes by the caller); None: each cell's own batch.
     seed
         Seeds the choice of posterior samples and the ``z`` noise; None draws fresh
         randomness.
@@ -410,65 +413,79 @@ def differential_expression(
     if n_samples_overall is None or n_samples_overall < 1:
         raise ValueError(f"n_samples_overall must be a positive integer; got {n_samples_overall}")
     var_names = pd.Index([str(v) for v in var_names])
-    cats = [str(c) for c in batch_categories]
-    use_observed = not batch_correction
-    if use_observed and (batchid1 is not None or batchid2 is not None):
-        raise ValueError(
-            "batchid1/batchid2 choose the batches to decode in, which needs "
-            "batch_correction=True (scvi-tools: 'Inconsistent batch policy')"
-        )
-
-    def codes_of(batchid) -> list[int | None]:
-        if use_observed:
-            return [None]
-        if batchid is None:
-            return list(range(len(cats)))
-        out = []
-        for b in batchid:
-            if str(b) not in cats:
-                raise ValueError(f'"{b}" not a valid batch category.')
-            out.append(cats.index(str(b)))
-        return out
-
-    codes1, codes2 = codes_of(batchid1), codes_of(batchid2)
-    rng = np.random.default_rng(seed)
-    device = next(module.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(rng.integers(0, 2**62)))
-
-    def rows_of(mask: np.ndarray) -> np.ndarray:
-        rows = np.flatnonzero(mask)
-        if filter_outlier_cells:
-            rows = _filter_outliers(rows, representation_fn)
-        return rows
-
-    def scales(rows: np.ndarray, codes: list[int | None]) -> tuple[np.ndarray, list]:
-        n_each = int(n_samples_overall / len(codes))
-        if n_each == 0:
-            warnings.warn("very small sample size, please consider increasing `n_samples`",
-                          UserWarning, stacklevel=3)
-            n_each = 2
-        parts, ids = [], []
-        for code in codes:
-            parts.append(sample_scales(module, iter_batches(rows), len(rows), n_each, code, rng, generator))
-            ids.append(code)
-        return parts, ids
-
+    rng, generator = _random(seed, next(module.parameters()).device)
+    sampler = _GroupSampler(module, iter_batches, n_samples_overall, rng, generator,
+                            representation_fn if filter_outlier_cells else None)
+    codes = ([None] if batch_codes1 is None else list(batch_codes1),
+             [None] if batch_codes2 is None else list(batch_codes2))
+    stats = dict(mode=mode, delta=delta, pseudocounts=pseudocounts, test_mode=test_mode,
+                 change_fn=change_fn, m1_domain_fn=m1_domain_fn,
+                 cred_interval_lvls=cred_interval_lvls)
     groups = comparisons(obs, n_cells, groupby, group1, group2, idx1, idx2)
-    results = []
     it = groups
     if not silent and len(groups) > 1:
         from tqdm.auto import tqdm
 
         it = tqdm(groups, desc="DE...")
+    results = []
     for g1, g2, m1, m2 in it:
-        rows1, rows2 = rows_of(m1), rows_of(m2)
-        parts1, ids1 = scales(rows1, codes1)
-        parts2, ids2 = scales(rows2, codes2)
-        if not use_observed and set(ids1) == set(ids2):
-            # pair samples decoded in the same batch
+        s1, s2 = sampler.paired(m1, m2, codes, use_permutation, m_permutation)
+        raw = None
+        if all_stats or (mode == "change" and pseudocounts is None):
+            union = np.flatnonzero(m1 | m2)
+            raw = raw_counts_properties((mb for mb, _ in iter_batches(union)), len(var_names),
+                                        [m1, m2])
+        res = _de_table(s1, s2, raw, var_names, all_stats, threshold_counts, fdr_target, stats)
+        if g1 is not None:
+            res["comparison"] = f"{g1} vs {g2}"
+            res["group1"] = g1
+            res["group2"] = g2
+        results.append(res)
+    return pd.concat(results, axis=0)
+
+
+def _random(seed: int | None, device) -> tuple[np.random.Generator, torch.Generator | None]:
+    """The numpy generator of the sample choice and the torch generator of the ``z`` noise."""
+    rng = np.random.default_rng(seed)
+    if seed is None:
+        return rng, None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(rng.integers(0, 2**62)))
+    return rng, generator
+
+
+class _GroupSampler:
+    """Posterior samples of ``rho`` for the cells of a group, in the batches asked for."""
+
+    def __init__(self, module, iter_batches, n_samples_overall, rng, generator,
+                 representation_fn=None):
+        self.module, self.iter_batches = module, iter_batches
+        self.n_samples_overall, self.rng, self.generator = n_samples_overall, rng, generator
+        self.representation_fn = representation_fn
+
+    def rows(self, mask: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(mask)
+        if self.representation_fn is not None:
+            rows = _filter_outliers(rows, self.representation_fn)
+        return rows
+
+    def scales(self, rows: np.ndarray, codes: list[int | None]) -> list[np.ndarray]:
+        """``n_samples_overall`` samples split evenly over ``codes`` (one part per code)."""
+        n_each = int(self.n_samples_overall / len(codes))
+        if n_each == 0:
+            warnings.warn("very small sample size, please consider increasing `n_samples`",
+                          UserWarning, stacklevel=4)
+            n_each = 2
+        return [sample_scales(self.module, self.iter_batches(rows), len(rows), n_each, code,
+                              self.rng, self.generator) for code in codes]
+
+    def paired(self, m1, m2, codes, use_permutation: bool, m_permutation: int):
+        """The two groups' samples, paired within a batch when both decode in the same ones."""
+        ids1, ids2 = codes
+        parts1, parts2 = self.scales(self.rows(m1), ids1), self.scales(self.rows(m2), ids2)
+        rng = self.rng
+        corrected = ids1 != [None]
+        if corrected and set(ids1) == set(ids2):
             s1, s2 = [], []
             for code in ids1:
                 a, b = parts1[ids1.index(code)], parts2[ids2.index(code)]
@@ -477,49 +494,38 @@ def differential_expression(
                     a, b = a[rng.integers(0, len(a), n_pb)], b[rng.integers(0, len(b), n_pb)]
                 s1.append(a)
                 s2.append(b)
-            scales_1, scales_2 = np.concatenate(s1), np.concatenate(s2)
-        else:
-            if not use_observed and set(ids1) & set(ids2):
-                warnings.warn(
-                    "Batchids of cells groups 1 and 2 are different but have an non-null "
-                    "intersection. Specific handling of such situations is not implemented yet "
-                    "and batch correction is not trustworthy.", UserWarning, stacklevel=2,
-                )
-            scales_1, scales_2 = np.concatenate(parts1), np.concatenate(parts2)
-            if use_permutation:
-                scales_1 = scales_1[rng.integers(0, len(scales_1), m_permutation)]
-                scales_2 = scales_2[rng.integers(0, len(scales_2), m_permutation)]
-        need_raw = all_stats or (mode == "change" and pseudocounts is None)
-        raw = None
-        if need_raw:
-            union = np.flatnonzero(m1 | m2)
-            raw = raw_counts_properties((mb for mb, _ in iter_batches(union)), len(var_names), [m1, m2])
-        info = bayes_factors(
-            scales_1, scales_2, mode=mode, delta=delta, pseudocounts=pseudocounts,
-            where_zero_1=None if raw is None else raw[0]["raw_mean"] < threshold_counts,
-            where_zero_2=None if raw is None else raw[1]["raw_mean"] < threshold_counts,
-            test_mode=test_mode, change_fn=change_fn, m1_domain_fn=m1_domain_fn,
-            cred_interval_lvls=cred_interval_lvls,
-        )
-        if all_stats:
-            info = {
-                **info,
-                "raw_mean1": raw[0]["raw_mean"], "raw_mean2": raw[1]["raw_mean"],
-                "non_zeros_proportion1": raw[0]["non_zeros_proportion"],
-                "non_zeros_proportion2": raw[1]["non_zeros_proportion"],
-                "raw_normalized_mean1": raw[0]["raw_normalized_mean"],
-                "raw_normalized_mean2": raw[1]["raw_normalized_mean"],
-            }
-        res = pd.DataFrame(info, index=var_names)
-        res = res.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
-        if mode == "change":
-            res[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(res["proba_de"], fdr=fdr_target)
-        if g1 is not None:
-            res["comparison"] = f"{g1} vs {g2}"
-            res["group1"] = g1
-            res["group2"] = g2
-        results.append(res)
-    return pd.concat(results, axis=0)
+            return np.concatenate(s1), np.concatenate(s2)
+        if corrected and set(ids1) & set(ids2):
+            warnings.warn(
+                "Batchids of cells groups 1 and 2 are different but have an non-null "
+                "intersection. Specific handling of such situations is not implemented yet "
+                "and batch correction is not trustworthy.", UserWarning, stacklevel=3,
+            )
+        s1, s2 = np.concatenate(parts1), np.concatenate(parts2)
+        if use_permutation:
+            s1 = s1[rng.integers(0, len(s1), m_permutation)]
+            s2 = s2[rng.integers(0, len(s2), m_permutation)]
+        return s1, s2
+
+
+def _de_table(scales_1, scales_2, raw, var_names, all_stats, threshold_counts, fdr_target,
+              stats: dict) -> pd.DataFrame:
+    """One comparison's table: Bayes factors (and raw statistics), sorted as scvi-tools."""
+    mode = stats["mode"]
+    info = bayes_factors(
+        scales_1, scales_2,
+        where_zero_1=None if raw is None else raw[0]["raw_mean"] < threshold_counts,
+        where_zero_2=None if raw is None else raw[1]["raw_mean"] < threshold_counts,
+        **stats,
+    )
+    if all_stats:
+        for k in ("raw_mean", "non_zeros_proportion", "raw_normalized_mean"):
+            info[f"{k}1"], info[f"{k}2"] = raw[0][k], raw[1][k]
+    res = pd.DataFrame(info, index=var_names)
+    res = res.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
+    if mode == "change":
+        res[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(res["proba_de"], fdr=fdr_target)
+    return res
 
 
 def _filter_outliers(rows: np.ndarray, representation_fn) -> np.ndarray:

@@ -154,8 +154,12 @@ def test_transform_batch_changes_only_the_decoding(kang):
     np.testing.assert_array_equal(a, b)
     # the latent space does not depend on it
     np.testing.assert_array_equal(model.get_latent_representation(), lat_before)
-    with pytest.raises(ValueError, match="not a batch category"):
+    with pytest.raises(ValueError, match="not trained on: \\['no-such-donor'\\]"):
         model.get_normalized_expression(transform_batch="no-such-donor")
+    # batches are named, never positions (an integer is the name it reads as)
+    with pytest.raises(ValueError, match="not trained on: \\['1'\\]"):
+        model.get_normalized_expression(indices=idx, transform_batch=1)
+    np.testing.assert_array_equal(expr(int(cats[1])), e1)
 
 
 def test_normalized_expression_chunking_is_exact(kang):

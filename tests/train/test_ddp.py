@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import scvi_fast
 from scvi_fast.data import CSRStore, synthetic_anndata
+from scvi_fast.model._training import split
 from scvi_fast.train import _distributed, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -176,14 +177,13 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(store):
 
 # --------------------------------------------------------------- small parts --
 def test_split_gives_every_rank_whole_minibatches(store):
-    model = scvi_fast.SCVI(str(store), **MODEL)
     for n, ws, bs in [(1001, 2, 64), (1000, 4, 62), (999, 3, 128), (11, 2, 4)]:
-        train, val = model._split(n, 0.9, None, bs, seed=0, world_size=ws)
+        train, val = split(n, 0.9, None, bs, seed=0, world_size=ws)
         assert len(train) % ws == 0 and len(train) + len(val) == n
         assert not np.intersect1d(train, val).size
         rest = (len(train) // ws) % bs
         assert rest == 0 or rest >= 3  # BatchNorm never sees a 1- or 2-cell minibatch
-    a, b = model._split(1000, 0.9, None, 64, seed=0), model._split(1000, 0.9, None, 64, seed=0, world_size=1)
+    a, b = split(1000, 0.9, None, 64, seed=0), split(1000, 0.9, None, 64, seed=0, world_size=1)
     np.testing.assert_array_equal(a[0], b[0])
 
 
