@@ -17,8 +17,10 @@ from ._de import (
 )
 from ._expression import normalized_expression, posterior_predictive, sample_scales
 from ._latent import default_batch_size, in_order_batches, latent_fn, latent_representation
+from ._rows import NpyFile, map_rows
 
 __all__ = [
+    "NpyFile",
     "bayes_factors",
     "comparisons",
     "credible_intervals",
@@ -30,6 +32,7 @@ __all__ = [
     "in_order_batches",
     "latent_fn",
     "latent_representation",
+    "map_rows",
     "normalized_expression",
     "posterior_predictive",
     "raw_counts_properties",

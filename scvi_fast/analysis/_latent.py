@@ -25,11 +25,10 @@ Three stages overlap, each on its own thread::
   waits for that event (not for the whole device), writes the rows and frees the slot. There
   is no per-batch ``torch.cuda.synchronize``; the main thread waits only when every slot is
   still being written (the device is ``max_pending`` batches ahead of the writer).
-* ``out=``: the ``.npy`` header is written first and every block is appended in order with
-  plain file writes, so the file is never memory-mapped while it is written and the process's
-  resident memory does not grow with the number of cells; the file is written under a
-  temporary name and renamed into place once complete (an interrupted call leaves no partial
-  ``out``). Host memory is bounded by the loader's buffers, two input slots and
+* ``out=``: blocks go to an :class:`~scvi_fast.analysis._rows.NpyFile` (header first, rows
+  written with plain file writes, never memory-mapped, so the process's resident memory does
+  not grow with the number of cells; renamed into place once complete: an interrupted call
+  leaves no partial ``out``). Host memory is bounded by the loader's buffers, two input slots and
   ``max_pending`` output slots, whatever the number of cells.
 
 Each batch's encoder runs exactly as a plain loop would run it (the same kernels, in the same
@@ -57,6 +56,8 @@ import numpy as np
 import torch
 
 from scvi_fast.module import sample_z
+
+from ._rows import NpyFile
 
 #: the values of ``precision``: fp32, or bfloat16 autocast of the encoder's GEMMs (CUDA only)
 PRECISIONS = ("32", "bf16-mixed")
@@ -200,7 +201,7 @@ def latent_representation(
     module.to(device).eval()
     n_latent = int(module.n_latent)
     n_cols = 2 * n_latent if return_dist else n_latent
-    sink = (_NpyFile(out, n_cells, n_cols) if out is not None
+    sink = (NpyFile(out, n_cells, n_cols) if out is not None
             else _Arrays(n_cells, n_latent, with_var=return_dist))
     try:
         n = _stream(fn, batches, device, sink, max_pending, progress_bar, n_cells)
@@ -460,44 +461,3 @@ class _Arrays:
 
     def discard(self) -> None:
         pass
-
-
-class _NpyFile:
-    """A float32 ``.npy`` file written block by block, in order, under a temporary name.
-
-    The header goes first and the rows are appended with plain writes (never memory-mapped), so
-    they pass through the page cache without counting towards this process's resident memory.
-    """
-
-    def __init__(self, path: str | os.PathLike, n_rows: int, n_cols: int):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
-        self.rows = 0
-        self.fh = open(self.tmp, "wb")  # closed in finish or discard
-        try:
-            np.lib.format.write_array_header_1_0(self.fh, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                "fortran_order": False, "shape": (self.n_rows, self.n_cols)})
-        except BaseException:
-            self.discard()
-            raise
-
-    def write(self, pos: int, block: np.ndarray) -> None:
-        if pos != self.rows or block.shape[1:] != (self.n_cols,):
-            raise RuntimeError(f"block of shape {block.shape} at row {pos}; expected row "
-                               f"{self.rows} and {self.n_cols} columns")
-        self.fh.write(np.ascontiguousarray(block, dtype=np.float32).data)
-        self.rows += block.shape[0]
-
-    def finish(self) -> np.ndarray:
-        self.fh.close()
-        if self.rows != self.n_rows:
-            raise RuntimeError(f"{self.rows} rows written to {self.tmp}; {self.n_rows} expected")
-        os.replace(self.tmp, self.path)
-        return np.load(self.path, mmap_mode="r")
-
-    def discard(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)

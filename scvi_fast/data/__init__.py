@@ -14,7 +14,14 @@ from ._counts import CountChecker, check_counts
 from ._csr import gather_rows, row_offsets
 from ._h5ad import write_h5ad
 from ._hvg import highly_variable_genes
-from ._loader import BlockShuffleSampler, BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
+from ._loader import (
+    BlockShuffleSampler,
+    BufferFetcher,
+    CSRLoader,
+    CSRMinibatch,
+    TorchMinibatch,
+    shard_range,
+)
 from ._open import as_source
 from ._readers import read_10x_h5_source, read_mtx_source, soma_source
 from ._source import ArraySource, ChunkSource, H5CSRSource, Source
@@ -44,6 +51,7 @@ __all__ = [
     "read_10x_h5_source",
     "read_mtx_source",
     "row_offsets",
+    "shard_range",
     "soma_source",
     "synthetic_anndata",
     "write_h5ad",

@@ -152,6 +152,21 @@ class TorchMinibatch:
         return out
 
 
+def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``n`` that ``rank`` of ``world_size`` gets: the one sharding rule.
+
+    Contiguous, in rank order, sizes differing by at most one (the first ``n % world_size``
+    ranks get one more), as ``np.array_split``. Used for training (each rank's share of the
+    shuffled epoch, see :class:`BlockShuffleSampler`), for the validation split and for
+    inference.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside [0, {world_size})")
+    base, extra = divmod(int(n), int(world_size))
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
 class BlockShuffleSampler:
     """Which rows go into which buffer and minibatch, per epoch and rank.
 
@@ -175,10 +190,11 @@ class BlockShuffleSampler:
     drop_last
         Drop each rank's last incomplete minibatch.
     rank, world_size
-        Shard every epoch across ranks: the shuffled stream (identical on every rank) is
-        padded by wrapping around to a multiple of ``world_size`` (unless ``drop_last``, which
-        trims instead) and each rank takes its contiguous share, so every rank gets the same
-        number of cells and minibatches.
+        Shard every epoch across ranks: the shuffled stream (identical on every rank) is cut by
+        :func:`shard_range`, and every rank takes the same number of cells from the start of
+        its share so that all take the same number of steps: ``ceil(n / world_size)``, reading
+        on into the next share (wrapping around at the end) when its own is one short, or
+        with ``drop_last`` ``n // world_size`` (disjoint shares, no repeats).
     """
 
     def __init__(self, n_rows: int, batch_size: int = 1024, indices=None, shuffle: bool = True,
@@ -186,8 +202,7 @@ class BlockShuffleSampler:
                  drop_last: bool = False, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or block_size < 1:
             raise ValueError("batch_size and block_size must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        shard_range(0, rank, world_size)  # checks the rank
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         if shuffle and self.indices is not None:
             # the order of a shuffled subset is irrelevant; sorted, its blocks are contiguous
@@ -243,9 +258,8 @@ class BlockShuffleSampler:
         permutation of staged positions that gives the emission order."""
         rng = np.random.default_rng(self.seed + self.epoch)
         order, cum, lens = self._block_stream(rng)
-        m = self.n_rank_rows
-        lo = self.rank * m
-        n_take = len(self) * self.batch_size if self.drop_last else m
+        lo, _ = shard_range(self.n, self.rank, self.world_size)
+        n_take = len(self) * self.batch_size if self.drop_last else self.n_rank_rows
         for a in range(0, n_take, self.buffer_size):
             b = min(a + self.buffer_size, n_take)
             pos = self._positions(lo + a, lo + b, order, cum, lens)

@@ -29,7 +29,7 @@ def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progr
         Z = model.module.n_latent
         model.module.to(model.device).eval()
         with torch.inference_mode():
-            res = _distributed.map_rows(
+            res = analysis.map_rows(
                 analysis.latent_fn(model.module, give_mean=give_mean, return_dist=return_dist,
                                    precision=precision),
                 lambda idx: model._loader(source, indices=idx, batch_size=batch_size), rows,

@@ -88,7 +88,8 @@ def fit(model, call: dict):
     if len(val_idx):
         val_loader = _data.CSRLoader(
             source, batch_size=max(cfg.batch_size, INFERENCE_BATCH_SIZE), shuffle=False,
-            indices=np.array_split(val_idx, world_size)[rank], **loader_kwargs)
+            indices=val_idx[slice(*_data.shard_range(len(val_idx), rank, world_size))],
+            **loader_kwargs)
     model.trainer = None  # a previous run's DDP wrapper releases its gradient hooks first
     model.trainer = Trainer(model.module, train_loader, val_loader, device=model.device,
                             distributed=ctx, **cfg.trainer_kwargs())

@@ -14,7 +14,7 @@ import torch
 
 import scvi_fast
 from scvi_fast import functional as F_ops
-from scvi_fast.analysis import _latent, default_batch_size, latent_fn, latent_representation
+from scvi_fast.analysis import _latent, _rows, default_batch_size, latent_fn, latent_representation
 from scvi_fast.data import CSRLoader, CSRMinibatch, synthetic_anndata, write_synthetic_store
 
 IMPLS = ["torch"] + (["native"] if F_ops._is_available("native") else [])
@@ -241,7 +241,7 @@ def test_pipeline_equals_per_batch_and_bounds_blocks_in_flight(copy_inputs, max_
 def test_writer_error_reaches_the_caller_and_leaves_no_file(adata, tmp_path, monkeypatch):
     model = _model(adata)
     calls = {"n": 0}
-    real = _latent._NpyFile.write
+    real = _rows.NpyFile.write
 
     def failing(self, pos, block):
         calls["n"] += 1
@@ -249,7 +249,7 @@ def test_writer_error_reaches_the_caller_and_leaves_no_file(adata, tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, pos, block)
 
-    monkeypatch.setattr(_latent._NpyFile, "write", failing)
+    monkeypatch.setattr(_rows.NpyFile, "write", failing)
     with pytest.raises(OSError, match="No space left"):
         model.get_latent_representation(out=tmp_path / "z.npy", batch_size=20)
     assert calls["n"] == 3  # the main thread stopped feeding once the writer failed
