@@ -101,40 +101,9 @@ def _add_arrow_strings(add) -> None:
     add("pyarrow.lib", "type_for_alias", type_for_alias)
 
 
-def _build_allow_list() -> dict[tuple[str, str], object]:
-    import builtins
-
-    import numpy as np
+def _add_pandas(add) -> None:
+    """pandas DataFrames / Series / Index / Categorical (the training history, setup columns)."""
     import pandas as pd
-
-    allowed: dict[tuple[str, str], object] = {}
-
-    def add(module: str, name: str, obj) -> None:
-        allowed[(module, name)] = obj
-
-    for name in ("dict", "list", "tuple", "set", "frozenset", "slice", "bytes", "bytearray",
-                 "complex", "int", "float", "str", "bool", "range"):
-        add("builtins", name, getattr(builtins, name))
-        add("__builtin__", name, getattr(builtins, name))
-    add("_codecs", "encode", _latin1_encode)
-    add("collections", "OrderedDict", collections.OrderedDict)
-    add("collections", "defaultdict", collections.defaultdict)
-
-    # numpy arrays, dtypes and scalars (numpy 2 writes ``numpy._core``, numpy 1 ``numpy.core``)
-    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
-    scalar = np.float64(0).__reduce__()[0]
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        add(mod, "_reconstruct", reconstruct)
-        add(mod, "scalar", scalar)
-    add("numpy", "ndarray", np.ndarray)
-    add("numpy", "dtype", np.dtype)
-    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "ObjectDType",
-                 "BoolDType", "StrDType", "BytesDType", "UInt8DType", "Int8DType"):
-        dt = getattr(np.dtypes, name, None)
-        if dt is not None:
-            add("numpy.dtypes", name, dt)
-
-    # pandas DataFrames / Series / Index (the training history, setup columns)
     from pandas._libs import internals as libinternals
     from pandas.core import internals as core_internals
     from pandas.core.indexes import base as ibase
@@ -171,6 +140,41 @@ def _build_allow_list() -> dict[tuple[str, str], object]:
         obj = getattr(__import__("pandas.core.internals.blocks", fromlist=[name]), name, None)
         if obj is not None:
             add("pandas.core.internals.blocks", name, obj)
+
+
+def _build_allow_list() -> dict[tuple[str, str], object]:
+    import builtins
+
+    import numpy as np
+
+    allowed: dict[tuple[str, str], object] = {}
+
+    def add(module: str, name: str, obj) -> None:
+        allowed[(module, name)] = obj
+
+    for name in ("dict", "list", "tuple", "set", "frozenset", "slice", "bytes", "bytearray",
+                 "complex", "int", "float", "str", "bool", "range"):
+        add("builtins", name, getattr(builtins, name))
+        add("__builtin__", name, getattr(builtins, name))
+    add("_codecs", "encode", _latin1_encode)
+    add("collections", "OrderedDict", collections.OrderedDict)
+    add("collections", "defaultdict", collections.defaultdict)
+
+    # numpy arrays, dtypes and scalars (numpy 2 writes ``numpy._core``, numpy 1 ``numpy.core``)
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    scalar = np.float64(0).__reduce__()[0]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        add(mod, "_reconstruct", reconstruct)
+        add(mod, "scalar", scalar)
+    add("numpy", "ndarray", np.ndarray)
+    add("numpy", "dtype", np.dtype)
+    for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType", "ObjectDType",
+                 "BoolDType", "StrDType", "BytesDType", "UInt8DType", "Int8DType"):
+        dt = getattr(np.dtypes, name, None)
+        if dt is not None:
+            add("numpy.dtypes", name, dt)
+
+    _add_pandas(add)
 
     # torch tensors (storages are resolved by torch.load itself)
     import torch._utils as tu
