@@ -154,18 +154,7 @@ def bayes_factors(
         )
     mean1, mean2 = scales_1.mean(0), scales_2.mean(0)
     if mode == "vanilla":
-        p1 = np.empty(scales_1.shape[1], dtype=np.float64)
-        for j0 in range(0, len(p1), GENE_CHUNK):
-            j1 = min(len(p1), j0 + GENE_CHUNK)
-            p1[j0:j1] = np.mean(scales_1[:, j0:j1] > scales_2[:, j0:j1], 0)
-        p2 = 1.0 - p1
-        return {
-            "proba_m1": p1,
-            "proba_m2": p2,
-            "bayes_factor": np.log(p1 + EPS) - np.log(p2 + EPS),
-            "scale1": mean1,
-            "scale2": mean2,
-        }
+        return {**_vanilla(scales_1, scales_2), "scale1": mean1, "scale2": mean2}
     if mode != "change":
         raise ValueError(f"mode must be 'vanilla' or 'change'; got {mode!r}")
     if pseudocounts is None:
@@ -216,6 +205,16 @@ def bayes_factors(
         "delta": delta_,
         **{f"lfc_{k}": v for k, v in lfc_stats.items()},
     }
+
+
+def _vanilla(scales_1: np.ndarray, scales_2: np.ndarray) -> dict[str, np.ndarray]:
+    """``proba_m1 = P(rho1 > rho2)`` over paired samples, its complement and the Bayes factor."""
+    p1 = np.empty(scales_1.shape[1], dtype=np.float64)
+    for j0 in range(0, len(p1), GENE_CHUNK):
+        j1 = min(len(p1), j0 + GENE_CHUNK)
+        p1[j0:j1] = np.mean(scales_1[:, j0:j1] > scales_2[:, j0:j1], 0)
+    p2 = 1.0 - p1
+    return {"proba_m1": p1, "proba_m2": p2, "bayes_factor": np.log(p1 + EPS) - np.log(p2 + EPS)}
 
 
 def _describe_samples(samples: np.ndarray, cred_interval_lvls) -> dict[str, np.ndarray]:
