@@ -86,13 +86,13 @@ def make_census_shape_model(folder: Path, var_names, fmt: str = "scvi-tools") ->
 
     import scvi_fast
 
-    cats = [f"batch_{i}" for i in range(CENSUS_SHAPE["n_batch"])]
-    registry = {"source": "anndata", "batch_key": "batch", "labels_key": "", "layer": "",
-                "batch_categories": cats, "labels_categories": ["0"],
-                "var_names": [str(v) for v in var_names]}
-    torch.manual_seed(0)
-    model = scvi_fast.SCVI(None, _registry=registry, **{k: CENSUS_SHAPE[k] for k in
-                                                       ("n_hidden", "n_latent", "n_layers", "dropout_rate")})
+    from scvi_fast.model import Registry
+
+    cats = tuple(f"batch_{i}" for i in range(CENSUS_SHAPE["n_batch"]))
+    registry = Registry(var_names=tuple(str(v) for v in var_names), batch_key="batch",
+                        batch_categories=cats)
+    model = scvi_fast.SCVI(registry, **{k: CENSUS_SHAPE[k] for k in
+                                       ("n_hidden", "n_latent", "n_layers", "dropout_rate")})
     with torch.no_grad():
         for name, buf in model.module.named_buffers():
             if name.endswith("running_mean"):

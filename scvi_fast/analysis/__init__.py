@@ -7,22 +7,21 @@ Functions here take a module and minibatch iterators, not the user-facing ``SCVI
 
 from ._de import (
     bayes_factors,
-    comparisons,
     credible_intervals,
-    differential_expression,
     estimate_delta,
     estimate_pseudocounts_offset,
     fdr_de_prediction,
-    raw_counts_properties,
 )
-from ._expression import decode_scale, normalized_expression, posterior_predictive, sample_scales
+from ._de_groups import comparisons, differential_expression, raw_counts_properties
+from ._expression import normalized_expression, posterior_predictive, sample_scales
 from ._latent import default_batch_size, in_order_batches, latent_fn, latent_representation
+from ._rows import NpyFile, map_rows
 
 __all__ = [
+    "NpyFile",
     "bayes_factors",
     "comparisons",
     "credible_intervals",
-    "decode_scale",
     "default_batch_size",
     "differential_expression",
     "estimate_delta",
@@ -31,6 +30,7 @@ __all__ = [
     "in_order_batches",
     "latent_fn",
     "latent_representation",
+    "map_rows",
     "normalized_expression",
     "posterior_predictive",
     "raw_counts_properties",

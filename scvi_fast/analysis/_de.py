@@ -6,7 +6,7 @@ The statistics follow ``scvi.model.base.DifferentialComputation.get_bayes_factor
 * For each group, ``n_samples_overall`` (5000) posterior samples of the normalised
   expression ``rho`` are drawn (:func:`~scvi_fast.analysis.sample_scales`), split evenly
   over the batches decoded in: the cells' own batches by default, every batch category
-  (or ``batchid1``/``batchid2``) with ``batch_correction=True``.
+  (or the codes of ``batchid1``/``batchid2``) with ``batch_correction=True``.
 * ``vanilla`` (Lopez et al. 2018): ``proba_m1 = P(rho1 > rho2)`` over paired samples,
   ``bayes_factor = log(proba_m1 + eps) - log(proba_m2 + eps)``, sorted by the Bayes factor.
 * ``change`` (Boyeau et al. 2019): ``lfc = log2(rho1 + pc) - log2(rho2 + pc)`` with a
@@ -16,21 +16,17 @@ The statistics follow ``scvi.model.base.DifferentialComputation.get_bayes_factor
   LFC summaries use ``1e-3 * pc``; sorted by ``proba_de``; genes are called DE by the
   posterior expected FDR at ``fdr_target``.
 
-The entry point :func:`differential_expression` takes a module and a callable that
-iterates minibatches over given rows, never the user-facing model class.
+This module holds the statistics (pure functions of posterior samples); the driver that
+samples a module for groups of cells is :mod:`scvi_fast.analysis._de_groups`.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-import torch
-
-from ._expression import sample_scales
 
 EPS = 1e-8
 #: genes processed at once when summarising LFC samples (bounds the temporaries)
@@ -158,18 +154,7 @@ def bayes_factors(
         )
     mean1, mean2 = scales_1.mean(0), scales_2.mean(0)
     if mode == "vanilla":
-        p1 = np.empty(scales_1.shape[1], dtype=np.float64)
-        for j0 in range(0, len(p1), GENE_CHUNK):
-            j1 = min(len(p1), j0 + GENE_CHUNK)
-            p1[j0:j1] = np.mean(scales_1[:, j0:j1] > scales_2[:, j0:j1], 0)
-        p2 = 1.0 - p1
-        return {
-            "proba_m1": p1,
-            "proba_m2": p2,
-            "bayes_factor": np.log(p1 + EPS) - np.log(p2 + EPS),
-            "scale1": mean1,
-            "scale2": mean2,
-        }
+        return {**_vanilla(scales_1, scales_2), "scale1": mean1, "scale2": mean2}
     if mode != "change":
         raise ValueError(f"mode must be 'vanilla' or 'change'; got {mode!r}")
     if pseudocounts is None:
@@ -222,6 +207,16 @@ def bayes_factors(
     }
 
 
+def _vanilla(scales_1: np.ndarray, scales_2: np.ndarray) -> dict[str, np.ndarray]:
+    """``proba_m1 = P(rho1 > rho2)`` over paired samples, its complement and the Bayes factor."""
+    p1 = np.empty(scales_1.shape[1], dtype=np.float64)
+    for j0 in range(0, len(p1), GENE_CHUNK):
+        j1 = min(len(p1), j0 + GENE_CHUNK)
+        p1[j0:j1] = np.mean(scales_1[:, j0:j1] > scales_2[:, j0:j1], 0)
+    p2 = 1.0 - p1
+    return {"proba_m1": p1, "proba_m2": p2, "bayes_factor": np.log(p1 + EPS) - np.log(p2 + EPS)}
+
+
 def _describe_samples(samples: np.ndarray, cred_interval_lvls) -> dict[str, np.ndarray]:
     out = {
         "mean": samples.mean(0),
@@ -235,308 +230,3 @@ def _describe_samples(samples: np.ndarray, cred_interval_lvls) -> dict[str, np.n
         out[f"confidence_interval_{str(lvl)[:5]}_min"] = ci[:, 0]
         out[f"confidence_interval_{str(lvl)[:5]}_max"] = ci[:, 1]
     return out
-
-
-# ----------------------------------------------------------------- raw statistics --
-def raw_counts_properties(batches: Iterable, n_genes: int, masks: Sequence[np.ndarray]) -> list[dict]:
-    """Per-group ``raw_mean``, ``non_zeros_proportion`` and ``raw_normalized_mean`` in one pass.
-
-    ``masks`` are boolean arrays over source rows; ``raw_normalized_mean`` scales each cell
-    to 1e4 total counts (scvi-tools' ``scrna_raw_counts_properties``). Streams host
-    minibatches, so memory is ``O(n_groups x n_genes)``.
-    """
-    k = len(masks)
-    sums = np.zeros((k, n_genes))
-    nnz = np.zeros((k, n_genes))
-    norm = np.zeros((k, n_genes))
-    counts = np.array([int(np.count_nonzero(m)) for m in masks])
-    for mb in batches:
-        obs = np.asarray(mb.obs_idx)
-        indptr = np.asarray(mb.indptr)
-        row = np.repeat(np.arange(len(obs)), np.diff(indptr))
-        cols = np.asarray(mb.indices).astype(np.int64)
-        vals = np.asarray(mb.values, dtype=np.float64)
-        scale = 1e4 / np.asarray(mb.library, dtype=np.float64)
-        for i, m in enumerate(masks):
-            sel = m[obs][row]
-            if not sel.any():
-                continue
-            c, v = cols[sel], vals[sel]
-            sums[i] += np.bincount(c, weights=v, minlength=n_genes)
-            nnz[i] += np.bincount(c, weights=(v != 0).astype(np.float64), minlength=n_genes)
-            norm[i] += np.bincount(c, weights=v * scale[row[sel]], minlength=n_genes)
-    denom = np.maximum(counts, 1)[:, None]
-    return [
-        {"raw_mean": sums[i] / denom[i], "non_zeros_proportion": nnz[i] / denom[i],
-         "raw_normalized_mean": norm[i] / denom[i]}
-        for i in range(k)
-    ]
-
-
-# ------------------------------------------------------------------- groups --
-def _mask_of(idx, obs: pd.DataFrame | None, n: int, what: str) -> np.ndarray:
-    """A boolean mask from a boolean array, integer indices or an ``obs.query`` string."""
-    if isinstance(idx, str):
-        if obs is None:
-            raise ValueError(f"{what} is a query string, but the data has no obs table")
-        return np.asarray(obs.index.isin(obs.query(idx).index))
-    arr = np.asarray(idx).ravel()
-    if arr.dtype == bool:
-        if len(arr) != n:
-            raise ValueError(f"{what} is a boolean mask of length {len(arr)}; the data has {n} cells")
-        return arr.copy()
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{what} must be a boolean mask, integer indices or a query string")
-    mask = np.zeros(n, dtype=bool)
-    if arr.size and (arr.min() < -n or arr.max() >= n):
-        raise IndexError(f"{what} has indices outside [0, {n})")
-    mask[arr] = True
-    return mask
-
-
-def comparisons(
-    obs: pd.DataFrame | None,
-    n_cells: int,
-    groupby: str | None = None,
-    group1=None,
-    group2=None,
-    idx1=None,
-    idx2=None,
-) -> list[tuple[str | None, str | None, np.ndarray, np.ndarray]]:
-    """The ``(group1, group2, mask1, mask2)`` comparisons scvi-tools' ``_de_core`` runs.
-
-    With ``idx1`` the groups are anonymous (names None): cells in ``idx1`` against those in
-    ``idx2`` (a cell in both counts in ``idx2``, as in scvi-tools) or against all others.
-    Otherwise each ``group1`` category of ``obs[groupby]`` (default: all) against
-    ``group2`` or against the rest.
-    """
-    if idx1 is not None:
-        m1 = _mask_of(idx1, obs, n_cells, "idx1")
-        if idx2 is not None:
-            m2 = _mask_of(idx2, obs, n_cells, "idx2")
-            m1 = m1 & ~m2
-        else:
-            m2 = ~m1
-        if not m1.any() or not m2.any():
-            raise ValueError("One of idx1 or idx2 has size zero.")
-        return [(None, None, m1, m2)]
-    if groupby is None:
-        raise ValueError("pass groupby (an obs column) with group1/group2, or idx1/idx2")
-    if obs is None:
-        raise ValueError(f"groupby={groupby!r} needs an obs table; this data has none (a CSR "
-                         "store?): select cells with idx1/idx2 instead")
-    if groupby not in obs:
-        raise KeyError(f"groupby={groupby!r} is not a column of adata.obs; available: "
-                       f"{list(obs.columns)[:20]}")
-    col = obs[groupby].astype(str).to_numpy()
-    if group1 is None:
-        group1 = [str(c) for c in obs[groupby].astype("category").cat.categories]
-        if len(group1) == 1:
-            raise ValueError("Only a single group in the data. Can't run DE on a single group.")
-    if isinstance(group1, str) or not isinstance(group1, Iterable):
-        group1 = [group1]
-    present = set(col)
-    for g in list(group1) + ([group2] if group2 is not None else []):
-        if str(g) not in present:
-            raise ValueError(f"group {g!r} is not a value of obs[{groupby!r}]: {sorted(present)[:20]}")
-    out = []
-    for g1 in group1:
-        m1 = col == str(g1)
-        m2 = ~m1 if group2 is None else col == str(group2)
-        out.append((str(g1), "Rest" if group2 is None else str(group2), m1, m2))
-    return out
-
-
-# ------------------------------------------------------------------- driver --
-def differential_expression(
-    module,
-    iter_batches: Callable[[np.ndarray], Iterable],
-    n_cells: int,
-    var_names: Sequence[str],
-    batch_categories: Sequence[str],
-    obs: pd.DataFrame | None = None,
-    groupby: str | None = None,
-    group1=None,
-    group2=None,
-    idx1=None,
-    idx2=None,
-    mode: Literal["vanilla", "change"] = "vanilla",
-    delta: float | None = 0.25,
-    all_stats: bool = True,
-    batch_correction: bool = False,
-    batchid1: Sequence[str] | None = None,
-    batchid2: Sequence[str] | None = None,
-    fdr_target: float = 0.05,
-    silent: bool = False,
-    n_samples_overall: int = 5000,
-    use_permutation: bool = False,
-    m_permutation: int = 10000,
-    change_fn: str | Callable | None = None,
-    m1_domain_fn: Callable | None = None,
-    pseudocounts: float | None = None,
-    threshold_counts: float = 0.01,
-    test_mode: Literal["two", "three"] = "three",
-    cred_interval_lvls: Sequence[float] | None = None,
-    filter_outlier_cells: bool = False,
-    representation_fn: Callable[[np.ndarray], np.ndarray] | None = None,
-    seed: int | None = None,
-) -> pd.DataFrame:
-    """Differential expression between cell groups, scvi-tools' ``differential_expression``.
-
-    Parameters
-    ----------
-    module
-        A trained :class:`~scvi_fast.module.VAE` (in eval mode, on its device).
-    iter_batches
-        ``iter_batches(rows)`` yields ``(host_minibatch, device_minibatch)`` pairs for the
-        given source rows, in that order (``SCVI._iter`` with ``indices=rows``).
-    n_cells, var_names, batch_categories
-        Size of the data, gene names (the result's index), the model's batch categories.
-    obs
-        The cells' annotations (``adata.obs``) for ``groupby`` and query strings.
-    seed
-        Seeds the choice of posterior samples and the ``z`` noise; None draws fresh
-        randomness.
-
-    Other parameters are scvi-tools'; see :meth:`scvi_fast.SCVI.differential_expression`.
-
-    Returns
-    -------
-    A DataFrame indexed by gene name, one block of rows per comparison, sorted within each
-    block by ``proba_de`` (change) or ``bayes_factor`` (vanilla).
-    """
-    if mode not in ("vanilla", "change"):
-        raise ValueError(f"mode must be 'vanilla' or 'change'; got {mode!r}")
-    if n_samples_overall is None or n_samples_overall < 1:
-        raise ValueError(f"n_samples_overall must be a positive integer; got {n_samples_overall}")
-    var_names = pd.Index([str(v) for v in var_names])
-    cats = [str(c) for c in batch_categories]
-    use_observed = not batch_correction
-    if use_observed and (batchid1 is not None or batchid2 is not None):
-        raise ValueError(
-            "batchid1/batchid2 choose the batches to decode in, which needs "
-            "batch_correction=True (scvi-tools: 'Inconsistent batch policy')"
-        )
-
-    def codes_of(batchid) -> list[int | None]:
-        if use_observed:
-            return [None]
-        if batchid is None:
-            return list(range(len(cats)))
-        out = []
-        for b in batchid:
-            if str(b) not in cats:
-                raise ValueError(f'"{b}" not a valid batch category.')
-            out.append(cats.index(str(b)))
-        return out
-
-    codes1, codes2 = codes_of(batchid1), codes_of(batchid2)
-    rng = np.random.default_rng(seed)
-    device = next(module.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(rng.integers(0, 2**62)))
-
-    def rows_of(mask: np.ndarray) -> np.ndarray:
-        rows = np.flatnonzero(mask)
-        if filter_outlier_cells:
-            rows = _filter_outliers(rows, representation_fn)
-        return rows
-
-    def scales(rows: np.ndarray, codes: list[int | None]) -> tuple[np.ndarray, list]:
-        n_each = int(n_samples_overall / len(codes))
-        if n_each == 0:
-            warnings.warn("very small sample size, please consider increasing `n_samples`",
-                          UserWarning, stacklevel=3)
-            n_each = 2
-        parts, ids = [], []
-        for code in codes:
-            parts.append(sample_scales(module, iter_batches(rows), len(rows), n_each, code, rng, generator))
-            ids.append(code)
-        return parts, ids
-
-    groups = comparisons(obs, n_cells, groupby, group1, group2, idx1, idx2)
-    results = []
-    it = groups
-    if not silent and len(groups) > 1:
-        from tqdm.auto import tqdm
-
-        it = tqdm(groups, desc="DE...")
-    for g1, g2, m1, m2 in it:
-        rows1, rows2 = rows_of(m1), rows_of(m2)
-        parts1, ids1 = scales(rows1, codes1)
-        parts2, ids2 = scales(rows2, codes2)
-        if not use_observed and set(ids1) == set(ids2):
-            # pair samples decoded in the same batch
-            s1, s2 = [], []
-            for code in ids1:
-                a, b = parts1[ids1.index(code)], parts2[ids2.index(code)]
-                if use_permutation:
-                    n_pb = m_permutation // len(ids1)
-                    a, b = a[rng.integers(0, len(a), n_pb)], b[rng.integers(0, len(b), n_pb)]
-                s1.append(a)
-                s2.append(b)
-            scales_1, scales_2 = np.concatenate(s1), np.concatenate(s2)
-        else:
-            if not use_observed and set(ids1) & set(ids2):
-                warnings.warn(
-                    "Batchids of cells groups 1 and 2 are different but have an non-null "
-                    "intersection. Specific handling of such situations is not implemented yet "
-                    "and batch correction is not trustworthy.", UserWarning, stacklevel=2,
-                )
-            scales_1, scales_2 = np.concatenate(parts1), np.concatenate(parts2)
-            if use_permutation:
-                scales_1 = scales_1[rng.integers(0, len(scales_1), m_permutation)]
-                scales_2 = scales_2[rng.integers(0, len(scales_2), m_permutation)]
-        need_raw = all_stats or (mode == "change" and pseudocounts is None)
-        raw = None
-        if need_raw:
-            union = np.flatnonzero(m1 | m2)
-            raw = raw_counts_properties((mb for mb, _ in iter_batches(union)), len(var_names), [m1, m2])
-        info = bayes_factors(
-            scales_1, scales_2, mode=mode, delta=delta, pseudocounts=pseudocounts,
-            where_zero_1=None if raw is None else raw[0]["raw_mean"] < threshold_counts,
-            where_zero_2=None if raw is None else raw[1]["raw_mean"] < threshold_counts,
-            test_mode=test_mode, change_fn=change_fn, m1_domain_fn=m1_domain_fn,
-            cred_interval_lvls=cred_interval_lvls,
-        )
-        if all_stats:
-            info = {
-                **info,
-                "raw_mean1": raw[0]["raw_mean"], "raw_mean2": raw[1]["raw_mean"],
-                "non_zeros_proportion1": raw[0]["non_zeros_proportion"],
-                "non_zeros_proportion2": raw[1]["non_zeros_proportion"],
-                "raw_normalized_mean1": raw[0]["raw_normalized_mean"],
-                "raw_normalized_mean2": raw[1]["raw_normalized_mean"],
-            }
-        res = pd.DataFrame(info, index=var_names)
-        res = res.sort_values(by="proba_de" if mode == "change" else "bayes_factor", ascending=False)
-        if mode == "change":
-            res[f"is_de_fdr_{fdr_target}"] = fdr_de_prediction(res["proba_de"], fdr=fdr_target)
-        if g1 is not None:
-            res["comparison"] = f"{g1} vs {g2}"
-            res["group1"] = g1
-            res["group2"] = g2
-        results.append(res)
-    return pd.concat(results, axis=0)
-
-
-def _filter_outliers(rows: np.ndarray, representation_fn) -> np.ndarray:
-    """Drop cells the EllipticEnvelope calls outliers in the latent space (scvi-tools)."""
-    if representation_fn is None:
-        raise ValueError("filter_outlier_cells=True needs a representation_fn")
-    try:
-        from sklearn.covariance import EllipticEnvelope
-    except ImportError as err:  # pragma: no cover - optional dependency
-        raise ImportError(
-            "filter_outlier_cells=True uses scikit-learn's EllipticEnvelope: "
-            "pip install 'scvi_fast[metrics]' (or scikit-learn)"
-        ) from err
-    reps = representation_fn(rows)
-    try:
-        keep = EllipticEnvelope().fit_predict(reps) == 1
-    except ValueError:
-        warnings.warn("Could not properly estimate Cov!, using all samples", UserWarning, stacklevel=3)
-        return rows
-    return rows[keep]

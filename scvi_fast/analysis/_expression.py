@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from scvi_fast.module import sample_z
+
 #: decode at most this many (cell, sample) rows at once: ``max_rows x n_genes`` floats
 MAX_DECODE_ROWS = 4096
 
@@ -25,9 +27,12 @@ def _batch_tensor(x_batch: torch.Tensor, code: int | None, n: int) -> torch.Tens
     return torch.full((n,), int(code), dtype=torch.int64, device=x_batch.device)
 
 
-def decode_scale(module, z: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    """``rho = softmax(decoder(z, batch))`` for ``z`` of shape ``(R, Z)`` and codes ``(R,)``."""
-    return module.px_scale(module.generative(z, batch)["logits"])
+def _posterior(module, x, library: bool = False):
+    """``(q_m, q_v)`` of a minibatch, and its observed library ``(B, 1)`` when asked."""
+    q_m, q_v = module.posterior(x)
+    if not library:
+        return q_m, q_v, None
+    return q_m, q_v, x.library.to(q_m.dtype).reshape(-1, 1)
 
 
 def _as_index(gene_idx) -> torch.Tensor | None:
@@ -72,26 +77,20 @@ def normalized_expression(
     pos = 0
     for mb, x in batches:
         b = int(mb.n_cells)
-        inf = module.inference(x, give_mean=True)
-        q_m, q_v = inf["q_m"], inf["q_v"]
-        lib = torch.exp(inf["library"]).reshape(-1, 1) if library_size == "latent" else None
+        q_m, q_v, lib = _posterior(module, x, library=library_size == "latent")
         acc = None if keep_samples else torch.zeros(b, n_out_genes, dtype=torch.float32, device=q_m.device)
         # chunk cells so that (samples x cells) rows decoded at once stay below max_rows
         step = max(1, max_rows // s_total)
         for c0 in range(0, b, step):
             c1 = min(b, c0 + step)
-            m, sd = q_m[c0:c1], torch.sqrt(q_v[c0:c1])
-            if n_samples >= 1:
-                eps = torch.randn((s_total, c1 - c0, m.shape[1]), dtype=m.dtype, device=m.device,
-                                  generator=generator)
-                z = (m + sd * eps).reshape(-1, m.shape[1])
-            else:
-                z = m
+            m = q_m[c0:c1]
+            z = (sample_z(m, q_v[c0:c1], s_total, generator).reshape(-1, m.shape[1])
+                 if n_samples >= 1 else m)
             rows = z.shape[0]
             expr = None
             for code in transform_codes:
                 codes = _batch_tensor(x.batch[c0:c1], code, c1 - c0).repeat(rows // (c1 - c0))
-                e = decode_scale(module, z, codes)
+                e = module.decode_scale(z, codes)
                 if gidx is not None:
                     e = e.index_select(-1, gidx.to(e.device))
                 expr = e if expr is None else expr.add_(e)
@@ -152,18 +151,16 @@ def sample_scales(
         b = int(mb.n_cells)
         lo, hi = np.searchsorted(cells_sorted, [pos, pos + b])
         if hi > lo:
-            inf = module.inference(x, give_mean=True)
-            q_m, sd = inf["q_m"], torch.sqrt(inf["q_v"])
+            q_m, q_v, _ = _posterior(module, x)
             for r0 in range(lo, hi, max_rows):
                 r1 = min(hi, r0 + max_rows)
                 pair = order[r0:r1]
                 local = torch.as_tensor(cell_of[pair] - pos, device=q_m.device)
-                m, s = q_m.index_select(0, local), sd.index_select(0, local)
-                eps = torch.randn(m.shape, dtype=m.dtype, device=m.device, generator=generator)
-                z = m + s * eps
+                z = sample_z(q_m.index_select(0, local), q_v.index_select(0, local),
+                             generator=generator)
                 codes = (x.batch.reshape(-1).index_select(0, local) if transform_code is None
                          else _batch_tensor(x.batch, transform_code, len(pair)))
-                out[pair] = decode_scale(module, z, codes).float().cpu().numpy()
+                out[pair] = module.decode_scale(z, codes).float().cpu().numpy()
         pos += b
     if pos != n_cells:
         raise RuntimeError(f"the minibatches held {pos} cells, expected {n_cells}")
@@ -192,16 +189,14 @@ def posterior_predictive(
     theta_all = torch.exp(module.px_r)
     for mb, x in batches:
         b = int(mb.n_cells)
-        inf = module.inference(x, give_mean=True)
-        q_m, sd = inf["q_m"], torch.sqrt(inf["q_v"])
-        lib = torch.exp(inf["library"]).reshape(1, -1, 1)
-        eps = torch.randn((n_samples, *q_m.shape), dtype=q_m.dtype, device=q_m.device, generator=generator)
-        z = (q_m + sd * eps).reshape(-1, q_m.shape[1])
+        q_m, q_v, lib = _posterior(module, x, library=True)
+        lib = lib.reshape(1, -1, 1)
+        z = sample_z(q_m, q_v, n_samples, generator).reshape(-1, q_m.shape[1])
         theta = theta_all if gidx is None else theta_all.index_select(0, gidx.to(theta_all.device))
         acc = None
         for code in transform_codes:
             codes = _batch_tensor(x.batch, code, b).repeat(n_samples)
-            rho = decode_scale(module, z, codes).reshape(n_samples, b, -1)
+            rho = module.decode_scale(z, codes).reshape(n_samples, b, -1)
             if gidx is not None:
                 rho = rho.index_select(-1, gidx.to(rho.device))
             mu = lib * rho

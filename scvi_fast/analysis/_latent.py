@@ -25,17 +25,16 @@ Three stages overlap, each on its own thread::
   waits for that event (not for the whole device), writes the rows and frees the slot. There
   is no per-batch ``torch.cuda.synchronize``; the main thread waits only when every slot is
   still being written (the device is ``max_pending`` batches ahead of the writer).
-* ``out=``: the ``.npy`` header is written first and every block is appended in order with
-  plain file writes, so the file is never memory-mapped while it is written and the process's
-  resident memory does not grow with the number of cells; the file is written under a
-  temporary name and renamed into place once complete (an interrupted call leaves no partial
-  ``out``). Host memory is bounded by the loader's buffers, two input slots and
+* ``out=``: blocks go to an :class:`~scvi_fast.analysis._rows.NpyFile` (header first, rows
+  written with plain file writes, never memory-mapped, so the process's resident memory does
+  not grow with the number of cells; renamed into place once complete: an interrupted call
+  leaves no partial ``out``). Host memory is bounded by the loader's buffers, two input slots and
   ``max_pending`` output slots, whatever the number of cells.
 
 Each batch's encoder runs exactly as a plain loop would run it (the same kernels, in the same
-order, on the same rows), so the result is bitwise that of ``module.encode`` applied batch by
-batch; sampling (``give_mean=False``) draws ``torch.randn_like(q_m)`` per batch from the global
-generator, as that loop would.
+order, on the same rows), so the result is bitwise that of ``module.posterior`` applied batch by
+batch; sampling (``give_mean=False``) draws :func:`~scvi_fast.module.sample_z` per batch from the
+global generator, as that loop would.
 
 Not done: capturing the encoder as a CUDA graph. At the default CUDA batch of 16384 cells an
 encoder call is about ten kernel launches against milliseconds of work per batch, so the
@@ -55,6 +54,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from scvi_fast.module import sample_z
+
+from ._rows import NpyFile
 
 #: the values of ``precision``: fp32, or bfloat16 autocast of the encoder's GEMMs (CUDA only)
 PRECISIONS = ("32", "bf16-mixed")
@@ -125,7 +128,7 @@ def latent_fn(
     """The per-minibatch embedding: a device minibatch -> ``(B, Z)`` float32 tensor.
 
     ``give_mean``: the posterior mean (mean head only), else one sample
-    ``q_m + sqrt(q_v) * eps`` with ``eps = torch.randn_like(q_m)``. ``return_dist``: ``(B, 2Z)``,
+    (:func:`~scvi_fast.module.sample_z`, global generator). ``return_dist``: ``(B, 2Z)``,
     the mean and the variance side by side. ``precision="bf16-mixed"`` runs the encoder under
     bfloat16 autocast on CUDA (ignored on the CPU); the outputs stay float32.
     """
@@ -137,12 +140,12 @@ def latent_fn(
         ctx = (torch.autocast(dev.type, dtype=torch.bfloat16)
                if precision == "bf16-mixed" and dev.type == "cuda" else contextlib.nullcontext())
         with ctx:
-            q_m, q_v = module.encode(x, need_var=need_var)
+            q_m, q_v = module.posterior(x, need_var=need_var)
         if return_dist:
             return torch.cat([q_m, q_v], dim=1)
         if give_mean:
             return q_m
-        return q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
+        return sample_z(q_m, q_v)
 
     return fn
 
@@ -166,7 +169,7 @@ def latent_representation(
     Parameters
     ----------
     module
-        A :class:`~scvi_fast.module.VAE` (anything with ``encode(x, need_var)`` and
+        A :class:`~scvi_fast.module.VAE` (anything with ``posterior(x, need_var)`` and
         ``n_latent``); moved to ``device`` and put in eval mode.
     batches
         Host minibatches in output order: :class:`~scvi_fast.data.CSRMinibatch` (e.g. from a
@@ -198,7 +201,7 @@ def latent_representation(
     module.to(device).eval()
     n_latent = int(module.n_latent)
     n_cols = 2 * n_latent if return_dist else n_latent
-    sink = (_NpyFile(out, n_cells, n_cols) if out is not None
+    sink = (NpyFile(out, n_cells, n_cols) if out is not None
             else _Arrays(n_cells, n_latent, with_var=return_dist))
     try:
         n = _stream(fn, batches, device, sink, max_pending, progress_bar, n_cells)
@@ -458,44 +461,3 @@ class _Arrays:
 
     def discard(self) -> None:
         pass
-
-
-class _NpyFile:
-    """A float32 ``.npy`` file written block by block, in order, under a temporary name.
-
-    The header goes first and the rows are appended with plain writes (never memory-mapped), so
-    they pass through the page cache without counting towards this process's resident memory.
-    """
-
-    def __init__(self, path: str | os.PathLike, n_rows: int, n_cols: int):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.n_rows, self.n_cols = int(n_rows), int(n_cols)
-        self.rows = 0
-        self.fh = open(self.tmp, "wb")  # closed in finish or discard
-        try:
-            np.lib.format.write_array_header_1_0(self.fh, {
-                "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                "fortran_order": False, "shape": (self.n_rows, self.n_cols)})
-        except BaseException:
-            self.discard()
-            raise
-
-    def write(self, pos: int, block: np.ndarray) -> None:
-        if pos != self.rows or block.shape[1:] != (self.n_cols,):
-            raise RuntimeError(f"block of shape {block.shape} at row {pos}; expected row "
-                               f"{self.rows} and {self.n_cols} columns")
-        self.fh.write(np.ascontiguousarray(block, dtype=np.float32).data)
-        self.rows += block.shape[0]
-
-    def finish(self) -> np.ndarray:
-        self.fh.close()
-        if self.rows != self.n_rows:
-            raise RuntimeError(f"{self.rows} rows written to {self.tmp}; {self.n_rows} expected")
-        os.replace(self.tmp, self.path)
-        return np.load(self.path, mmap_mode="r")
-
-    def discard(self) -> None:
-        self.fh.close()
-        self.tmp.unlink(missing_ok=True)

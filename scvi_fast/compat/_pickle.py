@@ -12,7 +12,9 @@ global the pickle names is looked up in :data:`ALLOWED_GLOBALS` and anything
 else stops the load before it is resolved, let alone called.
 
 The allow-list is what scvi-tools 1.x writes (checked on 1.4.2 checkpoints),
-with the module paths of older numpy (``numpy.core``) and pandas releases.
+with the module paths of older numpy (``numpy.core``) and pandas releases, and the
+top-level names pandas 3 writes (``pandas.DataFrame``), with its string arrays (plain or,
+with pyarrow installed, pyarrow-backed).
 Each entry is a data constructor: none of them reads or writes files, imports
 modules or evaluates code.
 """
@@ -44,11 +46,106 @@ def _latin1_encode(obj, encoding="latin1", errors="strict"):
     return obj.encode("latin1", errors)
 
 
+def _unpickle_ndarray_backed(cls, checksum, state):
+    # pandas' Cython reconstructor of array-backed extension arrays (Categorical, StringArray):
+    # it creates ``cls`` without calling its constructor, so only those two classes may pass.
+    import pandas as pd
+    from pandas._libs.arrays import __pyx_unpickle_NDArrayBacked
+    from pandas.arrays import StringArray
+
+    if cls not in (pd.Categorical, StringArray):
+        raise UnsafeCheckpointError(
+            f"__pyx_unpickle_NDArrayBacked is only allowed for Categorical and StringArray (got {cls!r})"
+        )
+    return __pyx_unpickle_NDArrayBacked(cls, checksum, state)
+
+
+def _add_arrow_strings(add) -> None:
+    """pyarrow-backed strings (pandas 3's ``str`` dtype when pyarrow is installed).
+
+    A pyarrow array is rebuilt from its buffers with ``pyarrow.lib._restore_array``, which does
+    not check that the buffers hold what the header claims; every rebuilt array is validated in
+    full here, so a forged length or offset is an error instead of a read past a buffer.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        return
+    from pandas.arrays import ArrowStringArray
+
+    def restore_array(data):
+        import pyarrow.lib as pa_lib
+
+        arr = pa_lib._restore_array(data)
+        arr.validate(full=True)
+        return arr
+
+    def py_buffer(obj):
+        import pyarrow
+
+        if not isinstance(obj, (bytes, bytearray)):
+            raise UnsafeCheckpointError(f"pyarrow.py_buffer is only allowed on bytes (got {type(obj)})")
+        return pyarrow.py_buffer(obj)
+
+    def type_for_alias(name):
+        import pyarrow
+
+        if not isinstance(name, str):
+            raise UnsafeCheckpointError("pyarrow.type_for_alias is only allowed on a str")
+        return pyarrow.type_for_alias(name)
+
+    add("pandas.arrays", "ArrowStringArray", ArrowStringArray)
+    add("pandas.core.arrays.string_arrow", "ArrowStringArray", ArrowStringArray)
+    add("pyarrow.lib", "_restore_array", restore_array)
+    add("pyarrow.lib", "py_buffer", py_buffer)
+    add("pyarrow.lib", "type_for_alias", type_for_alias)
+
+
+def _add_pandas(add) -> None:
+    """pandas DataFrames / Series / Index / Categorical (the training history, setup columns)."""
+    import pandas as pd
+    from pandas._libs import internals as libinternals
+    from pandas.core import internals as core_internals
+    from pandas.core.indexes import base as ibase
+
+    add("pandas.core.frame", "DataFrame", pd.DataFrame)
+    add("pandas.core.series", "Series", pd.Series)
+    for name, obj in (("Index", pd.Index), ("_new_Index", ibase._new_Index)):
+        add("pandas.core.indexes.base", name, obj)
+    add("pandas.core.indexes.range", "RangeIndex", pd.RangeIndex)
+    add("pandas.core.indexes.category", "CategoricalIndex", pd.CategoricalIndex)
+    add("pandas.core.indexes.multi", "MultiIndex", pd.MultiIndex)
+    for old in ("Int64Index", "UInt64Index", "Float64Index", "NumericIndex"):
+        add("pandas.core.indexes.numeric", old, pd.Index)  # removed in pandas 2
+    add("pandas.core.arrays.categorical", "Categorical", pd.Categorical)
+    add("pandas.core.dtypes.dtypes", "CategoricalDtype", pd.CategoricalDtype)
+    # pandas 3 pickles its public classes under their top-level names (``pandas.DataFrame``)
+    for name in ("DataFrame", "Series", "Index", "RangeIndex", "CategoricalIndex", "MultiIndex",
+                 "Categorical", "CategoricalDtype", "StringDtype", "NA"):
+        add("pandas", name, getattr(pd, name))
+    # string columns and labels: pandas 3's default ``str`` dtype, or pandas 2's ``"string"``
+    from pandas.arrays import StringArray
+
+    add("pandas.arrays", "StringArray", StringArray)
+    add("pandas.core.arrays.string_", "StringArray", StringArray)
+    add("pandas.core.arrays.string_", "StringDtype", pd.StringDtype)
+    add("pandas._libs.missing", "NA", pd.NA)
+    add("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked", _unpickle_ndarray_backed)
+    _add_arrow_strings(add)
+    add("pandas._libs.internals", "_unpickle_block", libinternals._unpickle_block)
+    for mod in ("pandas.core.internals.managers", "pandas.core.internals"):
+        add(mod, "BlockManager", core_internals.BlockManager)
+        add(mod, "SingleBlockManager", core_internals.SingleBlockManager)
+    for name in ("new_block", "ObjectBlock", "NumpyBlock"):
+        obj = getattr(__import__("pandas.core.internals.blocks", fromlist=[name]), name, None)
+        if obj is not None:
+            add("pandas.core.internals.blocks", name, obj)
+
+
 def _build_allow_list() -> dict[tuple[str, str], object]:
     import builtins
 
     import numpy as np
-    import pandas as pd
 
     allowed: dict[tuple[str, str], object] = {}
 
@@ -77,30 +174,7 @@ def _build_allow_list() -> dict[tuple[str, str], object]:
         if dt is not None:
             add("numpy.dtypes", name, dt)
 
-    # pandas DataFrames / Series / Index (the training history, setup columns)
-    from pandas._libs import internals as libinternals
-    from pandas.core import internals as core_internals
-    from pandas.core.indexes import base as ibase
-
-    add("pandas.core.frame", "DataFrame", pd.DataFrame)
-    add("pandas.core.series", "Series", pd.Series)
-    for name, obj in (("Index", pd.Index), ("_new_Index", ibase._new_Index)):
-        add("pandas.core.indexes.base", name, obj)
-    add("pandas.core.indexes.range", "RangeIndex", pd.RangeIndex)
-    add("pandas.core.indexes.category", "CategoricalIndex", pd.CategoricalIndex)
-    add("pandas.core.indexes.multi", "MultiIndex", pd.MultiIndex)
-    for old in ("Int64Index", "UInt64Index", "Float64Index", "NumericIndex"):
-        add("pandas.core.indexes.numeric", old, pd.Index)  # removed in pandas 2
-    add("pandas.core.arrays.categorical", "Categorical", pd.Categorical)
-    add("pandas.core.dtypes.dtypes", "CategoricalDtype", pd.CategoricalDtype)
-    add("pandas._libs.internals", "_unpickle_block", libinternals._unpickle_block)
-    for mod in ("pandas.core.internals.managers", "pandas.core.internals"):
-        add(mod, "BlockManager", core_internals.BlockManager)
-        add(mod, "SingleBlockManager", core_internals.SingleBlockManager)
-    for name in ("new_block", "ObjectBlock", "NumpyBlock"):
-        obj = getattr(__import__("pandas.core.internals.blocks", fromlist=[name]), name, None)
-        if obj is not None:
-            add("pandas.core.internals.blocks", name, obj)
+    _add_pandas(add)
 
     # torch tensors (storages are resolved by torch.load itself)
     import torch._utils as tu

@@ -6,6 +6,11 @@
 batch and labels). Reading goes through the restricted unpickler
 (:mod:`scvi_fast.compat._pickle`); writing produces what scvi-tools 1.4.2 itself
 writes, so that ``scvi.model.SCVI.load(folder, adata)`` opens it.
+
+Compat builds no model: reading returns the parts ``SCVI._from_parts`` takes, and writing
+reads only the model's public surface (``registry``, ``passthrough``,
+``scvi_tools_mappings``, ``init_params_``, ``history``, ``is_trained``, ``train_indices``,
+``validation_indices``, ``adata``, ``module``).
 """
 
 from __future__ import annotations
@@ -104,12 +109,16 @@ def _mapping(field_registries: dict, field: str) -> list[str]:
 
 
 def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
-    """Read and validate ``dir_path/model.pt``; returns what :class:`SCVI` needs.
+    """Read and validate ``dir_path/model.pt``; returns the parts of an :class:`SCVI`.
 
-    ``{"module_state", "passthrough", "arch", "registry", "attr_dict"}``; raises
-    ``NotImplementedError`` for configurations scvi_fast does not implement and
-    :class:`~scvi_fast.compat.UnsafeCheckpointError` for files that need more
-    than data to unpickle.
+    ``{"config", "state", "registry"}``, as ``SCVI._from_parts`` takes them: ``config`` holds
+    the architecture (``init_params``), ``is_trained``, ``history``, the split's indices and
+    scvi-tools' category mappings; ``state`` the module's tensors (``module.*``) and the
+    scvi-tools tensors scvi_fast never computes with (``passthrough.*``: library encoder,
+    ``px_dropout`` and ``px_r`` decoder heads, written back unchanged on export);
+    ``registry`` a registry dict. Raises ``NotImplementedError`` for configurations
+    scvi_fast does not implement and :class:`~scvi_fast.compat.UnsafeCheckpointError` for
+    files that need more than data to unpickle.
     """
     path = Path(dir_path) / "model.pt"
     ckpt = safe_load_checkpoint(path)
@@ -155,14 +164,21 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
             )
     layer = setup_args.get("layer") or ""
     return {
-        "module_state": module_state,
-        "passthrough": passthrough,
-        "arch": {
-            "n_hidden": arch["n_hidden"], "n_latent": arch["n_latent"],
-            "n_layers": arch["n_layers"], "dropout_rate": float(params["dropout_rate"]),
+        "config": {
+            "init_params": {
+                "n_hidden": arch["n_hidden"], "n_latent": arch["n_latent"],
+                "n_layers": arch["n_layers"], "dropout_rate": float(params["dropout_rate"]),
+            },
+            "is_trained": bool(attr.get("is_trained_", True)),
+            "history": _history_lists(attr.get("history_")),
+            "scvi_tools_mappings": _mappings(fields),
+            **{name: attr[f"{name}_"].astype(np.int64)
+               for name in ("train_indices", "validation_indices")
+               if isinstance(attr.get(f"{name}_"), np.ndarray)},
         },
+        "state": {**{f"module.{k}": v for k, v in module_state.items()},
+                  **{f"passthrough.{k}": v for k, v in passthrough.items()}},
         "registry": {
-            "source": "scvi-tools",
             "batch_key": setup_args.get("batch_key") or "",
             "labels_key": setup_args.get("labels_key") or "",
             "layer": layer,
@@ -170,7 +186,16 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
             "labels_categories": labels_cats,
             "var_names": var_names,
         },
-        "attr_dict": attr,
+    }
+
+
+def _mappings(fields: dict) -> dict[str, np.ndarray]:
+    """scvi-tools' own category mappings (e.g. integers), which it matches by value: kept so
+    that an export writes them back as they were."""
+    return {
+        f: np.asarray(fields[f]["state_registry"]["categorical_mapping"])
+        for f in ("batch", "labels")
+        if "categorical_mapping" in fields.get(f, {}).get("state_registry", {})
     }
 
 
@@ -187,36 +212,8 @@ def _history_lists(history) -> dict[str, list[float]]:
     return out
 
 
-def load_scvi_tools(cls, dir_path: str | os.PathLike, impl: str | None = None):
-    """An instance of ``cls`` (:class:`scvi_fast.SCVI`) holding an scvi-tools model's weights.
-
-    Tensors scvi_fast never computes with (library encoder, ``px_dropout`` and
-    ``px_r`` decoder heads) are kept in ``model._passthrough`` and written back by
-    :func:`save_scvi_tools` unchanged.
-    """
-    got = read_scvi_tools_folder(dir_path)
-    model = cls(None, impl=impl or "auto", _registry=got["registry"], **got["arch"])
-    model.module.load_state_dict(got["module_state"])
-    model._passthrough = dict(got["passthrough"])
-    attr = got["attr_dict"]
-    fields = attr.get("registry_", {}).get("field_registries", {})
-    # scvi-tools matches categories by value: keep the original (e.g. integer) mappings for export
-    model._scvi_tools_mappings = {
-        f: np.asarray(fields[f]["state_registry"]["categorical_mapping"])
-        for f in ("batch", "labels")
-        if "categorical_mapping" in fields.get(f, {}).get("state_registry", {})
-    }
-    model.is_trained_ = bool(attr.get("is_trained_", True))
-    model.history_ = _history_lists(attr.get("history_"))
-    for name in ("train_indices", "validation_indices"):
-        val = attr.get(f"{name}_")
-        if isinstance(val, np.ndarray):
-            setattr(model, name, val.astype(np.int64))
-    return model
-
-
 # ------------------------------------------------------------------ writing --
-def _categorical_field(key: str, categories: list[str], default_key: str, count_name: str,
+def _categorical_field(key: str | None, categories, default_key: str, count_name: str,
                        original_mapping: np.ndarray | None = None) -> dict:
     if key:
         mapping = np.asarray(list(categories), dtype=object)
@@ -236,19 +233,19 @@ def _categorical_field(key: str, categories: list[str], default_key: str, count_
 def scvi_tools_registry(model, n_obs: int) -> dict:
     """The ``registry_`` scvi-tools 1.4.2 writes for ``SCVI.setup_anndata`` with this model's setup."""
     reg = model.registry
-    var_names = np.asarray(list(reg["var_names"]), dtype=object)
+    var_names = np.asarray(list(reg.var_names), dtype=object)
     n_vars = len(var_names)
-    layer = reg.get("layer") or None
+    layer = reg.layer
     fields = defaultdict(dict)
     fields["X"] = {
         "data_registry": {"attr_name": "layers" if layer else "X", "attr_key": layer},
         "state_registry": {"n_obs": int(n_obs), "n_vars": n_vars, "column_names": var_names},
         "summary_stats": {"n_vars": n_vars, "n_cells": int(n_obs)},
     }
-    original = getattr(model, "_scvi_tools_mappings", {})
-    fields["batch"] = _categorical_field(reg["batch_key"], reg["batch_categories"], "_scvi_batch", "n_batch",
-                                         original.get("batch"))
-    fields["labels"] = _categorical_field(reg["labels_key"], reg["labels_categories"], "_scvi_labels",
+    original = model.scvi_tools_mappings
+    fields["batch"] = _categorical_field(reg.batch_key, reg.batch_categories, "_scvi_batch",
+                                         "n_batch", original.get("batch"))
+    fields["labels"] = _categorical_field(reg.labels_key, reg.labels_categories, "_scvi_labels",
                                           "n_labels", original.get("labels"))
     fields["size_factor"] = {"data_registry": {}, "state_registry": {}, "summary_stats": {}}
     fields["extra_categorical_covs"] = {
@@ -262,8 +259,8 @@ def scvi_tools_registry(model, n_obs: int) -> dict:
         "model_name": "SCVI",
         "setup_args": {
             "layer": layer,
-            "batch_key": reg["batch_key"] or None,
-            "labels_key": reg["labels_key"] or None,
+            "batch_key": reg.batch_key,
+            "labels_key": reg.labels_key,
             "size_factor_key": None,
             "categorical_covariate_keys": None,
             "continuous_covariate_keys": None,
@@ -290,7 +287,7 @@ def scvi_tools_state(model) -> dict[str, torch.Tensor]:
     vae = model.module
     module_state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
     heads = unused_scvi_tools_heads(vae.n_input, vae.n_hidden, vae.n_layers, vae.n_batch)
-    passthrough = {k: v.detach().cpu() for k, v in (model._passthrough or {}).items()}
+    passthrough = {k: v.detach().cpu() for k, v in model.passthrough.items()}
     for k, v in heads.items():
         if k not in passthrough:
             passthrough[k] = v
@@ -320,7 +317,7 @@ def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
     n_obs = 0
     if model.adata is not None:
         n_obs = int(getattr(model.adata, "n_obs", 0) or getattr(model.adata, "n_cells", 0) or 0)
-    history = {k: v for k, v in model.history.items()} if model.history_ else None
+    history = dict(model.history) or None
     attr_dict = {
         "get_normalized_function_name_": "get_normalized_expression",
         "history_": history,
@@ -337,7 +334,7 @@ def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
                 "latent_distribution": "normal",
             },
         },
-        "is_trained_": bool(model.is_trained_),
+        "is_trained_": bool(model.is_trained),
         "registry_": scvi_tools_registry(model, n_obs),
         "test_indices_": np.array([], dtype=np.int64),
         "train_indices_": None if model.train_indices is None else np.asarray(model.train_indices),
@@ -347,7 +344,7 @@ def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
     }
     out = {
         "model_state_dict": state,
-        "var_names": np.asarray(list(model.registry["var_names"]), dtype=object),
+        "var_names": np.asarray(list(model.registry.var_names), dtype=object),
         "attr_dict": attr_dict,
     }
     path = folder / "model.pt"

@@ -5,7 +5,7 @@ nothing of scvi_fast above it, and torch only when a minibatch is handed to it. 
 module imports only from those listed before it: ``_csr`` and ``_categories`` (the one
 category coder); ``_source`` (the base classes); ``_readers`` and ``_store`` (the store
 format); ``_open`` (``as_source``); ``_counts``; ``_convert`` (``StoreWriter`` and
-``CSRStore.create``); ``_hvg``, ``_loader`` and ``_synthetic``.
+``CSRStore.create``); ``_hvg``, ``_sampler``, ``_loader`` and ``_synthetic``.
 """
 
 from ._categories import categorize, codes_for
@@ -14,7 +14,8 @@ from ._counts import CountChecker, check_counts
 from ._csr import gather_rows, row_offsets
 from ._h5ad import write_h5ad
 from ._hvg import highly_variable_genes
-from ._loader import BlockShuffleSampler, BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
+from ._loader import BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
+from ._sampler import BlockShuffleSampler, shard_range
 from ._open import as_source
 from ._readers import read_10x_h5_source, read_mtx_source, soma_source
 from ._source import ArraySource, ChunkSource, H5CSRSource, Source
@@ -44,6 +45,7 @@ __all__ = [
     "read_10x_h5_source",
     "read_mtx_source",
     "row_offsets",
+    "shard_range",
     "soma_source",
     "synthetic_anndata",
     "write_h5ad",

@@ -19,7 +19,6 @@ non-zeros; per-cell metadata (row pointers, covariate codes) costs 24 bytes per 
 
 from __future__ import annotations
 
-import math
 import mmap
 import queue
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 
 from ._csr import gather_rows, row_offsets
 from ._open import as_source
+from ._sampler import BlockShuffleSampler
 from ._source import Source
 
 
@@ -150,112 +150,6 @@ class TorchMinibatch:
         out = torch.zeros(n, self.n_genes, dtype=self.values.dtype, device=self.values.device)
         out[rows, self.indices.long()] = self.values
         return out
-
-
-class BlockShuffleSampler:
-    """Which rows go into which buffer and minibatch, per epoch and rank.
-
-    Parameters
-    ----------
-    n_rows
-        Number of source rows (used when ``indices`` is None).
-    batch_size
-        Cells per minibatch.
-    indices
-        Source rows to draw from. With ``shuffle`` they are sorted first, so that blocks are
-        contiguous runs of rows; without, rows come in this order.
-    shuffle
-        Shuffle blocks and rows within buffers; otherwise rows come in ``indices`` order.
-    seed
-        The epoch's order is drawn from ``np.random.default_rng(seed + epoch)``.
-    block_size
-        Rows per contiguous block.
-    buffer_size
-        Rows per shuffle buffer (rounded up to a multiple of ``batch_size``).
-    drop_last
-        Drop each rank's last incomplete minibatch.
-    rank, world_size
-        Shard every epoch across ranks: the shuffled stream (identical on every rank) is
-        padded by wrapping around to a multiple of ``world_size`` (unless ``drop_last``, which
-        trims instead) and each rank takes its contiguous share, so every rank gets the same
-        number of cells and minibatches.
-    """
-
-    def __init__(self, n_rows: int, batch_size: int = 1024, indices=None, shuffle: bool = True,
-                 seed: int = 0, block_size: int = 32, buffer_size: int = 16384,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
-        if batch_size < 1 or block_size < 1:
-            raise ValueError("batch_size and block_size must be positive")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside [0, {world_size})")
-        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
-        if shuffle and self.indices is not None:
-            # the order of a shuffled subset is irrelevant; sorted, its blocks are contiguous
-            # runs of rows on disk (a random train split would otherwise read row by row)
-            self.indices = np.sort(self.indices)
-        if self.indices is not None and self.indices.size and (
-                self.indices.min() < 0 or self.indices.max() >= n_rows):
-            raise IndexError(f"indices must lie in [0, {n_rows})")
-        self.n = int(n_rows if self.indices is None else self.indices.size)
-        self.batch_size = int(batch_size)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.block_size = int(block_size)
-        self.buffer_size = int(math.ceil(max(buffer_size, batch_size) / batch_size) * batch_size)
-        self.drop_last = drop_last
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    @property
-    def n_rank_rows(self) -> int:
-        """Cells this rank sees per epoch (before dropping an incomplete last batch)."""
-        if self.world_size == 1:
-            return self.n
-        if self.drop_last:
-            return self.n // self.world_size
-        return math.ceil(self.n / self.world_size)
-
-    def __len__(self) -> int:
-        m = self.n_rank_rows
-        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
-
-    def _block_stream(self, rng):
-        """Block order and cumulative lengths of the epoch's stream."""
-        nb = math.ceil(self.n / self.block_size) if self.n else 0
-        order = rng.permutation(nb) if self.shuffle else np.arange(nb)
-        lens = np.minimum(self.block_size, self.n - order * self.block_size)
-        return order, np.cumsum(lens), lens
-
-    def _positions(self, a: int, b: int, order, cum, lens) -> np.ndarray:
-        """Positions (into ``indices``) of stream entries ``a..b``, wrapping past the end."""
-        p = np.arange(a, b, dtype=np.int64) % self.n
-        if not self.shuffle:
-            return p
-        blk = np.searchsorted(cum, p, side="right")
-        return order[blk] * self.block_size + (p - (cum[blk] - lens[blk]))
-
-    def buffers(self):
-        """Yield ``(rows, perm)`` per buffer: the rows to stage (in read order) and the
-        permutation of staged positions that gives the emission order."""
-        rng = np.random.default_rng(self.seed + self.epoch)
-        order, cum, lens = self._block_stream(rng)
-        m = self.n_rank_rows
-        lo = self.rank * m
-        n_take = len(self) * self.batch_size if self.drop_last else m
-        for a in range(0, n_take, self.buffer_size):
-            b = min(a + self.buffer_size, n_take)
-            pos = self._positions(lo + a, lo + b, order, cum, lens)
-            rows = pos if self.indices is None else self.indices[pos]
-            if self.shuffle:
-                rows = np.sort(rows)  # sequential reads; mixing comes from the permutation
-                perm = rng.permutation(rows.size)
-            else:
-                perm = np.arange(rows.size, dtype=np.int64)
-            yield rows, perm
 
 
 def _alloc(n: int, dtype) -> np.ndarray:
@@ -426,10 +320,6 @@ class BufferFetcher:
         """Read buffer ``rows``; yield its minibatches with rows in ``perm`` order."""
         for group in self.emit(self.stage(rows, perm, slot)):
             yield from group
-
-    def fetch(self, rows: np.ndarray, perm: np.ndarray) -> list[CSRMinibatch]:
-        """All minibatches of one buffer."""
-        return list(self.iter_batches(rows, perm))
 
 
 def _put(q: queue.Queue, item, stop: threading.Event) -> bool:

@@ -1,11 +1,12 @@
 """scVI's VAE (scvi-tools ``scvi.module.VAE`` with ``gene_likelihood="nb"``).
 
-Inference: ``log1p`` counts -> encoder -> ``q_m``, ``q_v = exp(raw) + 1e-4`` -> ``z``;
+Inference: ``log1p`` counts -> encoder -> ``q_m``, ``q_v = exp(raw) + VAR_EPS`` -> ``z``;
 the library is the observed ``log(sum_g x_g)``. Generative: ``[z, batch]`` ->
 decoder with the batch injected into every layer -> softmax logits and
-``theta = exp(px_r)``. Loss: per-cell ``-log NB(x | exp(l) softmax, theta)`` and
-analytic KL. The ``px_dropout`` head and the library encoder of scvi-tools are
-never computed (NB does not read them); their weights live in checkpoints only.
+``theta = exp(px_r)``. Loss: per-cell ``-log NB(x | exp(l) softmax, theta)`` and analytic
+KL, with the output layer fused into the likelihood (one route: :meth:`VAE.loss`). The
+``px_dropout`` head and the library encoder of scvi-tools are never computed (NB does not
+read them); their weights live in checkpoints only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,40 @@ from torch import nn
 
 from scvi_fast import functional as F_ops
 from scvi_fast.module._layers import CovariateLinear, DenseBlock, OutputLinear, SparseInputLinear
+from scvi_fast.reference import VAR_EPS
+
+
+def fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` in float32 when autocast made it a 16-bit float (bf16 GEMMs); else as it is.
+
+    Sampling, the KL, the softmax and the likelihood always run in float32 or better.
+    """
+    if t is not None and t.dtype in (torch.bfloat16, torch.float16):
+        return t.float()
+    return t
+
+
+def posterior_variance(raw: torch.Tensor) -> torch.Tensor:
+    """``q_v = exp(raw) + VAR_EPS``: the encoder's variance head made a variance."""
+    return torch.exp(raw) + VAR_EPS
+
+
+def sample_z(q_m: torch.Tensor, q_v: torch.Tensor, n: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """``z = q_m + sqrt(q_v) * eps`` with ``eps ~ N(0, I)`` drawn from ``generator``.
+
+    Parameters
+    ----------
+    q_m, q_v
+        Posterior means and variances, ``(B, Z)`` (from :meth:`VAE.posterior`).
+    n
+        Samples per cell: None gives ``(B, Z)``, an integer ``(n, B, Z)``.
+    generator
+        torch generator of the noise (None: torch's global generator).
+    """
+    shape = q_m.shape if n is None else (n, *q_m.shape)
+    eps = torch.randn(shape, dtype=q_m.dtype, device=q_m.device, generator=generator)
+    return q_m + torch.sqrt(q_v) * eps
 
 
 def kl_weight(
@@ -158,101 +193,94 @@ class VAE(nn.Module):
         return batch.reshape(-1).to(device=device, dtype=torch.int64)
 
     # ---- inference -------------------------------------------------------------
-    def encode(self, x, need_var: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Posterior mean and variance ``(q_m, q_v)`` only: the encoder, no sampling, no KL.
+    def _encode(self, x, need_var: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(q_m, raw)``: the encoder's heads, in float32 when autocast ran them in 16 bits."""
+        q_m, raw = self.encoder(x, need_var)
+        return fp32(q_m), fp32(raw)
 
-        With ``need_var=False`` the variance head is skipped and ``q_v`` is None.
+    def posterior(self, x, need_var: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Posterior mean and variance ``(q_m, q_v)`` of ``z``: the encoder only, no sampling.
+
+        ``q_v = exp(raw) + VAR_EPS``. With ``need_var=False`` the variance head is skipped and
+        ``q_v`` is None. Sample from it with :func:`sample_z`.
         """
-        q_m, q_v_raw = self.encoder(x, need_var)
-        return q_m.float(), (torch.exp(q_v_raw.float()) + 1e-4 if need_var else None)
+        q_m, raw = self._encode(x, need_var)
+        return q_m, (posterior_variance(raw) if need_var else None)
 
     def inference(self, x, n_samples: int = 1, give_mean: bool = False, eps_noise=None) -> dict:
         """Encode a CSR minibatch.
 
         ``x`` has ``indptr``, ``indices``, ``values`` and ``library`` (total counts).
         Returns ``q_m``, ``q_v``, ``z`` (``(B, Z)``, or ``(n_samples, B, Z)``),
-        ``kl`` (per cell) and ``library`` (``(B,)`` log library).
+        ``kl`` (per cell) and ``library`` (``(B,)`` log library). One sample (training) goes
+        through the fused reparameterisation + KL op; ``eps_noise`` fixes its noise.
         """
-        q_m, q_v_raw = self.encoder(x)
-        # Under bf16 autocast the GEMMs run in bf16; sampling and KL stay in fp32.
-        q_m, q_v_raw = q_m.float() if q_m.dtype == torch.bfloat16 else q_m, (
-            q_v_raw.float() if q_v_raw.dtype == torch.bfloat16 else q_v_raw
-        )
+        q_m, raw = self._encode(x)
         library = torch.log(x.library.to(q_m.dtype).reshape(-1))
-        if give_mean:
-            z, kl = F_ops.reparam_kl(q_m, q_v_raw, torch.zeros_like(q_m), impl=self.impl)
-        else:
-            shape = (n_samples, *q_m.shape) if n_samples > 1 else q_m.shape
-            if eps_noise is None:
-                eps_noise = torch.randn(shape, dtype=q_m.dtype, device=q_m.device)
-            if n_samples > 1:
-                z = q_m + torch.sqrt(torch.exp(q_v_raw) + 1e-4) * eps_noise
-                _, kl = F_ops.reparam_kl(q_m, q_v_raw, torch.zeros_like(q_m), impl=self.impl)
+        q_v = posterior_variance(raw)
+        if give_mean or n_samples > 1:
+            _, kl = F_ops.reparam_kl(q_m, raw, torch.zeros_like(q_m), impl=self.impl)
+            if give_mean:
+                z = q_m
+            elif eps_noise is None:
+                z = sample_z(q_m, q_v, n_samples)
             else:
-                z, kl = F_ops.reparam_kl(q_m, q_v_raw, eps_noise, impl=self.impl)
-        q_v = torch.exp(q_v_raw) + 1e-4
+                z = q_m + torch.sqrt(q_v) * eps_noise
+        else:
+            if eps_noise is None:
+                eps_noise = torch.randn_like(q_m)
+            z, kl = F_ops.reparam_kl(q_m, raw, eps_noise, impl=self.impl)
         return {"q_m": q_m, "q_v": q_v, "z": z, "kl": kl, "library": library}
 
     # ---- generative ------------------------------------------------------------
-    def generative(self, z: torch.Tensor, batch: torch.Tensor | None) -> dict:
-        """Decode ``z`` (``(B, Z)`` or ``(S, B, Z)``) to softmax logits and ``px_r``."""
+    def generative(self, z: torch.Tensor, batch: torch.Tensor | None, logits: bool = False) -> dict:
+        """Decode ``z`` (``(B, Z)`` or ``(S, B, Z)``): the last hidden layer and ``px_r``.
+
+        ``"hidden"`` is the input of the output layer; with ``logits=True`` the dict also holds
+        ``"logits"``, the output layer applied to it (``B x G``: what analysis needs; the loss
+        never forms it, see :meth:`loss`).
+        """
         lead = z.shape[:-1]
         z2 = z.reshape(-1, z.shape[-1])
         codes = self._batch_codes(batch, z2.shape[0], z.device)
         if codes is not None and codes.numel() != z2.shape[0]:
             codes = codes.repeat(z2.shape[0] // codes.numel())
-        logits = self.decoder(z2, codes)
-        return {"logits": logits.reshape(*lead, -1), "px_r": self.px_r}
+        h = self.decoder.hidden(z2, codes)
+        out = {"hidden": h.reshape(*lead, -1), "px_r": self.px_r}
+        if logits:
+            out["logits"] = self.decoder.scale(h).reshape(*lead, -1)
+        return out
 
     # ---- loss --------------------------------------------------------------------
     def loss(self, x, inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0):
-        """Per-cell reconstruction loss and KL, and the KL-weighted mean to minimise."""
-        # bf16 logits: the likelihood op evaluates them in fp32 (Triton reads them as they are)
-        logits = generative_outputs["logits"]
-        rec = -F_ops.nb_softmax_loglik(
-            logits,
-            inference_outputs["library"],
-            generative_outputs["px_r"],
-            x,
-            impl=self.impl,
+        """Per-cell reconstruction loss and KL, and the KL-weighted mean to minimise.
+
+        The decoder's output layer and the NB likelihood run as one op
+        (:func:`scvi_fast.functional.nb_softmax_loglik_linear`) from ``"hidden"``, so the
+        ``B x G`` logits are never materialised here (the native back-end keeps them in reused
+        buffers; bf16 logits are evaluated in fp32).
+        """
+        scale = self.decoder.scale
+        rec = -F_ops.nb_softmax_loglik_linear(
+            generative_outputs["hidden"], scale.weight, scale.bias, inference_outputs["library"],
+            generative_outputs["px_r"], x, impl=self.impl,
         )
         kl = inference_outputs["kl"]
         return LossOutput(loss=(rec + kl_weight * kl).mean(), reconstruction_loss=rec, kl_local=kl)
 
     def forward(self, x, kl_weight: float = 1.0, eps_noise=None):
-        """Inference, decoder and loss of a CSR minibatch: ``(inference, generative, loss)``.
-
-        The decoder's output layer and the likelihood run as one op
-        (:func:`scvi_fast.functional.nb_softmax_loglik_linear`), so the generative dict holds
-        the last hidden layer (``"hidden"``) and ``px_r``, not the ``B x G`` logits; use
-        :meth:`generative` for those. The loss is the same as
-        ``loss(x, inf, generative(z, batch))``.
-        """
+        """Inference, decoder and loss of a CSR minibatch: ``(inference, generative, loss)``,
+        the same as ``loss(x, inf, generative(inf["z"], x.batch))``."""
         inf = self.inference(x, eps_noise=eps_noise)
-        z = inf["z"]
-        codes = self._batch_codes(x.batch, z.shape[0], z.device)
-        h = self.decoder.hidden(z, codes)
-        scale = self.decoder.scale
-        rec = -F_ops.nb_softmax_loglik_linear(
-            h, scale.weight, scale.bias, inf["library"], self.px_r, x, impl=self.impl
-        )
-        kl = inf["kl"]
-        out = LossOutput(loss=(rec + kl_weight * kl).mean(), reconstruction_loss=rec, kl_local=kl)
-        return inf, {"hidden": h, "px_r": self.px_r}, out
+        gen = self.generative(inf["z"], x.batch)
+        return inf, gen, self.loss(x, inf, gen, kl_weight)
 
     # ---- derived quantities --------------------------------------------------------
     @staticmethod
     def px_scale(logits: torch.Tensor) -> torch.Tensor:
         """Normalised expression ``rho = softmax(logits)`` (what scvi-tools calls px_scale)."""
-        return torch.softmax(logits, dim=-1)
+        return torch.softmax(fp32(logits), dim=-1)
 
-    def config(self) -> dict:
-        return {
-            "n_input": self.n_input,
-            "n_batch": self.n_batch,
-            "n_labels": self.n_labels,
-            "n_hidden": self.n_hidden,
-            "n_latent": self.n_latent,
-            "n_layers": self.n_layers,
-            "dropout_rate": self.dropout_rate,
-        }
+    def decode_scale(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
+        """``rho = softmax(decoder(z, batch))`` for ``z`` of shape ``(R, Z)`` and codes ``(R,)``."""
+        return self.px_scale(self.generative(z, batch, logits=True)["logits"])

@@ -33,15 +33,12 @@ torch's elastic launcher (the engine behind torchrun), which also restarts faile
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -269,68 +266,3 @@ def launch(fn: Callable, args: tuple = (), nproc: int = 1, max_restarts: int = 0
             f"distributed run failed on local rank {rank} (exit code {failure.exitcode}): "
             f"{msg or 'see the log above'}"
         ) from err
-
-
-def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of ``n`` that ``rank`` handles: contiguous, ``ceil(n / world_size)``
-    each, the last rank short (possibly empty)."""
-    m = math.ceil(n / world_size) if n else 0
-    lo = min(rank * m, n)
-    return lo, min(lo + m, n)
-
-
-def map_rows(fn: Callable, make_loader: Callable, rows: np.ndarray, n_cols: int,
-             device: torch.device, ctx: DistContext | None = None,
-             out: str | os.PathLike | None = None) -> np.ndarray:
-    """``fn`` over every row of ``rows``, split across ranks; one ``(len(rows), n_cols)`` array.
-
-    Rank ``r`` handles the contiguous rows :func:`shard_range` gives it, iterating
-    ``make_loader(rows[lo:hi])`` and calling ``fn(minibatch on device) -> (B, n_cols)``.
-
-    With ``out`` (a ``.npy`` path, on a filesystem every rank sees), rank 0 creates the file
-    under a temporary name, every rank writes its row range in place minibatch by minibatch
-    (memory bounded by one minibatch), and rank 0 renames it once all are done, so a killed
-    job never leaves a partial ``out``; the result is returned as a read-only memmap. Without
-    ``out`` the ranks' blocks are gathered and every rank returns the whole array.
-    Collective under a job: every rank must call it.
-    """
-    rank, ws = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    n = int(rows.shape[0])
-    lo, hi = shard_range(n, rank, ws)
-
-    def blocks():
-        if hi > lo:
-            for mb in make_loader(rows[lo:hi]):
-                yield fn(mb.to(device, non_blocking=True)).float().cpu().numpy()
-
-    if out is None:
-        mine = [b for b in blocks()]
-        mine = np.concatenate(mine) if mine else np.zeros((0, n_cols), np.float32)
-        if ctx is None:
-            return mine
-        return np.concatenate(ctx.all_gather_object(mine))
-    out = Path(out)
-    if out.suffix != ".npy":
-        raise ValueError(f"out must be a .npy file; got {out}")
-    tmp = out.with_name(f".{out.name}.partial.npy")
-    if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, n_cols)).flush()
-    if ctx is not None:
-        ctx.barrier()
-    mm = np.lib.format.open_memmap(tmp, mode="r+")
-    pos = lo
-    for b in blocks():
-        mm[pos : pos + b.shape[0]] = b
-        pos += b.shape[0]
-    if pos != hi:
-        raise RuntimeError(f"rank {rank} produced {pos - lo} rows for its range [{lo}, {hi})")
-    mm.flush()
-    del mm
-    if ctx is not None:
-        ctx.barrier()
-    if rank == 0:
-        os.replace(tmp, out)
-    if ctx is not None:
-        ctx.barrier()
-    return np.load(out, mmap_mode="r")

@@ -115,6 +115,15 @@ def test_comparisons_follow_scvi_tools():
         comparisons(obs, 5, idx1=np.ones(4, dtype=bool))
 
 
+def test_default_groups_are_the_categories_cells_have():
+    """A categorical column's unused categories are no group (they used to be, and failed as
+    "not a value"); the groups keep the category order."""
+    obs = pd.DataFrame({"g": pd.Categorical(["b", "a", "b"], categories=["b", "none", "a"])})
+    assert [c[0] for c in comparisons(obs, 3, groupby="g")] == ["b", "a"]
+    with pytest.raises(ValueError, match="single group"):
+        comparisons(obs.iloc[[0, 2]], 2, groupby="g")
+
+
 def test_raw_counts_properties_against_dense():
     rng = np.random.default_rng(0)
     X = rng.poisson(0.7, size=(9, 6)).astype(np.float32)

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 import scvi_fast
-from scvi_fast.analysis import decode_scale, normalized_expression
+from scvi_fast.analysis import normalized_expression
 from tests.helpers import shared_file
 
 ISG = ["ISG15", "IFI6", "IFIT1", "IFIT3", "MX1", "ISG20"]
@@ -128,8 +128,8 @@ def test_transform_batch_changes_only_the_decoding(kang):
     # in two batches it differs
     z = torch.as_tensor(lat_before[:1]).repeat(2, 1)
     with torch.inference_mode():
-        same = decode_scale(module, z, torch.tensor([0, 0]))
-        diff = decode_scale(module, z, torch.tensor([0, 1]))
+        same = module.decode_scale(z, torch.tensor([0, 0]))
+        diff = module.decode_scale(z, torch.tensor([0, 1]))
     # (BLAS may round two identical rows differently in the last bit)
     torch.testing.assert_close(same[0], same[1], rtol=1e-5, atol=1e-9)
     assert ((diff[0] - diff[1]).abs() / diff[0]).max() > 1e-2
@@ -154,8 +154,12 @@ def test_transform_batch_changes_only_the_decoding(kang):
     np.testing.assert_array_equal(a, b)
     # the latent space does not depend on it
     np.testing.assert_array_equal(model.get_latent_representation(), lat_before)
-    with pytest.raises(ValueError, match="not a batch category"):
+    with pytest.raises(ValueError, match="not trained on: \\['no-such-donor'\\]"):
         model.get_normalized_expression(transform_batch="no-such-donor")
+    # batches are named, never positions (an integer is the name it reads as)
+    with pytest.raises(ValueError, match="not trained on: \\['1'\\]"):
+        model.get_normalized_expression(indices=idx, transform_batch=1)
+    np.testing.assert_array_equal(expr(int(cats[1])), e1)
 
 
 def test_normalized_expression_chunking_is_exact(kang):

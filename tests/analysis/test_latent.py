@@ -14,7 +14,7 @@ import torch
 
 import scvi_fast
 from scvi_fast import functional as F_ops
-from scvi_fast.analysis import _latent, default_batch_size, latent_fn, latent_representation
+from scvi_fast.analysis import _latent, _rows, default_batch_size, latent_fn, latent_representation
 from scvi_fast.data import CSRLoader, CSRMinibatch, synthetic_anndata, write_synthetic_store
 
 IMPLS = ["torch"] + (["native"] if F_ops._is_available("native") else [])
@@ -46,7 +46,7 @@ def _plain_loop(model, adata=None, indices=None, give_mean=True, batch_size=None
     with torch.inference_mode():
         for mb in loader:
             x = mb.to(model.device)
-            q_m, q_v = model.module.encode(x, need_var=return_dist or not give_mean)
+            q_m, q_v = model.module.posterior(x, need_var=return_dist or not give_mean)
             z = q_m if give_mean or return_dist else q_m + torch.sqrt(q_v) * torch.randn_like(q_m)
             ms.append(z.cpu().numpy())
             if return_dist:
@@ -241,7 +241,7 @@ def test_pipeline_equals_per_batch_and_bounds_blocks_in_flight(copy_inputs, max_
 def test_writer_error_reaches_the_caller_and_leaves_no_file(adata, tmp_path, monkeypatch):
     model = _model(adata)
     calls = {"n": 0}
-    real = _latent._NpyFile.write
+    real = _rows.NpyFile.write
 
     def failing(self, pos, block):
         calls["n"] += 1
@@ -249,7 +249,7 @@ def test_writer_error_reaches_the_caller_and_leaves_no_file(adata, tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, pos, block)
 
-    monkeypatch.setattr(_latent._NpyFile, "write", failing)
+    monkeypatch.setattr(_rows.NpyFile, "write", failing)
     with pytest.raises(OSError, match="No space left"):
         model.get_latent_representation(out=tmp_path / "z.npy", batch_size=20)
     assert calls["n"] == 3  # the main thread stopped feeding once the writer failed
@@ -269,15 +269,15 @@ def test_unwritable_out_is_a_clear_error(adata, tmp_path):
 def test_an_error_in_the_encoder_stops_the_threads(adata, tmp_path, monkeypatch):
     model = _model(adata)
     n = {"calls": 0}
-    real = model.module.encode
+    real = model.module.posterior
 
-    def encode(x, need_var=True):
+    def posterior(x, need_var=True):
         n["calls"] += 1
         if n["calls"] == 4:
             raise RuntimeError("boom")
         return real(x, need_var)
 
-    monkeypatch.setattr(model.module, "encode", encode)
+    monkeypatch.setattr(model.module, "posterior", posterior)
     with pytest.raises(RuntimeError, match="boom"):
         model.get_latent_representation(out=tmp_path / "z.npy", batch_size=16)
     assert list(tmp_path.iterdir()) == []

@@ -37,7 +37,7 @@ def test_frozen_query_training_changes_only_the_new_batch_rows(two_batches, capl
     rng = np.random.default_rng(0)
     keep = rng.permutation(query.n_vars)[: query.n_vars - 30]
     q = query[:, keep].copy()  # genes shuffled, 30 missing
-    with caplog.at_level(logging.INFO, logger="scvi_fast.compat._query"):
+    with caplog.at_level(logging.INFO, logger="scvi_fast.model._query"):
         scvi_fast.SCVI.prepare_query_anndata(q, ref)
     assert "Found 98.00% reference vars" in caplog.text
     assert list(q.var_names) == list(ref.var_names)

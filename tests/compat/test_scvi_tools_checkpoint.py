@@ -27,6 +27,7 @@ from scvi_fast.compat import (
     unused_scvi_tools_heads,
 )
 from scvi_fast.data import write_h5ad
+from scvi_fast.model import Registry
 from tests.helpers import FIXTURES, load_fixture
 
 MODELS = ["default", "nobatch"]
@@ -87,7 +88,7 @@ def test_loaded_model_matches_scvi_tools_latent(name):
 def test_registry_and_history_read(tmp_path):
     model = scvi_fast.SCVI.load(_folder("default"))
     _, cfg = load_fixture("default")
-    assert model.registry["batch_key"] == "donor"
+    assert model.registry.batch_key == "donor"
     assert model.batch_categories == [str(c) for c in cfg["batch_categories"]]
     assert list(model.var_names) == list(cfg["gene_names"])
     assert model.init_params_["n_hidden"] == cfg["n_hidden"]
@@ -95,14 +96,14 @@ def test_registry_and_history_read(tmp_path):
     assert len(model.history_["elbo_train"]) == 5
     # the library encoder and the px_r / px_dropout heads, carried through unchanged
     heads = unused_scvi_tools_heads(1287, 128, 1, 8)
-    assert set(model._passthrough) == set(heads)
+    assert set(model.passthrough) == set(heads)
     nobatch = scvi_fast.SCVI.load(_folder("nobatch"))
-    assert nobatch.registry["batch_key"] == "" and not nobatch.module.has_covariates
+    assert nobatch.registry.batch_key is None and not nobatch.module.has_covariates
 
 
 def test_model_trained_in_scvi_fast_exports_unused_heads(tmp_path):
     model = scvi_fast.SCVI.load(_folder("nobatch"))
-    model._passthrough = {}
+    model.passthrough = {}
     save_scvi_tools(model, tmp_path)
     state = safe_load_checkpoint(tmp_path / "model.pt")["model_state_dict"]
     ref = safe_load_checkpoint(_folder("nobatch") / "model.pt")["model_state_dict"]
@@ -218,11 +219,9 @@ def test_folder_with_saved_anndata(tmp_path):
 def test_census_layout_round_trip(tmp_path):
     """The Census model's layout (2 layers, 7,400 batch categories) at a small width, both ways."""
     cats = [f"donor_{i}" for i in range(7400)]
-    registry = {"source": "anndata", "batch_key": "batch", "labels_key": "", "layer": "",
-                "batch_categories": cats, "labels_categories": ["0"],
-                "var_names": [f"ENSG{i:011d}" for i in range(40)]}
-    torch.manual_seed(0)
-    model = scvi_fast.SCVI(None, n_hidden=16, n_latent=8, n_layers=2, _registry=registry, impl="torch")
+    registry = Registry(var_names=tuple(f"ENSG{i:011d}" for i in range(40)), batch_key="batch",
+                        batch_categories=tuple(cats))
+    model = scvi_fast.SCVI(registry, n_hidden=16, n_latent=8, n_layers=2, impl="torch")
     model.save(tmp_path / "st", format="scvi-tools")
     state = safe_load_checkpoint(tmp_path / "st" / "model.pt")["model_state_dict"]
     for i, n_in in enumerate((8, 16)):
@@ -240,3 +239,36 @@ def test_loads_under_torch_force_weights_only(monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
     model = scvi_fast.SCVI.load(_folder("nobatch"))
     assert model.is_trained and os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] == "1"
+
+
+@pytest.mark.parametrize("integer_ids", [False, True])
+def test_mappings_survive_a_trip_through_the_native_format(tmp_path, integer_ids):
+    """scvi-tools -> scvi_fast (saved natively, loaded again) -> scvi-tools keeps scvi-tools'
+    category mappings as they were: values and dtype (e.g. integer donor ids)."""
+    src = _folder("default")
+    if integer_ids:
+        def edit(ckpt):
+            state = ckpt["attr_dict"]["registry_"]["field_registries"]["batch"]["state_registry"]
+            state["categorical_mapping"] = np.asarray(state["categorical_mapping"]).astype(np.int64)
+
+        _rewrite(src / "model.pt", tmp_path / "src", edit)
+        src = tmp_path / "src"
+    scvi_fast.SCVI.load(src).save(tmp_path / "native")
+    native = scvi_fast.SCVI.load(tmp_path / "native")
+    assert native.batch_categories == [str(c) for c in load_fixture("default")[1]["batch_categories"]]
+    native.save(tmp_path / "back", format="scvi-tools")
+    theirs = safe_load_checkpoint(src / "model.pt")["attr_dict"]["registry_"]["field_registries"]
+    ours = safe_load_checkpoint(tmp_path / "back" / "model.pt")["attr_dict"]["registry_"]["field_registries"]
+    for field in ("batch", "labels"):
+        ma = np.asarray(theirs[field]["state_registry"]["categorical_mapping"])
+        mb = np.asarray(ours[field]["state_registry"]["categorical_mapping"])
+        assert ma.dtype == mb.dtype and ma.tolist() == mb.tolist(), field
+    assert (np.asarray(ours["batch"]["state_registry"]["categorical_mapping"]).dtype
+            == (np.int64 if integer_ids else object))
+    # the pass-through tensors and the trained flag came along too
+    again = safe_load_checkpoint(tmp_path / "back" / "model.pt")
+    ref = safe_load_checkpoint(src / "model.pt")
+    assert again["attr_dict"]["is_trained_"] is True
+    for k, v in ref["model_state_dict"].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, again["model_state_dict"][k]), k

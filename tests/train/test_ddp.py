@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 import scvi_fast
-from scvi_fast.data import CSRStore, synthetic_anndata
+from scvi_fast.data import CSRStore, shard_range, synthetic_anndata
+from scvi_fast.model._training import split
 from scvi_fast.train import _distributed, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -176,22 +177,26 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(store):
 
 # --------------------------------------------------------------- small parts --
 def test_split_gives_every_rank_whole_minibatches(store):
-    model = scvi_fast.SCVI(str(store), **MODEL)
     for n, ws, bs in [(1001, 2, 64), (1000, 4, 62), (999, 3, 128), (11, 2, 4)]:
-        train, val = model._split(n, 0.9, None, bs, seed=0, world_size=ws)
+        train, val = split(n, 0.9, None, bs, seed=0, world_size=ws)
         assert len(train) % ws == 0 and len(train) + len(val) == n
         assert not np.intersect1d(train, val).size
         rest = (len(train) // ws) % bs
         assert rest == 0 or rest >= 3  # BatchNorm never sees a 1- or 2-cell minibatch
-    a, b = model._split(1000, 0.9, None, 64, seed=0), model._split(1000, 0.9, None, 64, seed=0, world_size=1)
+    a, b = split(1000, 0.9, None, 64, seed=0), split(1000, 0.9, None, 64, seed=0, world_size=1)
     np.testing.assert_array_equal(a[0], b[0])
 
 
 def test_shard_range_covers_rows_once():
-    for n, ws in [(10, 3), (2, 4), (0, 2), (400, 2)]:
-        ranges = [_distributed.shard_range(n, r, ws) for r in range(ws)]
+    """The one sharding rule (training, validation, inference): contiguous, in rank order,
+    sizes as ``np.array_split`` (what the validation split always used)."""
+    for n, ws in [(10, 3), (2, 4), (0, 2), (400, 2), (7, 7), (1001, 4)]:
+        ranges = [shard_range(n, r, ws) for r in range(ws)]
         assert ranges[0][0] == 0 and ranges[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert [hi - lo for lo, hi in ranges] == [len(p) for p in np.array_split(np.arange(n), ws)]
+    with pytest.raises(ValueError, match="outside"):
+        shard_range(5, 2, 2)
 
 
 def test_ddp_without_a_launcher_or_devices_is_explained(monkeypatch):
@@ -227,3 +232,27 @@ def test_cli_takes_launcher_options():
     proc = subprocess.run([sys.executable, "-m", "scvi_fast.cli", "train", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--nproc-per-node" in proc.stdout
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_shares_follow_the_sharding_rule(drop_last):
+    """Each rank reads from the start of its :func:`shard_range` share, all ranks the same
+    number of cells: the uneven ones read on into the next share (or, with ``drop_last``,
+    stop short inside their own)."""
+    from scvi_fast.data import BlockShuffleSampler
+
+    n, ws = 10, 3
+    shares = []
+    for r in range(ws):
+        s = BlockShuffleSampler(n, batch_size=2, shuffle=False, block_size=2, rank=r,
+                                world_size=ws, drop_last=drop_last)
+        shares.append(np.concatenate([rows[perm] for rows, perm in s.buffers()]))
+    sizes = {len(x) for x in shares}
+    assert sizes == ({2} if drop_last else {4})
+    for r, x in enumerate(shares):
+        assert x[0] == shard_range(n, r, ws)[0]
+    allrows = np.concatenate(shares)
+    if drop_last:
+        assert np.unique(allrows).size == allrows.size
+    else:
+        assert set(allrows.tolist()) == set(range(n))

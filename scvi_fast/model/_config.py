@@ -1,0 +1,144 @@
+"""Defaults and presets of the architecture and of training: the one place the recipes live.
+
+``MODEL_DEFAULTS`` and ``TRAIN_DEFAULTS`` are scvi-tools' defaults; ``PRESETS`` holds the CZ
+CELLxGENE Census recipe. :func:`architecture` resolves a model's shape and
+:meth:`TrainConfig.resolve` a training run's settings from them, the call and
+``plan_kwargs``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+#: architecture and training defaults of the CZ CELLxGENE Census scVI recipe
+PRESETS: dict[str, dict] = {
+    "census": {
+        "model": {"n_hidden": 512, "n_latent": 50, "n_layers": 2, "dropout_rate": 0.1},
+        "train": {"lr": 1e-4, "batch_size": 1024, "max_epochs": 100, "n_epochs_kl_warmup": 20},
+    },
+}
+#: scvi-tools' defaults, used where neither the call nor a preset says otherwise
+MODEL_DEFAULTS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "dropout_rate": 0.1}
+TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 128, "max_epochs": None, "n_epochs_kl_warmup": 400}
+#: cells per minibatch when a model reads data for inference
+INFERENCE_BATCH_SIZE = 1024
+#: ``plan_kwargs`` scvi-tools' training plan takes that scvi_fast honours
+PLAN_KWARGS = ("lr", "n_epochs_kl_warmup", "weight_decay", "eps", "max_kl_weight",
+               "min_kl_weight")
+
+
+def check_preset(preset: str | None) -> None:
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+
+
+def architecture(preset: str | None = None, **given) -> dict:
+    """``n_hidden``, ``n_latent``, ``n_layers``, ``dropout_rate``: the call's values where
+    given (not None), else the preset's, else scvi-tools' defaults."""
+    check_preset(preset)
+    arch = dict(MODEL_DEFAULTS)
+    if preset:
+        arch.update(PRESETS[preset]["model"])
+    arch.update({k: v for k, v in given.items() if v is not None})
+    return arch
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The resolved settings of one training run (see :meth:`scvi_fast.SCVI.train`, whose
+    signature holds scvi-tools' defaults of everything a preset does not set)."""
+
+    max_epochs: int
+    batch_size: int
+    lr: float
+    n_epochs_kl_warmup: int | None
+    train_size: float
+    validation_size: float | None
+    seed: int
+    weight_decay: float
+    eps: float
+    max_kl_weight: float
+    min_kl_weight: float
+    early_stopping: bool
+    early_stopping_patience: int
+    early_stopping_min_delta: float
+    early_stopping_monitor: str
+    checkpoint_dir: str | os.PathLike | None
+    checkpoint_every_n_steps: int | None
+    resume: bool
+    progress_bar: bool
+    allow_tf32: bool
+    precision: str
+    compile_dense: bool
+    cuda_graph: bool | None
+
+    @classmethod
+    def resolve(cls, preset: str | None, n_cells: int, *, max_epochs=None, batch_size=None,
+                lr=None, n_epochs_kl_warmup=-1, plan_kwargs: dict | None = None,
+                **rest) -> TrainConfig:
+        """Settings from the call, ``plan_kwargs`` (scvi-tools' spelling; it wins over the
+        call, as there), the preset and the defaults.
+
+        ``n_epochs_kl_warmup=-1`` means "not given" (None is a valid value: no warm-up).
+        ``max_epochs`` defaults to scvi-tools' heuristic ``min(round(20000 / n * 400), 400)``
+        unless the preset sets it.
+        """
+        check_preset(preset)
+        defaults = dict(TRAIN_DEFAULTS)
+        if preset:
+            defaults.update(PRESETS[preset]["train"])
+        plan = dict(plan_kwargs or {})
+        unknown = sorted(set(plan) - set(PLAN_KWARGS))
+        if unknown:
+            raise TypeError(f"unsupported plan_kwargs: {unknown}")
+        if n_epochs_kl_warmup == -1:
+            n_epochs_kl_warmup = defaults["n_epochs_kl_warmup"]
+        if max_epochs is None:
+            max_epochs = defaults["max_epochs"] or min(round((20000 / n_cells) * 400), 400)
+        rest.update(max_epochs=int(max_epochs), batch_size=int(batch_size or defaults["batch_size"]),
+                    lr=defaults["lr"] if lr is None else lr, n_epochs_kl_warmup=n_epochs_kl_warmup)
+        rest.update(plan)
+        return cls(**rest)
+
+    def trainer_kwargs(self) -> dict:
+        """The :class:`scvi_fast.train.Trainer` arguments these settings give."""
+        d = asdict(self)
+        for k in ("max_epochs", "batch_size", "train_size", "validation_size", "resume",
+                  "cuda_graph", "eps"):
+            d.pop(k)
+        return d | {"adam_eps": self.eps, "step_mode": step_mode(self.cuda_graph)}
+
+    def summary(self) -> dict:
+        """What a model records of its last run (``train_params_``)."""
+        d = asdict(self)
+        return {k: d[k] for k in ("max_epochs", "batch_size", "lr", "n_epochs_kl_warmup",
+                                  "train_size", "seed")}
+
+
+def step_mode(cuda_graph) -> str:
+    """The trainer's step mode for ``train(cuda_graph=...)``."""
+    modes = {None: "auto", True: "graph", False: "eager"}
+    if not (cuda_graph is None or isinstance(cuda_graph, bool)):
+        raise ValueError(f"cuda_graph must be None, True or False; got {cuda_graph!r}")
+    return modes[cuda_graph]
+
+
+def prefetch_default(device: torch.device) -> bool:
+    """Whether minibatches are gathered on a background thread by default.
+
+    Yes when the model runs on a GPU (the host is otherwise idle during a step) or when the
+    CPU has cores that torch's compute threads leave free. When torch already uses every
+    core, a reader thread only takes cycles from the step (and makes its OpenMP workers
+    wait for each other): on a 2-core machine at the Census preset, training was about 4%
+    faster gathering each minibatch in the main thread (1.4 ms per 1024 cells).
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()

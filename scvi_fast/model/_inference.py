@@ -1,0 +1,169 @@
+"""Inference adapters: what :class:`scvi_fast.SCVI`'s analysis methods do with the model.
+
+Each function resolves the model's data, codes and device and calls :mod:`scvi_fast.analysis`,
+which never sees the model class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from scvi_fast import analysis
+from scvi_fast.model import _data
+from scvi_fast.model._registry import open_data
+from scvi_fast.train import _distributed
+
+
+def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progress_bar,
+           precision):
+    """``get_latent_representation``: one process, or this rank's share of a job."""
+    batch_size = batch_size or analysis.default_batch_size(model.device)
+    source = model._source(adata)
+    ctx = _distributed.active()
+    if ctx is not None:
+        rows = (np.arange(source.n_cells) if indices is None
+                else np.asarray(indices, dtype=np.int64))
+        Z = model.module.n_latent
+        model.module.to(model.device).eval()
+        with torch.inference_mode():
+            res = analysis.map_rows(
+                analysis.latent_fn(model.module, give_mean=give_mean, return_dist=return_dist,
+                                   precision=precision),
+                lambda idx: model._loader(source, indices=idx, batch_size=batch_size), rows,
+                2 * Z if return_dist else Z, model.device, ctx=ctx, out=out,
+            )
+        return (res[:, :Z], res[:, Z:]) if return_dist else res
+    if out is not None and return_dist:
+        raise ValueError("return_dist=True cannot be combined with out=")
+    n = source.n_cells if indices is None else len(indices)
+    batches = analysis.in_order_batches(source, batch_size) if indices is None else None
+    if batches is None:
+        # on a GPU the loader gathers into pinned memory, copied from without staging
+        batches = model._loader(source, indices=indices, batch_size=batch_size,
+                                pin_memory=model.device.type == "cuda")
+    return analysis.latent_representation(
+        model.module, batches, n, model.device, give_mean=give_mean, return_dist=return_dist,
+        out=out, precision=precision, progress_bar=progress_bar,
+    )
+
+
+def _gene_index(var_names: pd.Index, gene_list) -> np.ndarray | None:
+    if gene_list is None:
+        return None
+    missing = [g for g in gene_list if g not in set(var_names)]
+    if missing:
+        raise KeyError(f"genes not in the model: {missing[:10]}")
+    return var_names.get_indexer(list(gene_list))
+
+
+@torch.inference_mode()
+def normalized_expression(model, adata, indices, transform_batch, gene_list, library_size,
+                          n_samples, batch_size, return_mean, return_numpy):
+    """``get_normalized_expression``: a DataFrame (cells x genes) or a numpy array."""
+    if n_samples > 1 and not return_mean:
+        return_numpy = True
+    gene_idx = _gene_index(model.var_names, gene_list)
+    result, obs_idx = analysis.normalized_expression(
+        model.module, model._iter(adata, indices, batch_size), model._n_rows(adata, indices),
+        transform_codes=transform_codes(model.registry, transform_batch), gene_idx=gene_idx,
+        library_size=library_size, n_samples=n_samples, return_mean=return_mean,
+    )
+    if return_numpy:
+        return result
+    names = getattr(model.adata if adata is None else adata, "obs_names", None)
+    index = pd.Index(np.asarray(names)[obs_idx]) if names is not None else None
+    columns = model.var_names if gene_list is None else pd.Index(list(gene_list))
+    return pd.DataFrame(result, index=index, columns=columns)
+
+
+def transform_codes(registry, transform_batch) -> list[int | None]:
+    """Batch codes to decode in: None (each cell's own batch) or the named categories."""
+    if transform_batch is None:
+        return [None]
+    items = transform_batch if isinstance(transform_batch, (list, tuple)) else [transform_batch]
+    return registry.codes_for([str(b) for b in items], "batch").tolist()
+
+
+@torch.inference_mode()
+def posterior_predictive(model, adata, indices, transform_batch, n_samples, gene_list,
+                         batch_size):
+    """``posterior_predictive_sample``: sparse counts, ``(cells, genes[, samples])``."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1; got {n_samples}")
+    gene_idx = None
+    if gene_list is not None:
+        mask = model.var_names.isin(list(gene_list))
+        if not mask.any():
+            raise ValueError("None of the provided genes in ``gene_list`` were detected in the data.")
+        gene_idx = np.flatnonzero(mask)
+    n_genes = len(model.var_names) if gene_idx is None else len(gene_idx)
+    parts = [
+        sp.csr_array(s.numpy()) if n_samples == 1 else sp.coo_array(s.numpy())
+        for _, s in analysis.posterior_predictive(
+            model.module, model._iter(adata, indices, batch_size), n_samples=n_samples,
+            transform_codes=transform_codes(model.registry, transform_batch), gene_idx=gene_idx)
+    ]
+    if n_samples == 1:
+        if not parts:
+            return sp.csr_array((0, n_genes), dtype=np.float32)
+        return sp.vstack(parts, format="csr")
+    if not parts:
+        return sp.coo_array((0, n_genes, n_samples), dtype=np.float32)
+    offsets = np.cumsum([0] + [p.shape[0] for p in parts[:-1]])
+    rows = np.concatenate([p.coords[0] + o for p, o in zip(parts, offsets)])
+    rest = [np.concatenate([p.coords[k] for p in parts]) for k in (1, 2)]
+    data = np.concatenate([p.data for p in parts])
+    n_cells = int(sum(p.shape[0] for p in parts))
+    return sp.coo_array((data, (rows, *rest)), shape=(n_cells, n_genes, n_samples))
+
+
+def differential_expression(model, adata, batch_size, batch_correction, batchid1, batchid2,
+                            n_samples, weights, **kwargs):
+    """``differential_expression``: codes of the decoding batches, then :mod:`analysis`."""
+    if weights not in (None, "uniform"):
+        raise NotImplementedError("scvi_fast samples cells uniformly (weights='uniform')")
+    if n_samples is not None:
+        if "n_samples_overall" in kwargs and kwargs["n_samples_overall"] != n_samples:
+            raise ValueError("pass either n_samples or n_samples_overall, not both")
+        kwargs["n_samples_overall"] = n_samples
+    if not batch_correction and (batchid1 is not None or batchid2 is not None):
+        raise ValueError(
+            "batchid1/batchid2 choose the batches to decode in, which needs "
+            "batch_correction=True (scvi-tools: 'Inconsistent batch policy')"
+        )
+    codes = [None, None]
+    if batch_correction:
+        every = list(range(model.registry.n_batch))
+        codes = [every if b is None else transform_codes(model.registry, list(b))
+                 for b in (batchid1, batchid2)]
+    data = open_data(model.adata if adata is None else adata)
+    source = model._source(data)
+
+    def iter_batches(rows):
+        return _data.batches(model.module, model.device, source, rows, batch_size)
+
+    def representation(rows):
+        parts = [model.module.posterior(x, need_var=False)[0].cpu()
+                 for _, x in iter_batches(rows)]
+        return torch.cat(parts).numpy()
+
+    with torch.inference_mode():
+        return analysis.differential_expression(
+            model.module, iter_batches, source.n_cells, model.var_names,
+            obs=getattr(data, "obs", None), batch_codes1=codes[0], batch_codes2=codes[1],
+            representation_fn=representation, **kwargs,
+        )
+
+
+@torch.inference_mode()
+def per_cell_losses(model, adata=None, indices=None, batch_size=None):
+    """Per-cell reconstruction loss and KL (float64), ``z`` sampled as scvi-tools samples it."""
+    recs, kls = [], []
+    for _, x in model._iter(adata, indices, batch_size):
+        _, _, out = model.module(x, kl_weight=1.0)
+        recs.append(out.reconstruction_loss.double().cpu())
+        kls.append(out.kl_local.double().cpu())
+    return torch.cat(recs), torch.cat(kls)
