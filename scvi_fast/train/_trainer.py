@@ -187,19 +187,7 @@ class Trainer:
             [p for p in module.parameters() if p.requires_grad], lr, adam_eps, weight_decay,
             capturable=on_cuda,
         )
-        self.step_mode = resolve_step_mode(
-            step_mode, self.device, distributed=self.dist is not None,
-            compiled=compile_dense and on_cuda,
-        )
-        self.runner = StepRunner(self._net, self.module, self.optimizer, self.device,
-                                 mode=self.step_mode, autocast_dtype=self.autocast_dtype)
-        self._batches = None
-        if self.step_mode != "eager":
-            loaders = [ld for ld in (train_loader, val_loader) if ld is not None]
-            self._batches = StaticBatches(
-                self.device, max(ld.batch_size for ld in loaders),
-                max(max_batch_nnz(ld) for ld in loaders), loaders[0].n_genes,
-            )
+        self._setup_step(step_mode, compiled=compile_dense and on_cuda)
         self.history: dict[str, list[float]] = {}
         self.epoch = 0  # completed epochs
         self.global_step = 0
@@ -211,6 +199,21 @@ class Trainer:
         self.cells_trained = 0
         #: wall time of each training pass (excluding validation), seconds
         self.epoch_times: list[float] = []
+
+    def _setup_step(self, step_mode: str, compiled: bool) -> None:
+        """The step runner, and the static device buffers its non-eager modes read."""
+        self.step_mode = resolve_step_mode(
+            step_mode, self.device, distributed=self.dist is not None, compiled=compiled
+        )
+        self.runner = StepRunner(self._net, self.module, self.optimizer, self.device,
+                                 mode=self.step_mode, autocast_dtype=self.autocast_dtype)
+        self._batches = None
+        if self.step_mode != "eager":
+            loaders = [ld for ld in (self.train_loader, self.val_loader) if ld is not None]
+            self._batches = StaticBatches(
+                self.device, max(ld.batch_size for ld in loaders),
+                max(max_batch_nnz(ld) for ld in loaders), loaders[0].n_genes,
+            )
 
     # ---- checkpoints -----------------------------------------------------------------
     @property
