@@ -5,6 +5,7 @@ Functions here take a module and minibatch iterators, not the user-facing ``SCVI
 ``get_normalized_expression`` and ``posterior_predictive_sample``). Integration metrics live in :mod:`scvi_fast.metrics`.
 """
 
+from ._checks import NonFiniteOutputError, check_finite
 from ._de import (
     bayes_factors,
     credible_intervals,
@@ -18,7 +19,9 @@ from ._latent import default_batch_size, in_order_batches, latent_fn, latent_rep
 from ._rows import NpyFile, map_rows
 
 __all__ = [
+    "NonFiniteOutputError",
     "NpyFile",
+    "check_finite",
     "bayes_factors",
     "comparisons",
     "credible_intervals",

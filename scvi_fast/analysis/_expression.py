@@ -17,6 +17,8 @@ import torch
 
 from scvi_fast.module import sample_z
 
+from ._checks import check_finite
+
 #: decode at most this many (cell, sample) rows at once: ``max_rows x n_genes`` floats
 MAX_DECODE_ROWS = 4096
 
@@ -109,6 +111,7 @@ def normalized_expression(
         pos += b
     if pos != n_cells:
         raise RuntimeError(f"the minibatches held {pos} cells, expected {n_cells}")
+    check_finite(out, "the normalized expression")
     return out, obs_idx
 
 

@@ -57,6 +57,7 @@ import torch
 
 from scvi_fast.module import sample_z
 
+from ._checks import check_finite
 from ._rows import NpyFile
 
 #: the values of ``precision``: fp32, or bfloat16 autocast of the encoder's GEMMs (CUDA only)
@@ -420,7 +421,9 @@ class _Writer:
                 if self.error is None:
                     if event is not None:
                         event.synchronize()  # this block's copy only, not the whole device
-                    self.sink.write(pos, self.buffers[slot][:k].numpy())
+                    block = self.buffers[slot][:k].numpy()
+                    check_finite(block, f"the embedding of cells {pos}-{pos + k - 1}")
+                    self.sink.write(pos, block)
             except BaseException as err:  # raised in the caller's thread
                 self.error = err
             finally:

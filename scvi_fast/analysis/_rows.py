@@ -19,6 +19,8 @@ import torch
 
 from scvi_fast.data import shard_range
 
+from ._checks import check_finite
+
 
 class NpyFile:
     """A float32 ``(n_rows, n_cols)`` ``.npy`` file written block by block.
@@ -99,7 +101,9 @@ def map_rows(fn: Callable, make_loader: Callable, rows: np.ndarray, n_cols: int,
     def blocks():
         if hi > lo:
             for mb in make_loader(rows[lo:hi]):
-                yield fn(mb.to(device, non_blocking=True)).float().cpu().numpy()
+                block = fn(mb.to(device, non_blocking=True)).float().cpu().numpy()
+                check_finite(block, f"the output of rank {rank}'s cells")
+                yield block
 
     def barrier():
         if ctx is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 #: architecture and training defaults of the CZ CELLxGENE Census scVI recipe
@@ -42,8 +43,34 @@ def architecture(preset: str | None = None, **given) -> dict:
     arch = dict(MODEL_DEFAULTS)
     if preset:
         arch.update(PRESETS[preset]["model"])
+    unknown = sorted(set(given) - set(ARCH_BOUNDS))
+    if unknown:
+        raise TypeError(f"unknown architecture settings {unknown}; known: {sorted(ARCH_BOUNDS)}")
     arch.update({k: v for k, v in given.items() if v is not None})
+    for name, value in arch.items():
+        check_arch_value(name, value)
     return arch
+
+
+#: accepted range of each architecture setting: every allocation and loop that building a
+#: model does is driven by these numbers (a saved config is checked before anything is built)
+ARCH_BOUNDS = {
+    "n_hidden": (1, 16384),
+    "n_latent": (1, 1024),
+    "n_layers": (1, 16),
+    "dropout_rate": (0.0, 0.99),
+}
+
+
+def check_arch_value(name: str, value) -> None:
+    """Raise a clear ``ValueError`` unless ``value`` is a valid ``name`` (type and range)."""
+    lo, hi = ARCH_BOUNDS[name]
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    is_num = is_int or isinstance(value, (float, np.floating))
+    ok = (is_int if isinstance(lo, int) else is_num) and lo <= value <= hi
+    if not ok:
+        kind = "an integer" if isinstance(lo, int) else "a number"
+        raise ValueError(f"{name} must be {kind} in [{lo}, {hi}]; got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from scvi_fast import analysis
+from scvi_fast.analysis import check_finite
 from scvi_fast.model import _data
 from scvi_fast.model._registry import open_data
 from scvi_fast.train import _distributed
@@ -166,4 +167,7 @@ def per_cell_losses(model, adata=None, indices=None, batch_size=None):
         _, _, out = model.module(x, kl_weight=1.0)
         recs.append(out.reconstruction_loss.double().cpu())
         kls.append(out.kl_local.double().cpu())
-    return torch.cat(recs), torch.cat(kls)
+    rec, kl = torch.cat(recs), torch.cat(kls)
+    check_finite(rec.numpy(), "the reconstruction loss")
+    check_finite(kl.numpy(), "the KL divergence")
+    return rec, kl

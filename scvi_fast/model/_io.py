@@ -13,12 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from scvi_fast import data as _data
 from scvi_fast.model._registry import Registry
+from scvi_fast.module import state_checksums, verify_checksums
 
 FORMAT_VERSION = 1
 #: how scvi-tools' category mappings are written to ``config.json`` (dtype and values)
@@ -77,8 +79,10 @@ def save(model, dir_path, overwrite: bool, save_anndata: bool, format: str) -> N
         if format == "scvi_fast":
             from safetensors.torch import save_file
 
-            save_file(state_of(model), str(tmp / "model.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(config_of(model), indent=1))
+            state = state_of(model)
+            save_file(state, str(tmp / "model.safetensors"))
+            config = config_of(model) | {"checksums": state_checksums(state)}
+            (tmp / "config.json").write_text(json.dumps(config, indent=1))
         else:
             from scvi_fast.compat import save_scvi_tools
 
@@ -129,6 +133,13 @@ def _read_native(dir_path: Path) -> tuple[dict, dict, Registry]:
         raise ValueError(f"{dir_path} is not a readable scvi_fast model: {err}") from err
     if cfg.get("format") != "scvi_fast" or cfg.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{dir_path}/config.json is not a supported scvi_fast model config")
+    what = f"the model in {dir_path}"
+    if "checksums" in cfg:
+        verify_checksums(tensors, cfg["checksums"], what)
+    else:
+        warnings.warn(f"{what} was saved without checksums (an older version): its tensors "
+                      "cannot be verified; save it again to add them", stacklevel=3)
+    cfg["origin"] = what
     return cfg, tensors, Registry.from_dict(cfg["registry"])
 
 

@@ -27,7 +27,7 @@ from scvi_fast.model import _data as _access
 from scvi_fast.model import _inference, _io, _query, _training
 from scvi_fast.model._config import architecture
 from scvi_fast.model._registry import Registry
-from scvi_fast.module import VAE
+from scvi_fast.module import VAE, check_state
 from scvi_fast.train import resolve_device
 
 
@@ -108,7 +108,8 @@ class SCVI:
         mapping, the ranks of a data-parallel run).
 
         ``config``: ``init_params`` (architecture, ``preset``, ``impl``, optionally the
-        ``seed`` of the initialisation) and optionally ``is_trained``, ``history``,
+        ``seed`` of the initialisation; checked against their bounds before anything is
+        built) and optionally ``origin`` (how errors name the source), ``is_trained``, ``history``,
         ``train_params``, ``scvi_tools_mappings``, ``train_indices``, ``validation_indices``.
         ``state``: ``module.*`` and ``passthrough.*`` tensors (None: freshly initialised).
         """
@@ -117,8 +118,10 @@ class SCVI:
         model = cls.__new__(cls)
         model._build(registry, architecture(preset, **params), preset, impl, seed)
         if state is not None:
-            model.module.load_state_dict(
-                {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+            module_state = {k[len("module."):]: v for k, v in state.items()
+                            if k.startswith("module.")}
+            check_state(model.module, module_state, config.get("origin", "the saved model"))
+            model.module.load_state_dict(module_state)
             model.passthrough = {k[len("passthrough."):]: v for k, v in state.items()
                                  if k.startswith("passthrough.")}
         model.is_trained_ = bool(config.get("is_trained", state is not None))
