@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from scvi_fast._native import load
+from scvi_fast import reference
 from scvi_fast.reference import csr_parts
 
 
@@ -88,8 +89,11 @@ def nb_softmax_loglik(
 
     Counts are cast to the dtype of ``logits`` as in the reference (exact for
     integers up to 2^24 in float32); the non-zero terms are evaluated in double.
-    Stored indices must be unique within a row (canonical CSR).
+    Stored indices must be unique within a row (canonical CSR). bfloat16 / float16 logits
+    are evaluated in float32, as by the reference.
     """
+    if logits.dtype in reference.LOW_PRECISION:
+        logits = logits.float()
     return NBSoftmaxLoglikFunction.apply(
         logits.contiguous(), *kernel_args(log_library, px_r, X_csr, eps, logits.dtype)
     )
