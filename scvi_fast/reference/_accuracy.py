@@ -169,7 +169,12 @@ def error_ratio(
     precision (:class:`VsTorch` entries); ``scale``: the term magnitudes (:class:`Terms`), or
     ``max|t|`` to use instead of the truth's own (:class:`Rel`, :class:`VsTorch`).
     """
-    tol = TOL[(op, precision or precision_of(got))]
+    key = (op, precision or precision_of(got))
+    tol = TOL[key]
+    if isinstance(tol, VsTorch) and low is None:
+        raise ValueError(f"{key}: judged against torch's own error, so it needs low=")
+    if isinstance(tol, Terms) and not isinstance(scale, torch.Tensor):
+        raise ValueError(f"{key}: judged against the term magnitudes, so it needs scale=")
     if got.shape != truth.shape or not bool(torch.isfinite(got).all()):
         return float("inf")
     if low is not None and low.dtype != got.dtype:

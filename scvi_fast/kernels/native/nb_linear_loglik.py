@@ -113,15 +113,7 @@ class NBLinearLoglikFunction(torch.autograd.Function):
         return dh, dW, db, d_lib, d_r, None, None, None, None
 
 
-def nb_softmax_loglik_linear(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    log_library: torch.Tensor,
-    px_r: torch.Tensor,
-    X_csr,
-    eps: float = 1e-8,
-) -> torch.Tensor:
+def nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps=1e-8):
     """Native version of :func:`scvi_fast.reference.nb_softmax_loglik_linear` (same arguments).
 
     The fused kernel takes ``h``, ``weight`` and ``bias`` of one dtype, float32 or float64.
