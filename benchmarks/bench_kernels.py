@@ -61,6 +61,7 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
 import _common as C  # noqa: E402
 
 from scvi_fast import functional, reference  # noqa: E402
+from scvi_fast.reference._random import random_csr  # noqa: E402
 
 CSV_NAME = "kernels.csv"
 OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "reparam_kl")
@@ -88,17 +89,13 @@ def make_counts(shape: Shape, density: float, device: torch.device, gen: torch.G
     ``pad``: extra capacity past ``indptr[-1]`` as a fraction of the stored entries (a
     training step's static buffers), filled with NaN values and out-of-range gene ids.
     """
-    mask = torch.rand(shape.B, shape.G, generator=gen) < density
-    counts = torch.floor(torch.exp(torch.rand(shape.B, shape.G, generator=gen) * 7.0))
-    x = torch.where(mask, counts, torch.zeros(()))
-    xs = x.to_sparse_csr()
-    indices, values = xs.col_indices().to(torch.int32), xs.values()
-    extra = int(pad * values.numel())
+    csr = random_csr(gen, shape.B, shape.G, density, max_count=1096, index_dtype=torch.int32,
+                     indptr_dtype=torch.int64)
+    x = csr.dense(shape.G, torch.float32)
+    extra = int(pad * csr.values.numel())
     if extra:
-        indices = torch.cat([indices, torch.full((extra,), -1, dtype=torch.int32)])
-        values = torch.cat([values, torch.full((extra,), float("nan"))])
-    csr = (xs.crow_indices().to(device), indices.to(device), values.to(device))
-    return x.to(device), csr
+        csr = csr.padded(extra, shape.G)
+    return x.to(device), csr.to(device)
 
 
 # ---------------------------------------------------------------------------
@@ -369,10 +366,8 @@ def applies(op: str, impl: str, prec: str, device: torch.device) -> bool:
 
 def nb_bandwidth(shape: Shape, nnz: int, elem: int) -> tuple[int, int]:
     """Compulsory bytes (forward, backward) of the NB op at this shape (int32 indices)."""
-    from scvi_fast.kernels.triton import nb_bytes_moved
-
-    return nb_bytes_moved(shape.B, shape.G, nnz, elem=elem, index_elem=4, value_elem=4,
-                          indptr_elem=8)
+    return reference.nb_bytes_moved(shape.B, shape.G, nnz, elem=elem, index_elem=4,
+                                    value_elem=4, indptr_elem=8)
 
 
 # ---------------------------------------------------------------------------
@@ -382,17 +377,18 @@ def nb_bandwidth(shape: Shape, nnz: int, elem: int) -> tuple[int, int]:
 
 def sweep_cases(shape: Shape):
     """``(kernel, op, method, precision, pass, candidates)`` for every tuned Triton kernel."""
-    from scvi_fast.kernels.triton import _nb_loglik as nb
+    from scvi_fast.kernels.triton import _nb_bwd as nbb
+    from scvi_fast.kernels.triton import _nb_fwd as nbf
     from scvi_fast.kernels.triton import _sparse_linear as sl
 
     out = []
     for prec, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out += [
-            ("nb_fwd", "nb_softmax_loglik", "", prec, "fwd", nb.fwd_candidates(shape.G, dtype)),
+            ("nb_fwd", "nb_softmax_loglik", "", prec, "fwd", nbf.fwd_candidates(shape.G, dtype)),
             ("nb_bwd_dense", "nb_softmax_loglik", "", prec, "fwd+bwd",
-             nb.bwd_dense_candidates(shape.G, dtype)),
+             nbb.bwd_dense_candidates(shape.G, dtype)),
             ("nb_bwd_sparse", "nb_softmax_loglik", "", prec, "fwd+bwd",
-             nb.bwd_sparse_candidates(dtype)),
+             nbb.bwd_sparse_candidates(dtype)),
             ("densify", "sparse_linear", "dense", prec, "fwd", sl.densify_candidates()),
         ]
     out.append(("segment_gather", "sparse_linear", "gather", "fp32", "fwd+bwd",

@@ -24,6 +24,9 @@ upstream gradient:
   graph over static padded CSR buffers, and replayed after a different minibatch is copied
   into those buffers: the replay matches an eager run on the new batch.
 
+Every tolerance comes from the table the tests use (``scvi_fast/reference/_accuracy.py``), and
+the random batches from their generator (``scvi_fast/reference/_random.py``).
+
 Timings at that shape (recorded in ``benchmarks/results/kernels.csv`` with
 ``_common.result_row`` / ``record``, and printed), each as a median over ``--repeats``:
 ``eager`` (CUDA events around each call: launch overhead included) and ``graph`` (one replay of
@@ -33,8 +36,8 @@ the op captured in a CUDA graph, the L2 cache flushed before each: what a captur
   already on the device (cuBLAS; the bar), in fp32, TF32 and bf16 where they apply, and the
   torch sparse reference;
 * NB forward and forward+backward with float32 and bfloat16 logits, with the effective
-  bandwidth (compulsory bytes / time, see ``nb_bytes_moved``) and its share of the device's
-  HBM peak;
+  bandwidth (compulsory bytes / time, see ``reference.nb_bytes_moved``) and its share of the
+  device's HBM peak;
 * reparam_kl forward+backward.
 
 ``--cpu`` runs the same under ``TRITON_INTERPRET=1`` on CPU tensors at a tiny shape (this is
@@ -61,17 +64,10 @@ for _p in (str(_ROOT), str(_ROOT / "benchmarks")):
 import _common as C  # noqa: E402
 from bench_kernels import capture, graph_time_ms, precision, time_ms  # noqa: E402
 
-from scvi_fast import reference  # noqa: E402  (never imports triton)
-
-# checks: (op, what) -> max error ratio; ratio <= 1 passes
-FACTOR32 = 4.0  # float32: error <= FACTOR32 * torch's float32 error + floor
-FLOOR32 = 1e-6  # ... relative to max(1, max |truth|)
-TOL64 = 1e-12  # float64 sparse_linear / reparam_kl: rtol = atol
-NB_K = {"float64": 5e-13, "float32": 2e-6}  # NB: error <= k * sum of |terms| (term_magnitudes)
-SPECIAL_RTOL = {"float64": (5e-14, 5e-15), "float32": (1e-5, 2e-6)}  # (lgamma, digamma)
-# a bf16 gradient is one rounding of a float32-accurate value: 2^-8 relative (round to nearest;
-# Triton's CPU interpreter truncates: 2^-7)
-BF16_ULP = 2.0**-7
+# (never imports triton) the tolerance table, term magnitudes and random batches of the tests
+from scvi_fast import reference  # noqa: E402
+from scvi_fast.reference._accuracy import error_ratio, nb_term_magnitudes  # noqa: E402
+from scvi_fast.reference._random import CSR, random_csr  # noqa: E402
 
 #: HBM peak of known devices (bytes/s), matched by name; --hbm-peak overrides
 HBM_PEAK = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
@@ -155,22 +151,18 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _counts(gen, B, G, density):
-    mask = torch.rand(B, G, generator=gen) < density
-    mask[0] = False  # a cell without counts
-    mask[:, 0] = False  # a gene never observed
-    counts = torch.floor(torch.exp(torch.rand(B, G, generator=gen) * 8.0)).clamp_min(1)  # 1..~3000
-    return torch.where(mask, counts, torch.zeros(()))
+def _counts(gen, B, G, density, dtype=torch.float32):
+    """A CSR batch with a cell without counts (row 0) and a gene never observed (gene 0),
+    counts up to ~3000."""
+    return random_csr(gen, B, G, density, max_count=3000, dtype=dtype, empty_rows=(0,),
+                      empty_cols=(0,))
 
 
 def _inputs(gen, args, dtype, device):
     B, G, H, K, Z = args.B, args.G, args.H, args.K, args.Z
     f64 = dict(generator=gen, dtype=torch.float64)
-    dense = _counts(gen, B, G, args.density)
-    csr = dense.to_sparse_csr()
-    indptr, indices = csr.crow_indices(), csr.col_indices()
-    values = csr.values().to(dtype)
-    log_library = torch.log(dense.sum(1).double().clamp_min(1.0))
+    indptr, indices, values = csr = _counts(gen, B, G, args.density, dtype)
+    log_library = torch.log(csr.dense(G).sum(1).clamp_min(1.0))
     t = dict(
         indptr=indptr, indices=indices, values=values,
         W=torch.randn(G, H, **f64) / G**0.5, b=torch.randn(H, **f64),
@@ -188,14 +180,10 @@ def _inputs(gen, args, dtype, device):
     return out
 
 
-def _padded_csr(indptr, indices, values, pad, index_dtype=torch.int32):
-    """The CSR with ``pad`` x nnz poisoned slots past ``indptr[-1]`` (NaN values, gene ids -1
-    and 2^30), in ``index_dtype``."""
-    extra = max(1, int(pad * values.numel()))
-    bad = torch.tensor([-1, 2**30], device=indices.device).repeat(extra)[:extra]
-    nan = torch.full((extra,), float("nan"), dtype=values.dtype, device=values.device)
-    return (indptr.to(index_dtype), torch.cat([indices, bad]).to(index_dtype),
-            torch.cat([values, nan]))
+def _padded_csr(t, pad, G):
+    """The batch of ``t`` with ``pad`` x nnz poisoned slots past ``indptr[-1]``, int32 arrays."""
+    csr = CSR(t["indptr"], t["indices"], t["values"])
+    return csr.padded(max(1, int(pad * t["values"].numel())), G).to(index_dtype=torch.int32)
 
 
 def _grads(out, leaves, upstream):
@@ -218,31 +206,23 @@ def _report(op, dtype, results) -> bool:
     return worst <= 1.0
 
 
-def _ratio64(got, want):
-    err = (got - want).abs()
-    return (err / (TOL64 + TOL64 * want.abs())).max().item() if err.numel() else 0.0
-
-
-def _ratio32(got, torch32, truth):
-    if not truth.numel():
-        return 0.0
-    err = (got.double() - truth).abs().max().item()
-    ref_err = (torch32.double() - truth).abs().max().item()
-    return err / (FACTOR32 * ref_err + FLOOR32 * max(1.0, truth.abs().max().item()))
+def _ratios(op, names, got, truth, low=None, scales=None, precision=None):
+    """``[(name, error / allowed)]`` of each output by the tolerance table: ``low`` is torch's
+    result at the low precision, ``scales`` the term magnitudes (NB)."""
+    n = len(names)
+    low, scales = low or [None] * n, scales or [None] * n
+    return [(name, error_ratio(op, g, w, precision=precision, low=r, scale=s))
+            for name, g, w, r, s in zip(names, got, truth, low, scales)]
 
 
 def _check_special(tk, device) -> bool:
     x = torch.logspace(-4, 6, 100001, dtype=torch.float64, device=device)
     ok = True
-    for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
+    for dtype in (torch.float64, torch.float32):
         xs = x.to(dtype)
         lg, dg = tk._kernels("_math").special(xs)
-        res = []
-        for what, got, fn, rtol in (("lgamma", lg, torch.lgamma, SPECIAL_RTOL[name][0]),
-                                    ("digamma", dg, torch.digamma, SPECIAL_RTOL[name][1])):
-            truth = fn(xs.double())
-            rel = ((got.double() - truth).abs() / truth.abs().clamp_min(1.0)).max().item()
-            res.append((what, rel / rtol))
+        res = [(what, error_ratio(what, got, fn(xs.double())))
+               for what, got, fn in (("lgamma", lg, torch.lgamma), ("digamma", dg, torch.digamma))]
         ok &= _report("lgamma/digamma", dtype, res)
     return ok
 
@@ -257,14 +237,9 @@ def _sparse_linear_run(fn, t, dtype_to=None, csr=None, **kw):
 
 def _check_sparse_linear(tk, t, dtype, method) -> bool:
     got = _sparse_linear_run(tk.sparse_linear, t, method=method)
-    names = ["y", "dW", "db", "dW_cov"]
-    if dtype == torch.float64:
-        want = _sparse_linear_run(reference.sparse_linear, t)
-        res = [(n, _ratio64(g, w)) for n, g, w in zip(names, got, want)]
-    else:
-        truth = _sparse_linear_run(reference.sparse_linear, t, torch.float64)
-        t32 = _sparse_linear_run(reference.sparse_linear, t)
-        res = [(n, _ratio32(g, a, w)) for n, g, a, w in zip(names, got, t32, truth)]
+    truth = _sparse_linear_run(reference.sparse_linear, t, torch.float64)
+    low = _sparse_linear_run(reference.sparse_linear, t) if dtype == torch.float32 else None
+    res = _ratios("sparse_linear", ["y", "dW", "db", "dW_cov"], got, truth, low)
     return _report(f"sparse_linear {method}", dtype, res)
 
 
@@ -275,9 +250,12 @@ def _check_dense_low_precision(tk, t, prec, device) -> bool:
     with precision(prec, device):
         got = _sparse_linear_run(tk.sparse_linear, t, method="dense")
         torch_lp = _sparse_linear_run(reference.sparse_linear, t, method="dense")
-    names = ["y", "dW", "db", "dW_cov"]
-    res = [(n, _ratio32(g, a, w)) for n, g, a, w in zip(names, got, torch_lp, truth)]
+    res = _ratios("sparse_linear", ["y", "dW", "db", "dW_cov"], got, truth, torch_lp,
+                  precision={"tf32": "tf32", "bf16": "autocast-bf16"}[prec])
     return _report("sparse_linear dense", prec, res)
+
+
+NB_NAMES = ["loglik", "dlogits", "dlog_library", "dpx_r"]
 
 
 def _nb_run(fn, t, dtype_to=None, logits_dtype=None, csr=None):
@@ -289,8 +267,8 @@ def _nb_run(fn, t, dtype_to=None, logits_dtype=None, csr=None):
     return [ll.detach()] + _grads([ll], [z, l, r], [conv(t["w"])])
 
 
-def _nb_scales(tk, t, logits=None):
-    return tk._kernels("_nb_loglik").term_magnitudes(
+def _nb_scales(t, logits=None):
+    return nb_term_magnitudes(
         t["logits"] if logits is None else logits, t["log_library"], t["px_r"],
         (t["indptr"], t["indices"], t["values"]), t["w"],
     )
@@ -299,10 +277,7 @@ def _nb_scales(tk, t, logits=None):
 def _check_nb(tk, t, dtype) -> bool:
     got = _nb_run(tk.nb_softmax_loglik, t)
     truth = _nb_run(reference.nb_softmax_loglik, t, torch.float64)
-    k = NB_K["float64" if dtype == torch.float64 else "float32"]
-    names = ["loglik", "dlogits", "dlog_library", "dpx_r"]
-    res = [(n, ((g.double() - w).abs() / (k * s + 1e-300)).max().item())
-           for n, g, w, s in zip(names, got, truth, _nb_scales(tk, t))]
+    res = _ratios("nb_softmax_loglik", NB_NAMES, got, truth, scales=_nb_scales(t))
     return _report("nb_softmax_loglik", dtype, res)
 
 
@@ -312,13 +287,9 @@ def _check_nb_bf16(tk, t) -> bool:
     got = _nb_run(tk.nb_softmax_loglik, t, logits_dtype=torch.bfloat16)
     rounded = dict(t, logits=t["logits"].to(torch.bfloat16).double())
     truth = _nb_run(reference.nb_softmax_loglik, rounded, torch.float64)
-    scales = _nb_scales(tk, t, rounded["logits"])
-    k = NB_K["float32"]
-    names = ["loglik", "dlogits", "dlog_library", "dpx_r"]
-    res = []
-    for i, (n, g, w, s) in enumerate(zip(names, got, truth, scales)):
-        allowed = k * s + (BF16_ULP * w.abs() if i == 1 else 0.0) + 1e-300
-        res.append((n, ((g.double() - w).abs() / allowed).max().item()))
+    # the bf16 gradient of the logits takes the table's "bfloat16" entry (one rounding)
+    res = _ratios("nb_softmax_loglik", NB_NAMES, got, truth,
+                  scales=_nb_scales(t, rounded["logits"]))
     ok = got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
     return _report("nb_softmax_loglik bf16 z", torch.bfloat16, res) and ok
 
@@ -332,21 +303,16 @@ def _reparam_run(fn, t, dtype_to=None):
 
 def _check_reparam(tk, t, dtype) -> bool:
     got = _reparam_run(tk.reparam_kl, t)
-    names = ["z", "kl", "dq_m", "dq_v_raw", "deps"]
-    if dtype == torch.float64:
-        want = _reparam_run(reference.reparam_kl, t)
-        res = [(n, _ratio64(g, w)) for n, g, w in zip(names, got, want)]
-    else:
-        truth = _reparam_run(reference.reparam_kl, t, torch.float64)
-        t32 = _reparam_run(reference.reparam_kl, t)
-        res = [(n, _ratio32(g, a, w)) for n, g, a, w in zip(names, got, t32, truth)]
+    truth = _reparam_run(reference.reparam_kl, t, torch.float64)
+    low = _reparam_run(reference.reparam_kl, t) if dtype == torch.float32 else None
+    res = _ratios("reparam_kl", ["z", "kl", "dq_m", "dq_v_raw", "deps"], got, truth, low)
     return _report("reparam_kl", dtype, res)
 
 
 def _check_padding(tk, t, args) -> bool:
     """A poisoned padded tail (int32 arrays) changes no output or gradient: bit for bit, except
     the NB px_r gradient whose per-gene atomic adds may run in another order on a GPU."""
-    padded = _padded_csr(t["indptr"], t["indices"], t["values"], args.pad)
+    padded = _padded_csr(t, args.pad, args.G)
     res = []
     for method in ("gather", "dense"):
         a = _sparse_linear_run(tk.sparse_linear, t, method=method)
@@ -354,9 +320,7 @@ def _check_padding(tk, t, args) -> bool:
         res.append((f"sparse_linear {method}", _unequal(a, b)))
     a = _nb_run(tk.nb_softmax_loglik, t)
     b = _nb_run(tk.nb_softmax_loglik, t, csr=padded)
-    diffs = [_unequal(a[:3], b[:3])]
-    rel = ((a[3] - b[3]).abs() / (1e-6 * a[3].abs().max() + 1e-30)).max().item()
-    res.append(("nb", max(diffs + [rel])))
+    res.append(("nb", max(_unequal(a[:3], b[:3]), error_ratio("nb_px_r_order", b[3], a[3]))))
     return _report("padded CSR tail", "int32", res)
 
 
@@ -375,11 +339,10 @@ def _check_graph_safety(tk, gen, args, device) -> bool:
                   values=torch.full((cap,), float("nan"), device=device))
 
     def load(batch):  # what the training step's input copy does: in place, no sync
-        x = batch.to_sparse_csr()
-        n = x.values().numel()
-        static["indptr"].copy_(x.crow_indices())
-        static["indices"][:n].copy_(x.col_indices())
-        static["values"][:n].copy_(x.values())
+        n = batch.values.numel()
+        static["indptr"].copy_(batch.indptr)
+        static["indices"][:n].copy_(batch.indices)
+        static["values"][:n].copy_(batch.values)
         static["indices"][n:].fill_(-1)
         static["values"][n:].fill_(float("nan"))
 
@@ -427,7 +390,7 @@ def _check_graph_safety(tk, gen, args, device) -> bool:
             eager = fn()
             for i, (g, e) in enumerate(zip(outs, eager)):
                 exact = not (name == "nb_softmax_loglik" and i == 3)  # atomics: order may vary
-                same = torch.equal(g, e) if exact else torch.allclose(g, e, rtol=1e-5, atol=0)
+                same = torch.equal(g, e) if exact else error_ratio("nb_px_r_order", g, e) <= 1
                 if not same:
                     err = f"graph replay differs from eager on the new batch (output {i})"
             del graph
@@ -481,7 +444,7 @@ def _time_all(tk, t, args, device, device_name) -> list[dict]:
                   f"{row['median']:9.4f} [{row['p20']:.4f}, {row['p80']:.4f}]", flush=True)
         return meds
 
-    padded = _padded_csr(t["indptr"], t["indices"], t["values"], args.pad)
+    padded = _padded_csr(t, args.pad, args.G)
     cap = padded[1].numel()
 
     # first layer: Triton gather and dense, against addmm of a dense input and torch sparse
@@ -530,7 +493,8 @@ def _time_all(tk, t, args, device, device_name) -> list[dict]:
             ll = fn(z, l, r, padded, 1e-8)
             torch.autograd.grad(ll, [z, l, r], t["w"])
 
-        fwd_bytes, bwd_bytes = tk.nb_bytes_moved(args.B, args.G, nnz, z.element_size(), 4, 4, 8)
+        fwd_bytes, bwd_bytes = reference.nb_bytes_moved(args.B, args.G, nnz, z.element_size(),
+                                                        4, 4, 4)
         meds = {}
         for name, fn in (("fwd", nb_fwd), ("fwd+bwd", nb_fwd_bwd)):
             meds[name] = timed("nb_softmax_loglik", "scvi_fast", "triton", name, prec,

@@ -4,21 +4,43 @@
 (Triton on CUDA, the compiled native extension on CPU) and falls back to the
 pure-PyTorch reference; ``"triton"``, ``"native"`` and ``"torch"`` force one
 (and raise a clear error when it is unavailable).
+
+The back-end contract
+---------------------
+A back-end is a module: ``scvi_fast.reference`` (``"torch"``), ``scvi_fast.kernels.native``
+and ``scvi_fast.kernels.triton``. Each exposes ``is_available()``, ``unavailable_reason()``
+and every op in :data:`OPS`, with the signature of the function of that name below without
+its ``impl`` argument (same parameter names, order, kinds and defaults;
+:func:`op_signature`). Where a back-end has no fused kernel for an op, its module composes
+the op explicitly from others (each op's docstring below says which), so the functions here
+only resolve ``impl`` and call ``backend(which).<op>(...)``: nothing in this module depends
+on which back-end runs. A new op, or a new back-end, is added to every back-end module; the
+contract test (``tests/kernels/test_backend_contract.py``) fails until it is.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-from scvi_fast import reference
+from scvi_fast.reference import VAR_EPS
 
 Impl = Literal["auto", "triton", "native", "torch"]
 IMPLS = ("auto", "triton", "native", "torch")
 Method = Literal["auto", "gather", "dense"]
+
+#: the module of each concrete back-end
+BACKENDS = {
+    "torch": "scvi_fast.reference",
+    "native": "scvi_fast.kernels.native",
+    "triton": "scvi_fast.kernels.triton",
+}
+#: the ops every back-end exposes (see the module docstring)
+OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "reparam_kl", "dropout")
 
 
 def _check_impl(impl: str) -> None:
@@ -26,14 +48,17 @@ def _check_impl(impl: str) -> None:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
 
 
-def backend(name: Literal["native", "triton"]) -> ModuleType:
-    """The kernel package of a back-end, raising ImportError with a fix if unavailable.
+def op_signature(name: str) -> inspect.Signature:
+    """The signature op ``name`` has in every back-end: this module's, without ``impl``."""
+    if name not in OPS:
+        raise ValueError(f"op must be one of {OPS}; got {name!r}")
+    sig = inspect.signature(globals()[name])
+    return sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "impl"])
 
-    Each back-end package (``scvi_fast.kernels.native``, ``scvi_fast.kernels.triton``)
-    exposes ``is_available()``, ``unavailable_reason()`` and the three ops with the
-    reference signatures.
-    """
-    mod = importlib.import_module(f"scvi_fast.kernels.{name}")
+
+def backend(name: Literal["torch", "native", "triton"]) -> ModuleType:
+    """The module of back-end ``name``, raising ImportError with a fix if it is unavailable."""
+    mod = importlib.import_module(BACKENDS[name])
     if not mod.is_available():
         raise ImportError(f"impl={name!r} is unavailable: {mod.unavailable_reason()}")
     return mod
@@ -41,7 +66,7 @@ def backend(name: Literal["native", "triton"]) -> ModuleType:
 
 def _is_available(name: str) -> bool:
     try:
-        return importlib.import_module(f"scvi_fast.kernels.{name}").is_available()
+        return importlib.import_module(BACKENDS[name]).is_available()
     except ImportError:
         return False
 
@@ -98,19 +123,17 @@ def sparse_linear(
         ``"dense"``: scatter ``f(values)`` into a dense ``(B, G)`` matrix on the tensors'
         device (never on the host) and run the GEMM (cuBLAS on CUDA: TF32 when
         ``torch.backends.cuda.matmul.allow_tf32`` is set, the autocast dtype under autocast);
-        ``"auto"``: dense for CUDA tensors, gather elsewhere. Every back-end accepts it.
+        ``"auto"``: dense for CUDA tensors, gather elsewhere. Every back-end accepts it: the
+        reference multiplies a torch sparse matrix (gather) or densifies with ``index_put_``;
+        native gathers with its C++ kernels and densifies as the reference does; Triton has a
+        kernel for each (a segment gather; a densify kernel followed by torch's GEMM).
 
     Returns
     -------
     ``(B, H)`` tensor (in the autocast dtype for ``"dense"`` under autocast). Gradients flow
     to ``W``, ``b`` and ``W_cov`` only.
     """
-    which = resolve_impl(impl, W.device)
-    if which == "torch":
-        return reference.sparse_linear(
-            indptr, indices, values, W, b, cov, W_cov, transform, method=method
-        )
-    return backend(which).sparse_linear(
+    return backend(resolve_impl(impl, W.device)).sparse_linear(
         indptr, indices, values, W, b, cov, W_cov, transform, method=method
     )
 
@@ -126,16 +149,13 @@ def nb_softmax_loglik(
     """Per-cell NB log-likelihood of CSR counts under ``mu = exp(l) softmax(logits)``.
 
     See :func:`scvi_fast.reference.nb_softmax_loglik`; gradients flow to ``logits``,
-    ``log_library`` and ``px_r``. The likelihood is always evaluated in float32 or better:
-    the Triton back-end reads bfloat16 / float16 logits as they are (the logits' gradient
-    comes back in their dtype), the other back-ends evaluate them in float32.
+    ``log_library`` and ``px_r``. Fused in every back-end. The likelihood is always evaluated
+    in float32 or better: the Triton back-end reads bfloat16 / float16 logits as they are (the
+    logits' gradient comes back in their dtype), the other back-ends evaluate them in float32.
     """
-    which = resolve_impl(impl, logits.device)
-    if which != "triton" and logits.dtype in (torch.bfloat16, torch.float16):
-        logits = logits.float()
-    if which == "torch":
-        return reference.nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
-    return backend(which).nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
+    return backend(resolve_impl(impl, logits.device)).nb_softmax_loglik(
+        logits, log_library, px_r, X_csr, eps
+    )
 
 
 def nb_softmax_loglik_linear(
@@ -152,44 +172,33 @@ def nb_softmax_loglik_linear(
 
     The native back-end fuses the layer with the likelihood (the ``B x G`` logits and their
     gradient stay in reused buffers and the backward never forms the scaled logit gradient,
-    see :mod:`scvi_fast.kernels.native.nb_linear_loglik`); the other back-ends compose
-    ``F.linear`` and :func:`nb_softmax_loglik`. Under autocast, or for mixed dtypes, the
-    composition is used; with the Triton back-end the logits stay in the autocast dtype.
+    see :mod:`scvi_fast.kernels.native.nb_linear_loglik`), except under autocast or for mixed
+    dtypes. The reference, Triton, and native in those cases compose ``F.linear`` with their
+    own :func:`nb_softmax_loglik` (:func:`scvi_fast.reference.linear_then_nb`); with Triton
+    the logits stay in the autocast dtype.
     """
-    which = resolve_impl(impl, h.device)
-    if (
-        which == "native"
-        and not torch.is_autocast_enabled(h.device.type)
-        and h.dtype == weight.dtype
-    ):
-        return backend("native").nb_softmax_loglik_linear(
-            h, weight, bias, log_library, px_r, X_csr, eps
-        )
-    if which == "triton":
-        logits = torch.nn.functional.linear(h, weight, bias)
-    else:
-        logits = reference.output_logits(h, weight, bias)
-    return nb_softmax_loglik(logits, log_library, px_r, X_csr, eps, impl=which)
+    return backend(resolve_impl(impl, h.device)).nb_softmax_loglik_linear(
+        h, weight, bias, log_library, px_r, X_csr, eps
+    )
 
 
 def reparam_kl(
     q_m: torch.Tensor,
     q_v_raw: torch.Tensor,
     eps_noise: torch.Tensor,
+    var_eps: float = VAR_EPS,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise`` and the per-cell KL to N(0, I)."""
-    which = resolve_impl(impl, q_m.device)
-    if which == "torch":
-        return reference.reparam_kl(q_m, q_v_raw, eps_noise)
-    return backend(which).reparam_kl(q_m, q_v_raw, eps_noise)
+    """``z = q_m + sqrt(exp(q_v_raw) + var_eps) * eps_noise`` and the per-cell KL to N(0, I).
+
+    See :func:`scvi_fast.reference.reparam_kl`; fused in every back-end.
+    """
+    return backend(resolve_impl(impl, q_m.device)).reparam_kl(q_m, q_v_raw, eps_noise, var_eps)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True, impl: Impl = "auto") -> torch.Tensor:
     """Dropout: ``F.dropout`` for ``torch`` / ``triton``; on the CPU, ``native`` draws the
     mask with a counter-based hash instead of ``bernoulli_`` (same distribution, another
-    random stream, about 30x faster there; see :mod:`scvi_fast.kernels.native.dropout`)."""
-    which = resolve_impl(impl, x.device)
-    if which == "native" and not torch.is_autocast_enabled(x.device.type):
-        return backend("native").dropout(x, p, training)
-    return torch.nn.functional.dropout(x, p, training)
+    random stream, about 30x faster there; ``F.dropout`` under autocast and for dtypes other
+    than float32 / float64; see :mod:`scvi_fast.kernels.native.dropout`)."""
+    return backend(resolve_impl(impl, x.device)).dropout(x, p, training)

@@ -60,3 +60,49 @@ def module_from_fixture(name: str, impl: str = "torch", dtype=torch.float32):
     )
     vae.load_state_dict(mod_state)
     return vae.to(dtype).eval(), arrays, cfg, passthrough
+
+
+def model_loss_and_grads(name: str, impl: str, dtype, n_cells: int, device="cpu",
+                         train: bool = False, extra_weight: bool = True) -> dict:
+    """Loss, per-cell reconstruction loss and KL, and every parameter gradient of a fixture
+    model on its first ``n_cells`` cells, with the fixture's noise.
+
+    ``train``: training-mode BatchNorm, with dropout off (back-ends draw different masks);
+    else eval mode. ``extra_weight``: a non-uniform weight per cell on top of the mean loss,
+    so that every row's gradient differs (the training case is uniform).
+    """
+    vae, arrays, _, _ = module_from_fixture(name, impl=impl, dtype=dtype)
+    vae = vae.to(device).train(train)
+    for block in vae.encoder.blocks:
+        block.dropout_rate = 0.0
+    x = csr_batch(arrays["x"][:n_cells], arrays["batch_index"][:n_cells], dtype=dtype)
+    for k in ("indptr", "indices", "values", "library", "batch", "labels"):
+        setattr(x, k, getattr(x, k).to(device))
+    eps = torch.from_numpy(arrays["eps"][:n_cells]).to(device, dtype)
+    _, _, out = vae(x, kl_weight=0.7, eps_noise=eps)
+    total = out.loss
+    if extra_weight:
+        w = torch.linspace(0.5, 1.5, n_cells, dtype=dtype, device=device)
+        total = total + (w * out.reconstruction_loss).sum() / n_cells
+    named = [(n, p) for n, p in vae.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(total, [p for _, p in named], allow_unused=True)
+    result = {"loss": total.detach().reshape(1), "rec": out.reconstruction_loss.detach(),
+              "kl": out.kl_local.detach()}
+    result.update({n: g for (n, _), g in zip(named, grads) if g is not None})
+    return result
+
+
+def assert_model_accurate(got: dict, want64: dict, want32: dict | None = None) -> None:
+    """Every entry of ``got`` (from :func:`model_loss_and_grads`) within the tolerance table's
+    ``model`` entry of the float64 reference ``want64``; float32 results are judged against
+    torch's own float32 error ``want32``. Norm-wise against ``max(max|t|, floor)``, the floor
+    ``1e-6`` of the largest value of any entry (the biases right before a BatchNorm have an
+    exact gradient of 0: rounding noise of ~1e-17 in every back-end)."""
+    from scvi_fast.reference._accuracy import assert_accurate
+
+    assert got.keys() == want64.keys()
+    floor = 1e-6 * max(t.abs().max().item() for t in want64.values())
+    for k, t in want64.items():
+        scale = max(t.abs().max().item(), floor)
+        low = None if want32 is None else want32[k]
+        assert_accurate("model", got[k], t, k, low=low, scale=scale)

@@ -7,8 +7,9 @@ import torch
 
 from scvi_fast import functional, reference
 from scvi_fast.kernels import native
-from tests.kernels.conftest import csr_of, poison_heap, random_counts
-from tests.kernels.tolerances import assert_f32_close, assert_f64_close
+from scvi_fast.reference._accuracy import assert_accurate
+from scvi_fast.reference._random import random_csr
+from tests.kernels.conftest import poison_heap
 
 OP = "sparse_linear"
 
@@ -31,44 +32,44 @@ def _run(fn, csr, params, cov, transform, dy):
     return [y.detach(), *grads]
 
 
-def _check(x, H, K, transform, gen, index_dtype=torch.int64, bias=True):
-    """Kernel in float64 and float32 against the float64 reference and torch's float32.
+def _counts(gen, B, G, density, max_count=5000, **kw):
+    """float64 CSR counts (see :func:`random_csr` for the keywords)."""
+    return random_csr(gen, B, G, density, max_count=max_count, dtype=torch.float64, **kw)
+
+
+def _check(csr64, shape, H, K, transform, gen, bias=True):
+    """Kernel in float64 and float32 against the float64 reference and torch's float32, on
+    float64 CSR counts (any entry order, duplicates allowed).
 
     Inputs are drawn in float32 and upcast exactly, so one float64 reference run is
     the truth for both precisions.
     """
-    return _check_csr(csr_of(x, torch.float64, index_dtype), x.shape, H, K, transform, gen, bias)
-
-
-def _check_csr(csr64, shape, H, K, transform, gen, bias=True):
-    """:func:`_check` on given float64 CSR arrays (any entry order, duplicates allowed)."""
     B, G = shape
     cov = torch.randint(0, K, (B,), generator=gen) if K else None
     p32, p64 = _params(G, H, K, gen, bias)
     dy32 = torch.randn(B, H, generator=gen)
     dy64 = dy32.double()
-    csr32 = (csr64[0], csr64[1], csr64[2].float())
+    csr32 = csr64.to(dtype=torch.float32)
     names = ["y", "dW"] + (["db"] if bias else []) + (["dW_cov"] if K else [])
 
     truth = _run(reference.sparse_linear, csr64, p64, cov, transform, dy64)
     poison_heap((B, H), (G, H), dtype=torch.float64)
     got64 = _run(native.sparse_linear, csr64, p64, cov, transform, dy64)
     for a, t, name in zip(got64, truth, names):
-        assert_f64_close(OP, a, t, name)
+        assert_accurate(OP, a, t, name)
 
     ref32 = _run(reference.sparse_linear, csr32, p32, cov, transform, dy32)
     poison_heap((B, H), (G, H))
     got32 = _run(native.sparse_linear, csr32, p32, cov, transform, dy32)
     for a, r, t, name in zip(got32, ref32, truth, names):
-        assert_f32_close(OP, a, r, t, name)
+        assert_accurate(OP, a, t, name, low=r)
     return got32
 
 
 # The Census shape at 10%; the density extremes on 256 of its cells (test time).
 @pytest.mark.parametrize("B,density,H", [(1024, 0.1, 512), (256, 0.02, 128), (256, 0.3, 128)])
 def test_realistic_shape(B, density, H, gen, native_ext):
-    x = random_counts(B, 8000, density, gen)
-    _check(x, H, K=0, transform="log1p", gen=gen)
+    _check(_counts(gen, B, 8000, density), (B, 8000), H, K=0, transform="log1p", gen=gen)
 
 
 @pytest.mark.parametrize(
@@ -78,8 +79,8 @@ def test_realistic_shape(B, density, H, gen, native_ext):
 @pytest.mark.parametrize("transform", ["log1p", "identity"])
 def test_odd_shapes(B, G, H, density, transform, gen, isa):
     # rows without counts and a gene never observed, where the shape has room for them
-    x = random_counts(B, G, density, gen, max_count=3000, empty_rows=(2,), empty_cols=(1,))
-    got = _check(x, H, K=4, transform=transform, gen=gen)
+    csr = _counts(gen, B, G, density, max_count=3000, empty_rows=(2,), empty_cols=(1,))
+    got = _check(csr, (B, G), H, K=4, transform=transform, gen=gen)
     if G > 1 and B > 0:
         assert (got[1][1] == 0).all(), "dW of a gene never observed must be exactly zero"
 
@@ -90,30 +91,19 @@ def test_odd_shapes(B, G, H, density, transform, gen, isa):
 @pytest.mark.parametrize("B,G,H", [(700, 3000, 700), (1100, 500, 64), (9, 40, 5)])
 @pytest.mark.parametrize("layout", ["unsorted_rows", "duplicates", "sorted"])
 def test_entry_order_and_duplicates(B, G, H, layout, gen, isa):
-    x = random_counts(B, G, 0.05, gen, max_count=50)
-    indptr, indices, values = csr_of(x, torch.float64)
-    if layout != "sorted":
-        rows = torch.arange(B)[torch.rand(B, generator=gen) < 0.3]  # some rows, some blocks
-        indices, values = indices.clone(), values.clone()
-        for r in rows.tolist():
-            a, b = int(indptr[r]), int(indptr[r + 1])
-            if b - a < 2:
-                continue
-            if layout == "unsorted_rows":
-                p = torch.randperm(b - a, generator=gen) + a
-                indices[a:b], values[a:b] = indices[p], values[p]
-            else:  # every entry's gene repeated as its neighbour's: a sorted row with repeats
-                indices[a + 1:b:2] = indices[a:b - 1:2]
-    _check_csr((indptr, indices, values), (B, G), H, K=3, transform="log1p", gen=gen)
+    # 30% of the rows: some rows of a block, some whole blocks
+    kw = {"unsorted_rows": dict(shuffled=0.3), "duplicates": dict(duplicates=0.3)}.get(layout, {})
+    csr = _counts(gen, B, G, 0.05, max_count=50, **kw)
+    _check(csr, (B, G), H, K=3, transform="log1p", gen=gen)
 
 
 @pytest.mark.parametrize("n_threads", [1, 3, 5])
 def test_thread_counts_give_identical_results(n_threads, gen, native_ext):
     """Rows and genes are split between threads by entry counts; any split gives the
     same sums (each gene's entries are summed in row order by one thread)."""
-    x = random_counts(301, 700, 0.08, gen, max_count=40, empty_rows=(5, 6))
-    x[:, :20] *= 0  # a run of genes never observed
-    indptr, indices, values = csr_of(x, torch.float32)
+    # a run of genes never observed
+    indptr, indices, values = random_csr(gen, 301, 700, 0.08, max_count=40, empty_rows=(5, 6),
+                                         empty_cols=range(20))
     W = torch.randn(700, 70, generator=gen, requires_grad=True)
     dy = torch.randn(301, 70, generator=gen)
     old = torch.get_num_threads()
@@ -142,14 +132,13 @@ def test_empty_batch(native_ext):
 
 
 def test_no_bias_no_covariates_int32_indices(gen, isa):
-    x = random_counts(64, 300, 0.2, gen)
-    _check(x, 40, K=0, transform="log1p", gen=gen, index_dtype=torch.int32, bias=False)
+    csr = _counts(gen, 64, 300, 0.2, index_dtype=torch.int32)
+    _check(csr, (64, 300), 40, K=0, transform="log1p", gen=gen, bias=False)
 
 
 def test_covariates_only_some_gradients(gen, native_ext):
     """Only the gradients that are asked for are computed; the others stay None."""
-    x = random_counts(20, 50, 0.3, gen)
-    indptr, indices, values = csr_of(x, torch.float32)
+    indptr, indices, values = random_csr(gen, 20, 50, 0.3)
     W = torch.randn(50, 16, generator=gen)
     b = torch.randn(16, generator=gen)
     W_cov = torch.randn(3, 16, generator=gen, requires_grad=True)
@@ -162,8 +151,7 @@ def test_covariates_only_some_gradients(gen, native_ext):
 
 
 def test_functional_dispatch_native(gen):
-    x = random_counts(8, 30, 0.3, gen)
-    indptr, indices, values = csr_of(x, torch.float32)
+    indptr, indices, values = random_csr(gen, 8, 30, 0.3)
     W = torch.randn(30, 12, generator=gen)
     b = torch.randn(12, generator=gen)
     y = functional.sparse_linear(indptr, indices, values, W, b, impl="native")
@@ -172,8 +160,7 @@ def test_functional_dispatch_native(gen):
 
 
 def test_rejects_bad_input(gen, native_ext):
-    x = random_counts(4, 10, 0.5, gen)
-    indptr, indices, values = csr_of(x, torch.float32)
+    indptr, indices, values = random_csr(gen, 4, 10, 0.5)
     W = torch.randn(10, 8, generator=gen)
     bad = indices.clone()
     bad[0] = 10
@@ -191,8 +178,7 @@ def test_rejects_bad_input(gen, native_ext):
 
 
 def test_reference_gradcheck(gen):
-    x = random_counts(4, 6, 0.5, gen, max_count=20)
-    indptr, indices, values = csr_of(x, torch.float64)
+    indptr, indices, values = _counts(gen, 4, 6, 0.5, max_count=20)
     W = torch.randn(6, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
     W_cov = torch.randn(2, 3, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -103,7 +103,8 @@ def _sparse_linear_cases():
     for src in ("fp32", "bf16"):
         cases.append((f"segment_gather-unweighted-{src}", sl._segment_gather_kernel, "fp32",
                       dict(HAS_VAL=False, LOG1P=False, HAS_BIAS=False, HAS_COV=False,
-                           ACC=_acc("fp32"), **sl.launch_config(H)), {"src_ptr": src}))
+                           ACC=_acc("fp32"), **sl.gather_candidates(H, _torch_dtype("fp32"))[0]),
+                      {"src_ptr": src}))
     # densify: a float32, bfloat16 (autocast) or float64 buffer from float32 counts
     for out in ("fp32", "bf16", "fp64"):
         for i, cfg in enumerate(sl.densify_candidates()):
@@ -115,7 +116,8 @@ def _sparse_linear_cases():
 
 
 def _nb_cases(part):
-    from scvi_fast.kernels.triton import _nb_loglik as nb
+    from scvi_fast.kernels.triton import _nb_bwd as nbb
+    from scvi_fast.kernels.triton import _nb_fwd as nbf
 
     fwd, bwd = [], []
     # logits (and their gradient) in float32, bfloat16 or float64; every other float float32
@@ -124,32 +126,32 @@ def _nb_cases(part):
         ty = "fp64" if zt == "fp64" else "fp32"
         dt = _torch_dtype(zt)
         zp = {"logits_ptr": zt}
-        for i, cfg in enumerate(nb.fwd_candidates(G, dt)):
+        for i, cfg in enumerate(nbf.fwd_candidates(G, dt)):
             idx = "i32" if i % 2 else "i64"
             nc = -(-G // cfg["CHUNK"])
             split = nc > 1
             nc_block = max(2, 1 << (nc - 1).bit_length())
-            fwd.append((f"nb_fwd-{zt}-{i}", nb._nb_fwd_kernel, ty,
+            fwd.append((f"nb_fwd-{zt}-{i}", nbf._nb_fwd_kernel, ty,
                           dict(EPS=1e-8, ACC=_acc(ty), SPLIT=split, NC_BLOCK=nc_block, **cfg),
                           dict(zp, indices_ptr=idx, indptr_ptr=idx)))
             if split:
-                fwd.append((f"nb_fwd_chunk_max-{zt}-{i}", nb._nb_fwd_chunk_max_kernel, ty,
+                fwd.append((f"nb_fwd_chunk_max-{zt}-{i}", nbf._nb_fwd_chunk_max_kernel, ty,
                               dict(ACC=_acc(ty), CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"]),
                               zp))
-                fwd.append((f"nb_fwd_combine-{zt}-{i}", nb._nb_fwd_combine_kernel, ty,
-                              dict(NC_BLOCK=nc_block, **nb.COMBINE_CONFIG), None))
-        for i, cfg in enumerate(nb.bwd_dense_candidates(G, dt)):
-            bwd.append((f"nb_bwd_dense-{zt}-{i}", nb._nb_bwd_dense_kernel, ty,
+                fwd.append((f"nb_fwd_combine-{zt}-{i}", nbf._nb_fwd_combine_kernel, ty,
+                              dict(NC_BLOCK=nc_block, **nbf.COMBINE_CONFIG), None))
+        for i, cfg in enumerate(nbb.bwd_dense_candidates(G, dt)):
+            bwd.append((f"nb_bwd_dense-{zt}-{i}", nbb._nb_bwd_dense_kernel, ty,
                           dict(EPS=1e-8, NEED_DZ=True, NEED_DR=True, ZERO_ACC=True, ACC=_acc(ty),
                                **cfg), dict(zp, dz_ptr=zt)))
-        for i, cfg in enumerate(nb.bwd_sparse_candidates(dt)):
+        for i, cfg in enumerate(nbb.bwd_sparse_candidates(dt)):
             for atomic in (True, False):
                 bwd.append((f"nb_bwd_sparse-{zt}-{i}-atomic{int(atomic)}",
-                              nb._nb_bwd_sparse_kernel, ty,
+                              nbb._nb_bwd_sparse_kernel, ty,
                               dict(EPS=1e-8, NEED_DZ=True, NEED_DL=True, NEED_DR=True,
                                    ATOMIC=atomic, ACC=_acc(ty), **cfg), dict(zp, dz_ptr=zt)))
-        bwd.append((f"nb_bwd_px_r-{zt}", nb._nb_bwd_px_r_kernel, ty,
-                    dict(ACC=_acc(ty), **nb.PX_R_CONFIG), None))
+        bwd.append((f"nb_bwd_px_r-{zt}", nbb._nb_bwd_px_r_kernel, ty,
+                    dict(ACC=_acc(ty), **nbb.PX_R_CONFIG), None))
     return fwd if part == "fwd" else bwd
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _triton_helpers import assert_within_scale, random_csr, seed_of
+from _triton_helpers import seed_of
 from scvi_fast import functional, reference
+from scvi_fast.reference._accuracy import assert_accurate, nb_term_magnitudes
+from scvi_fast.reference._random import CSR, random_csr
+
+OP = "nb_softmax_loglik"
 
 # (B, G, density, max count, empty rows, genes never observed)
 CASES = [
@@ -21,7 +25,8 @@ def _inputs(gen, case, dtype, device):
     B, G, density, max_count, empty_rows, unobserved = case
     index_dtype = torch.int32 if B % 2 else torch.int64  # both index widths
     indptr, indices, values = random_csr(
-        gen, B, G, density, dtype, index_dtype, max_count, empty_rows, unobserved
+        gen, B, G, density, max_count=max_count, dtype=dtype, index_dtype=index_dtype,
+        empty_rows=empty_rows, empty_cols=unobserved,
     )
     if values.numel():
         values[0] = 2.0**24  # the largest count that float32 holds exactly (and all below it)
@@ -35,14 +40,7 @@ def _inputs(gen, case, dtype, device):
     px_r = torch.randn(G, generator=gen, dtype=torch.float64) * 2
     px_r[: min(G, 2)] = torch.tensor([-9.0, 13.0])[: min(G, 2)]
     floats = [t.to(device=device, dtype=dtype) for t in (logits, log_library, px_r)]
-    return floats, (indptr.to(device), indices.to(device), values.to(device))
-
-
-def _condition_scales(tk, floats, csr, w, eps=1e-8):
-    """Per output element, the sum of |terms| it adds up (see ``term_magnitudes``)."""
-    from scvi_fast.kernels.triton._nb_loglik import term_magnitudes
-
-    return term_magnitudes(*floats, csr, w, eps)
+    return floats, CSR(indptr, indices, values).to(device)
 
 
 def _run(fn, floats, csr, w, eps=1e-8):
@@ -55,11 +53,12 @@ def _run(fn, floats, csr, w, eps=1e-8):
 def _check(got, floats, csr, w, dtype, what=""):
     """``got`` (value and gradients) against the float64 reference on the same inputs."""
     floats64 = [t.double() for t in floats]
-    csr64 = (csr[0], csr[1], csr[2].double())
+    csr64 = csr.to(dtype=torch.float64)
     truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(None, floats64, csr64, w)
+    scales = nb_term_magnitudes(*floats64, csr64, w)
     for g, t, s, n in zip(got, truth, scales, ["loglik", "dlogits", "dlog_library", "dpx_r"]):
-        assert_within_scale(g, t, s, "nb", dtype, f"{what} {n}")
+        assert g.dtype == dtype, f"{what} {n}"
+        assert_accurate(OP, g, t, f"{what} {n}", scale=s)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}")
@@ -83,24 +82,24 @@ def test_partial_grads_shapes_and_dispatch(tk, device):
     ll_ref = reference.nb_softmax_loglik(logits, log_library[:, None], px_r, X)
     assert ll.shape == (logits.shape[0],)
     w = torch.randn(ll.shape, generator=gen, dtype=torch.float64).to(device)
-    scales = _condition_scales(tk, floats, (indptr, indices, values), w)
-    assert_within_scale(ll, ll_ref, scales[0], "nb", torch.float64, "loglik")
+    scales = nb_term_magnitudes(*floats, (indptr, indices, values), w)
+    assert_accurate(OP, ll, ll_ref, "loglik", scale=scales[0])
     (g,) = torch.autograd.grad((ll * w).sum(), logits)
     (g_ref,) = torch.autograd.grad((ll_ref * w).sum(), logits)
-    assert_within_scale(g, g_ref, scales[1], "nb", torch.float64, "dlogits")
+    assert_accurate(OP, g, g_ref, "dlogits", scale=scales[1])
 
 
 def test_other_eps(tk, device):
     gen = torch.Generator().manual_seed(11)
     floats, csr = _inputs(gen, CASES[1], torch.float64, device)
     w = torch.randn(CASES[1][0], generator=gen, dtype=torch.float64).to(device)
-    scales = _condition_scales(tk, floats, csr, w, eps=1e-3)
+    scales = nb_term_magnitudes(*floats, csr, w, eps=1e-3)
     for g, r, s in zip(
         _run(tk.nb_softmax_loglik, floats, csr, w, eps=1e-3),
         _run(reference.nb_softmax_loglik, floats, csr, w, eps=1e-3),
         scales,
     ):
-        assert_within_scale(g, r, s, "nb", torch.float64, "eps=1e-3")
+        assert_accurate(OP, g, r, "eps=1e-3", scale=s)
 
 
 def test_bad_input(tk, device):
@@ -138,13 +137,6 @@ def test_every_launch_shape(tk, device, poison_empty, kernel, config):
     _check(got, floats, csr, w, torch.float32, f"{kernel} {config}:")
 
 
-def _padded(csr, extra=6):
-    indptr, indices, values = csr
-    G_bad = torch.tensor([-2, 10**6, 0, 1, -1, 7])[:extra].to(indices)
-    nan = torch.full((extra,), float("nan"), dtype=values.dtype, device=values.device)
-    return indptr, torch.cat([indices, G_bad]), torch.cat([values, nan])
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_padded_tail_changes_nothing(tk, device, deterministic):
     """A poisoned tail past indptr[-1] changes no output or gradient, bit for bit (except the
@@ -158,12 +150,12 @@ def test_padded_tail_changes_nothing(tk, device, deterministic):
     torch.use_deterministic_algorithms(deterministic)
     try:
         want = _run(tk.nb_softmax_loglik, floats, csr, w)
-        got = _run(tk.nb_softmax_loglik, floats, _padded(csr), w)
+        got = _run(tk.nb_softmax_loglik, floats, csr.padded(6, case[1]), w)
     finally:
         torch.use_deterministic_algorithms(before)
     for i, (g, t) in enumerate(zip(got, want)):
         if i == 3 and device.type == "cuda" and not deterministic:
-            torch.testing.assert_close(g, t, rtol=1e-6, atol=0)
+            assert_accurate("nb_px_r_order", g, t, "dpx_r")
         else:
             assert torch.equal(g, t), f"output {i}"
 
@@ -180,7 +172,7 @@ def test_deterministic_path_matches_atomic_path(tk, device):
     finally:
         torch.use_deterministic_algorithms(False)
     for a, d in zip(atomic, det):
-        torch.testing.assert_close(a, d, rtol=1e-13, atol=0)
+        assert_accurate("nb_px_r_order", a, d)
 
 
 @pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[0]}x{c[1]}")
@@ -195,17 +187,12 @@ def test_bf16_logits_read_directly(tk, device, case):
     assert got[0].dtype == torch.float32 and got[1].dtype == torch.bfloat16
     assert got[2].dtype == got[3].dtype == torch.float32
     floats64 = [t.double() for t in floats]
-    csr64 = (csr[0], csr[1], csr[2].double())
+    csr64 = csr.to(dtype=torch.float64)
     truth = _run(reference.nb_softmax_loglik, floats64, csr64, w.double())
-    scales = _condition_scales(tk, floats64, csr64, w)
+    scales = nb_term_magnitudes(*floats64, csr64, w)
     for i, (g, t, s) in enumerate(zip(got, truth, scales)):
-        if i == 1:
-            # one bf16 rounding of a float32-accurate value: 2^-8 relative when rounded to
-            # nearest (compiled), 2^-7 when truncated (Triton's interpreter casts so)
-            err = (g.double() - t).abs()
-            assert (err <= 2.0**-7 * t.abs() + 2e-6 * s).all(), "dlogits"
-        else:
-            assert_within_scale(g, t, s, "nb", torch.float32, f"output {i}")
+        # the bf16 gradient of the logits takes the table's "bfloat16" entry (one rounding)
+        assert_accurate(OP, g, t, f"output {i}", scale=s)
 
 
 def test_functional_keeps_bf16_logits_for_triton_only(device):
@@ -225,16 +212,16 @@ def test_functional_keeps_bf16_logits_for_triton_only(device):
     assert lt.dtype == lr.dtype == torch.float32
     # the Triton result is the float64 likelihood of those bf16 logits, to float32 accuracy
     truth = reference.nb_softmax_loglik(logits.double(), lib.double(), px_r.double(),
-                                        (csr[0], csr[1], csr[2].double()))
+                                        csr.to(dtype=torch.float64))
     w = torch.ones(B, dtype=torch.float64, device=device)
-    scale = _condition_scales(None, [logits.double(), lib.double(), px_r.double()],
-                              (csr[0], csr[1], csr[2].double()), w)[0]
-    assert_within_scale(lt, truth, scale, "nb", torch.float32, "loglik")
+    scale = nb_term_magnitudes(logits, lib, px_r, csr, w)[0]
+    assert_accurate(OP, lt, truth, "loglik", scale=scale)
 
 
 def test_every_candidate_configuration(tk, device):
     """Each candidate a sweep or SCVI_FAST_AUTOTUNE=1 may pick gives the right answer."""
-    from scvi_fast.kernels.triton import _nb_loglik as nb
+    from scvi_fast.kernels.triton import _nb_bwd as bwd
+    from scvi_fast.kernels.triton import _nb_fwd as fwd
     from scvi_fast.kernels.triton._configs import forced
 
     case = CASES[3]  # 4 x 1100: more than one block of genes
@@ -242,9 +229,9 @@ def test_every_candidate_configuration(tk, device):
     gen = torch.Generator().manual_seed(17)
     floats, csr = _inputs(gen, case, torch.float32, device)
     w = torch.randn(case[0], generator=gen).to(device)
-    runs = [("nb_fwd", c) for c in nb.fwd_candidates(G, torch.float32)]
-    runs += [("nb_bwd_dense", c) for c in nb.bwd_dense_candidates(G, torch.float32)]
-    runs += [("nb_bwd_sparse", c) for c in nb.bwd_sparse_candidates(torch.float32)]
+    runs = [("nb_fwd", c) for c in fwd.fwd_candidates(G, torch.float32)]
+    runs += [("nb_bwd_dense", c) for c in bwd.bwd_dense_candidates(G, torch.float32)]
+    runs += [("nb_bwd_sparse", c) for c in bwd.bwd_sparse_candidates(torch.float32)]
     for kernel, config in runs:
         with forced(kernel, config):
             got = _run(tk.nb_softmax_loglik, floats, csr, w)

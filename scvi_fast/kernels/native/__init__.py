@@ -3,7 +3,10 @@
 The extension is loaded, or built just in time, on the first call of
 :func:`is_available` or of an op (see :mod:`scvi_fast._native`); importing this
 package compiles nothing. Each op lives in its own module with its
-``autograd.Function``; the signatures are those of :mod:`scvi_fast.reference`.
+``autograd.Function``, with the signature of the back-end contract (see
+:mod:`scvi_fast.functional`). Every op has a fused kernel; ``nb_softmax_loglik_linear``
+(under autocast or for mixed dtypes) and ``dropout`` (under autocast or for dtypes other
+than float32 / float64) fall back to the reference's composition in their own module.
 """
 
 from scvi_fast._native import is_available, load, unavailable_reason

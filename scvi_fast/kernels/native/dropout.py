@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from scvi_fast import reference
 from scvi_fast._native import load
+
+_DTYPES = (torch.float32, torch.float64)
 
 
 class DropoutFunction(torch.autograd.Function):
@@ -30,7 +33,13 @@ class DropoutFunction(torch.autograd.Function):
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """``torch.nn.functional.dropout(x, p, training)`` with the native mask (see module doc)."""
+    """``torch.nn.functional.dropout(x, p, training)`` with the native mask (see module doc).
+
+    Under autocast, and for dtypes the kernel does not take (it takes float32 and float64),
+    this is the reference's ``F.dropout``.
+    """
+    if torch.is_autocast_enabled(x.device.type) or x.dtype not in _DTYPES:
+        return reference.dropout(x, p, training)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1]; got {p}")
     if not training or p == 0.0:

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import torch
 
+from scvi_fast import reference
 from scvi_fast._native import load
 from scvi_fast.kernels import _gemm
 from scvi_fast.kernels._scratch import POOL
-from scvi_fast.kernels.native.nb_softmax_loglik import kernel_args
+from scvi_fast.kernels.native.nb_softmax_loglik import kernel_args, nb_softmax_loglik
 
 
 def _logits(h, weight, bias) -> tuple[torch.Tensor, bool]:
@@ -112,22 +113,24 @@ class NBLinearLoglikFunction(torch.autograd.Function):
         return dh, dW, db, d_lib, d_r, None, None, None, None
 
 
-def nb_softmax_loglik_linear(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    log_library: torch.Tensor,
-    px_r: torch.Tensor,
-    X_csr,
-    eps: float = 1e-8,
-) -> torch.Tensor:
-    """Native version of :func:`scvi_fast.reference.nb_softmax_loglik_linear` (same arguments)."""
+def nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps=1e-8):
+    """Native version of :func:`scvi_fast.reference.nb_softmax_loglik_linear` (same arguments).
+
+    The fused kernel takes ``h``, ``weight`` and ``bias`` of one dtype, float32 or float64.
+    Under autocast (whose layer runs in bfloat16) and for any other dtypes, this is the
+    composition :func:`scvi_fast.reference.linear_then_nb` with the native
+    :func:`~scvi_fast.kernels.native.nb_softmax_loglik`: torch's ``F.linear`` applies its
+    dtype rules, and the likelihood reads the logits in float32.
+    """
     dtype = h.dtype
-    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
-        raise TypeError(
-            f"nb_softmax_loglik_linear: h, weight and bias must share a dtype; got {h.dtype}, "
-            f"{weight.dtype}, {None if bias is None else bias.dtype}"
-        )
+    if (
+        torch.is_autocast_enabled(h.device.type)
+        or dtype not in (torch.float32, torch.float64)
+        or weight.dtype != dtype
+        or (bias is not None and bias.dtype != dtype)
+    ):
+        return reference.linear_then_nb(nb_softmax_loglik, h, weight, bias, log_library, px_r,
+                                        X_csr, eps)
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(
             f"nb_softmax_loglik_linear: h must be (B, H) and weight (G, H); got {tuple(h.shape)} "

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from scvi_fast import reference
 from scvi_fast._native import load
-from scvi_fast.reference import csr_parts
 
 
 class NBSoftmaxLoglikFunction(torch.autograd.Function):
@@ -77,19 +77,16 @@ class NBSoftmaxLoglikFunction(torch.autograd.Function):
         return d_logits, d_lib, d_r, None, None, None, None
 
 
-def nb_softmax_loglik(
-    logits: torch.Tensor,
-    log_library: torch.Tensor,
-    px_r: torch.Tensor,
-    X_csr,
-    eps: float = 1e-8,
-) -> torch.Tensor:
+def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     """Native version of :func:`scvi_fast.reference.nb_softmax_loglik` (same arguments).
 
     Counts are cast to the dtype of ``logits`` as in the reference (exact for
     integers up to 2^24 in float32); the non-zero terms are evaluated in double.
-    Stored indices must be unique within a row (canonical CSR).
+    Stored indices must be unique within a row (canonical CSR). bfloat16 / float16 logits
+    are evaluated in float32, as by the reference.
     """
+    if logits.dtype in reference.LOW_PRECISION:
+        logits = logits.float()
     return NBSoftmaxLoglikFunction.apply(
         logits.contiguous(), *kernel_args(log_library, px_r, X_csr, eps, logits.dtype)
     )
@@ -98,7 +95,7 @@ def nb_softmax_loglik(
 def kernel_args(log_library, px_r, X_csr, eps, dtype) -> tuple:
     """``(log_library, px_r, indptr, indices, values, eps)`` as the C++ kernel takes them:
     contiguous, floats in ``dtype``, ``indptr`` int64, ``indices`` int32 or int64."""
-    indptr, indices, values = csr_parts(X_csr)
+    indptr, indices, values = reference.csr_parts(X_csr)
     if indices.dtype not in (torch.int32, torch.int64):
         indices = indices.to(torch.int64)
     return (

@@ -54,16 +54,8 @@ class SparseLinearFunction(torch.autograd.Function):
 
 
 def sparse_linear(
-    indptr: torch.Tensor,
-    indices: torch.Tensor,
-    values: torch.Tensor,
-    W: torch.Tensor,
-    b: torch.Tensor | None,
-    cov: torch.Tensor | None = None,
-    W_cov: torch.Tensor | None = None,
-    transform: str = "log1p",
-    method: str = "auto",
-) -> torch.Tensor:
+    indptr, indices, values, W, b, cov=None, W_cov=None, transform="log1p", method="auto"
+):
     """Native version of :func:`scvi_fast.reference.sparse_linear` (same arguments).
 
     ``method="dense"`` is the reference's densify + GEMM (the CPU kernels are the gather;

@@ -1,11 +1,18 @@
 """Triton (GPU) back-end of the fused ops.
 
-Exposes ``is_available()``, ``unavailable_reason()`` and the three ops with the reference
-signatures (see :mod:`scvi_fast.reference`)::
+Exposes ``is_available()``, ``unavailable_reason()`` and every op of the back-end contract
+(``scvi_fast.functional.OPS``, with the signatures given there)::
 
     sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform, method)
     nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
-    reparam_kl(q_m, q_v_raw, eps_noise)
+    nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps)
+    reparam_kl(q_m, q_v_raw, eps_noise, var_eps)
+    dropout(x, p, training)
+
+``sparse_linear``, ``nb_softmax_loglik`` and ``reparam_kl`` have Triton kernels.
+``nb_softmax_loglik_linear`` is the composition :func:`scvi_fast.reference.linear_then_nb`
+(torch's GEMM, cuBLAS, then the NB kernels, which read bfloat16 logits as they are), and
+``dropout`` is the reference's ``F.dropout``: on a GPU neither gains from a kernel of its own.
 
 Each op lives in its own file (``_sparse_linear.py``, ``_nb_loglik.py``, ``_reparam_kl.py``,
 special functions in ``_math.py``) in three tiers: ``@triton.jit`` kernels, host launchers, an
@@ -29,14 +36,17 @@ import importlib
 import os
 from types import ModuleType
 
+from scvi_fast import reference
+
 __all__ = [
     "is_available",
     "unavailable_reason",
     "interpreting",
     "sparse_linear",
     "nb_softmax_loglik",
+    "nb_softmax_loglik_linear",
     "reparam_kl",
-    "nb_bytes_moved",
+    "dropout",
 ]
 
 
@@ -95,29 +105,20 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     return _kernels("_nb_loglik").nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
 
 
-def reparam_kl(q_m, q_v_raw, eps_noise):
-    """``(z, kl)`` with ``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise``; see
+def nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps=1e-8):
+    """:func:`nb_softmax_loglik` of ``h @ weight.T + bias``: the composition
+    :func:`scvi_fast.reference.linear_then_nb` (the logits stay in the autocast dtype under
+    autocast). Gradients flow to ``h``, ``weight``, ``bias``, ``log_library`` and ``px_r``."""
+    return reference.linear_then_nb(nb_softmax_loglik, h, weight, bias, log_library, px_r,
+                                    X_csr, eps)
+
+
+def reparam_kl(q_m, q_v_raw, eps_noise, var_eps=reference.VAR_EPS):
+    """``(z, kl)`` with ``z = q_m + sqrt(exp(q_v_raw) + var_eps) * eps_noise``; see
     :func:`scvi_fast.reference.reparam_kl`."""
-    return _kernels("_reparam_kl").reparam_kl(q_m, q_v_raw, eps_noise)
+    return _kernels("_reparam_kl").reparam_kl(q_m, q_v_raw, eps_noise, var_eps)
 
 
-def nb_bytes_moved(B, G, nnz, elem=4, index_elem=8, value_elem=4, indptr_elem=None):
-    """``(forward, backward)`` compulsory bytes of the NB op, for effective-bandwidth reports.
-
-    For ``B`` cells, ``G`` genes and ``nnz`` stored counts; no Triton needed to call it.
-    ``elem``: bytes per logit (4 for float32, 2 for bfloat16); ``index_elem`` / ``value_elem``
-    / ``indptr_elem`` (default ``index_elem``): of the CSR arrays.
-
-    What any implementation must move between the processor and memory: forward, the logits
-    read once, the CSR, ``px_r`` and the per-cell inputs and outputs (log library in;
-    log-likelihood, lse and C out); backward, the logits read once and their gradient written
-    once, the CSR, ``px_r`` and its gradient, the per-cell saved values, upstream gradient and
-    library gradient. Work the kernels do beyond that (a split forward's second read of its
-    chunk, gathers at the non-zeros, the px_r partials) is not counted, so bytes / time is the
-    effective bandwidth that compares with the memory's peak (the roofline of the op).
-    """
-    indptr_elem = index_elem if indptr_elem is None else indptr_elem
-    csr = (B + 1) * indptr_elem + nnz * (index_elem + value_elem)
-    fwd = B * G * elem + csr + G * 4 + 4 * B * 4
-    bwd = 2 * B * G * elem + csr + 2 * G * 4 + 5 * B * 4
-    return fwd, bwd
+def dropout(x, p, training=True):
+    """The reference's dropout (``F.dropout``); see :func:`scvi_fast.reference.dropout`."""
+    return reference.dropout(x, p, training)

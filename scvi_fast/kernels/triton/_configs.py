@@ -74,6 +74,16 @@ def choose(
     return best
 
 
+def unique(cands: list[dict]) -> tuple[dict, ...]:
+    """The candidates without repeats (small shapes make some coincide), in order; a tuple,
+    since the candidate lists are cached."""
+    out = []
+    for c in cands:
+        if c not in out:
+            out.append(c)
+    return tuple(out)
+
+
 def tuned() -> dict[tuple, dict]:
     """The configurations chosen by timing so far, by ``(kernel, key)``."""
     return dict(_tuned)

@@ -156,9 +156,10 @@ class ReparamKL(torch.autograd.Function):
     """``(z, kl) = reparam_kl(q_m, q_v_raw, eps_noise)`` with the fused Triton kernels."""
 
     @staticmethod
-    def forward(ctx, q_m, q_v_raw, eps_noise):
-        z, kl = reparam_kl_forward(q_m, q_v_raw, eps_noise)
+    def forward(ctx, q_m, q_v_raw, eps_noise, var_eps):
+        z, kl = reparam_kl_forward(q_m, q_v_raw, eps_noise, var_eps)
         ctx.save_for_backward(q_m, q_v_raw, eps_noise)
+        ctx.var_eps = var_eps
         return z, kl
 
     @staticmethod
@@ -168,11 +169,12 @@ class ReparamKL(torch.autograd.Function):
         needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
         grad_z = grad_z if grad_z.is_contiguous() else grad_z.contiguous()
         grad_kl = grad_kl if grad_kl.is_contiguous() else grad_kl.contiguous()
-        return reparam_kl_backward(q_m, q_v_raw, eps_noise, grad_z, grad_kl, needs)
+        return (*reparam_kl_backward(q_m, q_v_raw, eps_noise, grad_z, grad_kl, needs,
+                                     ctx.var_eps), None)
 
 
-def reparam_kl(q_m, q_v_raw, eps_noise):
-    """``z = q_m + sqrt(exp(q_v_raw) + 1e-4) * eps_noise`` and the per-cell KL to N(0, I).
+def reparam_kl(q_m, q_v_raw, eps_noise, var_eps=VAR_EPS):
+    """``z = q_m + sqrt(exp(q_v_raw) + var_eps) * eps_noise`` and the per-cell KL to N(0, I).
 
     Same semantics as :func:`scvi_fast.reference.reparam_kl` for ``(B, Z)`` inputs (a leading
     batch of any shape is flattened and restored). Contiguous ``(B, Z)`` inputs of one dtype
@@ -188,7 +190,7 @@ def reparam_kl(q_m, q_v_raw, eps_noise):
         and q_m.is_contiguous() and q_v_raw.is_contiguous() and eps_noise.is_contiguous()
     ):
         with on_device(q_m):
-            return ReparamKL.apply(q_m, q_v_raw, eps_noise)
+            return ReparamKL.apply(q_m, q_v_raw, eps_noise, float(var_eps))
     check_tensors("reparam_kl", _INTERPRETED, q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
     check_float("reparam_kl", q_m=q_m, q_v_raw=q_v_raw, eps_noise=eps_noise)
     if not (q_m.shape == q_v_raw.shape == eps_noise.shape):
@@ -202,5 +204,5 @@ def reparam_kl(q_m, q_v_raw, eps_noise):
     dtype = torch.promote_types(torch.promote_types(q_m.dtype, q_v_raw.dtype), eps_noise.dtype)
     flat = [t.to(dtype).reshape(-1, Z).contiguous() for t in (q_m, q_v_raw, eps_noise)]
     with on_device(q_m):
-        z, kl = ReparamKL.apply(*flat)
+        z, kl = ReparamKL.apply(*flat, float(var_eps))
     return z.reshape(*lead, Z), kl.reshape(lead)

@@ -55,7 +55,7 @@ from scvi_fast.kernels.triton._common import (
     on_device,
     torch_acc_dtype,
 )
-from scvi_fast.kernels.triton._configs import choose
+from scvi_fast.kernels.triton._configs import choose, unique
 from scvi_fast.kernels.triton._csr import entry_genes, row_span
 from scvi_fast.kernels.triton._math import log1p
 from scvi_fast.reference import csr_row_ids, csr_valid, resolve_method
@@ -158,12 +158,7 @@ def gather_candidates(H: int, dtype: torch.dtype) -> tuple[dict, ...]:
     cands += [dict(BLOCK_E=32, BLOCK_H=block_size(H, 256), num_warps=8),
               dict(BLOCK_E=64, BLOCK_H=block_size(H, 64), num_warps=4),
               dict(BLOCK_E=16, BLOCK_H=block_size(H, 512), num_warps=8)]
-    return tuple(c for i, c in enumerate(cands) if c not in cands[:i])
-
-
-def launch_config(H: int) -> dict:
-    """The default gather configuration (see :func:`gather_candidates`)."""
-    return gather_candidates(H, torch.float32)[0]
+    return unique(cands)
 
 
 @functools.lru_cache(maxsize=None)
