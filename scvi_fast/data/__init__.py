@@ -9,6 +9,7 @@ store format); ``_open`` (``as_source``); ``_counts``; ``_convert`` (``StoreWrit
 ``CSRStore.create``); ``_hvg``, ``_sampler``, ``_loader`` and ``_synthetic``.
 """
 
+from ._atomic import check_destination
 from ._categories import categorize, codes_for
 from ._convert import StoreWriter
 from ._counts import CountChecker, check_counts
@@ -39,6 +40,7 @@ __all__ = [
     "TorchMinibatch",
     "as_source",
     "categorize",
+    "check_destination",
     "check_counts",
     "codes_for",
     "gather_rows",
