@@ -1,18 +1,146 @@
-"""Command line: ``scvi-fast train | embed | convert``.
+"""Command line: ``scvi-fast train | embed | convert | evaluate``.
 
 ``scvi-fast train`` with no input trains on a built-in synthetic data set so a
 new installation can be checked end to end in a few minutes on a laptop CPU.
+
+Every mistake in a command line (a size that is not positive, an unknown or absent device, a
+missing input, an output that exists without ``--overwrite`` or cannot be written) is found
+before any work starts and ends the command with exit status 2 and one line on stderr;
+``--overwrite`` replaces only a store or model folder scvi_fast wrote, never anything else.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 SYNTHETIC_DEFAULT = {"n_cells": 6000, "n_genes": 2000, "n_batches": 3, "n_cell_types": 6}
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given (reported in one line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (and exits 2), without the usage."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------- argument types --
+def _int_at_least(low: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1, "positive")
+_non_negative = _int_at_least(0, "0 or more")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _leiden_iterations(text: str) -> int:
+    value = _int_at_least(-1, "-1 or more")(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 passes do nothing: give -1 (until stable) or 1 or more")
+    return value
+
+
+def _device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine."""
+    if text in ("auto", "cpu"):
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda, "
+                                         "cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch was built without CUDA" if torch.version.cuda is None
+                   else "torch sees no CUDA device")
+            raise argparse.ArgumentTypeError(f"{text!r}: no GPU is available here ({why}); use "
+                                             "--device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here")
+    return text
+
+
+# ------------------------------------------------------------------ input, output --
+def _existing(path: str | None, what: str = "input") -> None:
+    if path is not None and not Path(path).exists():
+        raise UsageError(f"{what} {path} does not exist")
+
+
+def _writable_folder(folder: Path, flag: str) -> None:
+    """Create ``folder`` if needed and check a file can be written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to {flag} {folder}: {err.strerror or err}") from None
+
+
+def _model_format(path: Path) -> str | None:
+    """``"scvi_fast"`` or ``"scvi-tools"`` when ``path`` is a model folder, else None."""
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        try:
+            if json.loads((path / "config.json").read_text()).get("format") == "scvi_fast":
+                return "scvi_fast"
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None
+    if (path / "model.pt").is_file():
+        return "scvi-tools"
+    return None
+
+
+def _replaceable(dest: Path, overwrite: bool, recognise, what: str) -> None:
+    from scvi_fast.data import check_destination
+
+    try:
+        check_destination(dest, overwrite, recognise, what, flag="--overwrite")
+    except FileExistsError as err:
+        raise UsageError(str(err)) from None
+
+
+def _is_model(path: Path) -> bool:
+    return _model_format(path) is not None
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_file()
 
 
 def _read_input(path: str, backed: bool = False):
@@ -24,7 +152,29 @@ def _read_input(path: str, backed: bool = False):
         import anndata
 
         return anndata.read_h5ad(p, backed="r" if backed else None)
-    raise ValueError(f"unsupported input {path!r}: give an .h5ad file or a CSR store folder")
+    raise UsageError(f"unsupported input {path!r}: give an .h5ad file or a CSR store folder")
+
+
+def _check_train(args) -> None:
+    _existing(args.input)
+    if args.input is not None:
+        p = Path(args.input)
+        if not (p.is_dir() or p.suffix == ".h5ad"):
+            raise UsageError(f"unsupported input {args.input!r}: give an .h5ad file or a CSR "
+                             "store folder")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    data_out = "X_scVI.npy" if args.input is not None and Path(args.input).is_dir() else "adata_scvi.h5ad"
+    found = [p for p in (out / "model", out / data_out, out / "checkpoints" / "checkpoint.pt")
+             if p.exists()]
+    if found and not (args.overwrite or args.resume):
+        raise UsageError(f"{out} holds the output of an earlier run "
+                         f"({', '.join(str(p.relative_to(out)) for p in found)}); pass --resume to "
+                         "continue it or --overwrite to replace it")
+    _replaceable(out / "model", True, _is_model, "model folder")
+    _replaceable(out / data_out, True, _is_file, "file")
+    _writable_folder(out, "--out")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -37,6 +187,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     main = _distributed.is_main_process()
     if not main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank
+    _check_train(args)
     out = Path(args.out)
     t0 = time.perf_counter()
     if args.input is None:
@@ -79,6 +230,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     h = model.history_
     t_train = model.trainer.train_time_s
     if main:
+        _replaceable(out / "model", True, _is_model, "model folder")  # again, just before
         model.save(out / "model", overwrite=True)
     # a store's embedding is written straight into X_scVI.npy (each rank its rows under torchrun)
     latent = model.get_latent_representation(out=out / "X_scVI.npy" if isinstance(adata, str) else None)
@@ -116,10 +268,26 @@ def _arch(args) -> dict:
     }
 
 
+def _check_embed(args) -> None:
+    _existing(args.model, "model folder")
+    if _model_format(Path(args.model)) is None:
+        raise UsageError(f"{args.model} is not a model folder (scvi_fast: config.json and "
+                         "model.safetensors; scvi-tools: model.pt)")
+    _existing(args.input)
+    out = Path(args.out)
+    if out.suffix not in (".h5ad", ".npy"):
+        raise UsageError(f"--out {out}: give a .h5ad file (obsm['X_scVI']) or a .npy file")
+    if Path(args.input).is_dir() and out.suffix != ".npy":
+        raise UsageError("embedding a store: give --out FILE.npy")
+    _replaceable(out, args.overwrite, _is_file, "file")
+    _writable_folder(out.parent, "--out")
+
+
 def _cmd_embed(args: argparse.Namespace) -> int:
     import scvi_fast
     from scvi_fast.data import write_h5ad
 
+    _check_embed(args)
     model = scvi_fast.SCVI.load(args.model, device=args.device)
     out = Path(args.out)
     # Streaming to .npy reads a backed .h5ad (or a store) chunk by chunk: memory stays bounded.
@@ -130,12 +298,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         progress_bar=not args.quiet,
     )
     dt = time.perf_counter() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix != ".npy":
-        adata = data if not isinstance(data, str) else None
-        if adata is None:
-            raise ValueError("embedding a store: give --out FILE.npy")
-        adata = adata.to_memory() if getattr(adata, "isbacked", False) else adata
+        adata = data.to_memory() if getattr(data, "isbacked", False) else data
         adata.obsm["X_scVI"] = latent
         adata.uns.pop(scvi_fast.model.SETUP_KEY, None)
         write_h5ad(adata, out)
@@ -144,40 +308,39 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_format(path: Path) -> str | None:
-    """``"scvi_fast"`` or ``"scvi-tools"`` when ``path`` is a model folder, else None."""
-    if (path / "config.json").exists() and (path / "model.safetensors").exists():
-        return "scvi_fast"
-    if (path / "model.pt").exists():
-        return "scvi-tools"
-    return None
-
-
 def _convert_model(args: argparse.Namespace, source_format: str) -> int:
     import scvi_fast
 
     target = args.to or ("scvi_fast" if source_format == "scvi-tools" else "scvi-tools")
     model = scvi_fast.SCVI.load(args.input, device="cpu")
+    _replaceable(Path(args.out), args.overwrite, _is_model, "model folder")  # again, just before
     model.save(args.out, overwrite=args.overwrite, format=target)
     print(f"Converted {source_format} model {args.input} -> {target} model {args.out} ({model.summary_string})")
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from scvi_fast.data import CSRStore
+    from scvi_fast.data import CSRStore, is_store
 
+    _existing(args.input)
+    _existing(args.genes, "--genes file")
+    out = Path(args.out)
     source_format = _model_format(Path(args.input))
     if source_format is not None:
+        _replaceable(out, args.overwrite, _is_model, "model folder")
+        _writable_folder(out.parent, "--out")
         return _convert_model(args, source_format)
     if args.to:
-        raise ValueError(f"--to converts model folders; {args.input} is not one")
+        raise UsageError(f"--to converts model folders; {args.input} is not one")
+    _replaceable(out, args.overwrite, is_store, "CSR store")
+    _writable_folder(out.parent, "--out")
     genes = None
     if args.genes:
         genes = [g.strip() for g in Path(args.genes).read_text().split() if g.strip()]
     t0 = time.perf_counter()
     store = CSRStore.create(
         args.out, args.input, batch_key=args.batch_key, labels_key=args.labels_key,
-        genes=genes, shuffle=args.shuffle,
+        genes=genes, shuffle=args.shuffle, overwrite=args.overwrite,
     )
     print(
         f"Wrote CSR store {args.out}: {store.n_cells} cells x {store.n_genes} genes "
@@ -186,10 +349,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_evaluate(args) -> None:
+    _existing(args.input)
+    _existing(args.data, "--data")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    found = [p.name for p in (out / "metrics.csv", out / "metrics.png") if p.exists()]
+    if found and not args.overwrite:
+        raise UsageError(f"{out} holds {', '.join(found)} already; pass --overwrite to replace")
+    _writable_folder(out, "--out")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import scvi_fast
     from scvi_fast import metrics
 
+    _check_evaluate(args)
     src = Path(args.input)
     if src.is_dir():
         data = _read_input(args.data) if args.data else None
@@ -211,7 +387,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     table = metrics.summary_table(embeddings, labels, batch, max_cells=args.max_cells, seed=args.seed,
                                   leiden_iterations=args.leiden_iterations)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "metrics.csv")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     print(f"Wrote {out / 'metrics.csv'} ({time.perf_counter() - t0:.1f} s)")
@@ -222,34 +397,50 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scvi-fast", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from scvi_fast import __version__
+
+    p = _Parser(prog="scvi-fast", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version of scvi_fast and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="train, embed, convert or evaluate")
+    device_help = ("auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N or mps "
+                   "(default: auto)")
 
     t = sub.add_parser("train", help="train scVI (no INPUT: a built-in synthetic data set)")
     t.add_argument("input", nargs="?", help=".h5ad file or CSR store folder")
-    t.add_argument("--batch-key")
-    t.add_argument("--labels-key")
-    t.add_argument("--layer")
-    t.add_argument("--preset", choices=["census"])
-    t.add_argument("--n-hidden", type=int)
-    t.add_argument("--n-latent", type=int)
-    t.add_argument("--n-layers", type=int)
-    t.add_argument("--max-epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--n-cells", type=int, help="size of the synthetic default data set")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="auto")
-    t.add_argument("--impl", default="auto", choices=["auto", "triton", "native", "torch"])
+    t.add_argument("--batch-key", help="obs column of the batches (an .h5ad input)")
+    t.add_argument("--labels-key", help="obs column of the cell labels (an .h5ad input)")
+    t.add_argument("--layer", help="AnnData layer holding the counts (default: X)")
+    t.add_argument("--preset", choices=["census"],
+                   help="census: the CZ CELLxGENE Census recipe (512 hidden, 50 latent, 2 "
+                   "layers, lr 1e-4, batch 1024, 100 epochs)")
+    t.add_argument("--n-hidden", type=_positive, help="hidden units per layer (default 128)")
+    t.add_argument("--n-latent", type=_positive, help="latent dimensions (default 10)")
+    t.add_argument("--n-layers", type=_positive, help="hidden layers (default 1)")
+    t.add_argument("--max-epochs", type=_positive,
+                   help="epochs to train (default: scvi-tools' rule by data size; 100 for the "
+                   "synthetic data)")
+    t.add_argument("--batch-size", type=_positive, help="cells per minibatch (default 128)")
+    t.add_argument("--lr", type=_positive_float, help="learning rate (default 1e-3)")
+    t.add_argument("--n-cells", type=_positive, help="size of the synthetic default data set")
+    t.add_argument("--seed", type=_non_negative, default=0,
+                   help="seed of the split, the shuffle and the initialisation (default 0)")
+    t.add_argument("--device", type=_device, default="auto", help=device_help)
+    t.add_argument("--impl", default="auto", choices=["auto", "triton", "native", "torch"],
+                   help="back-end of the fused ops (default: the fastest available)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    t.add_argument("--nproc-per-node", type=int, default=None,
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in OUT (model, embedding, "
+                   "checkpoint)")
+    t.add_argument("--nproc-per-node", type=_positive, default=None,
                    help="data-parallel training in N local processes (one per GPU, or CPU "
                    "shares) through torch's elastic launcher; on clusters run "
                    "`torchrun --nproc-per-node N -m scvi_fast.cli train ...` instead")
-    t.add_argument("--max-restarts", type=int, default=0,
+    t.add_argument("--max-restarts", type=_non_negative, default=0,
                    help="with --nproc-per-node: restart failed ranks up to this many times "
                    "(each restart resumes from OUT/checkpoints when --resume is given)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--out", default="scvi_fast_out", help="output folder (default: scvi_fast_out)")
     t.set_defaults(func=_cmd_train)
 
@@ -257,9 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="model folder (scvi_fast or scvi-tools)")
     e.add_argument("input", help=".h5ad file or CSR store folder")
     e.add_argument("--out", required=True, help="output .h5ad (obsm['X_scVI']) or .npy")
-    e.add_argument("--batch-size", type=int, default=None)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    e.add_argument("--batch-size", type=_positive, default=None,
+                   help="cells per minibatch (default: by device)")
+    e.add_argument("--device", type=_device, default="auto", help=device_help)
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_embed)
 
     c = sub.add_parser(
@@ -268,12 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
         "between the scvi-tools and scvi_fast formats",
     )
     c.add_argument("input", help="data to store, or a model folder (model.pt or config.json)")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="the store or model folder to write")
     c.add_argument("--to", choices=["scvi-tools", "scvi_fast"],
                    help="model format to write (default: the other one)")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    c.add_argument("--batch-key")
-    c.add_argument("--labels-key")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing store (or model folder) at --out; never anything "
+                   "else")
+    c.add_argument("--batch-key", help="obs column stored as the batch codes")
+    c.add_argument("--labels-key", help="obs column stored as the label codes")
     c.add_argument("--genes", help="text file with one gene name per line to keep, in order")
     c.add_argument("--shuffle", action="store_true", help="pre-shuffle rows at write time")
     c.set_defaults(func=_cmd_convert)
@@ -284,23 +479,38 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-key", required=True, help="obs column of batches (batch correction)")
     v.add_argument("--embedding-key", default="X_scVI", help="obsm key when INPUT is an .h5ad")
     v.add_argument("--data", help="with a model folder: the .h5ad of the cells to embed")
-    v.add_argument("--max-cells", type=int, default=None, help="evaluate a random subset of cells")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--leiden-iterations", type=int, default=-1,
+    v.add_argument("--max-cells", type=_positive, default=None,
+                   help="evaluate a random subset of cells")
+    v.add_argument("--seed", type=_non_negative, default=0, help="seed of the subset and UMAP")
+    v.add_argument("--leiden-iterations", type=_leiden_iterations, default=-1,
                    help="Leiden passes per resolution (-1: until stable, as scib; 2 is faster)")
-    v.add_argument("--device", default="auto")
+    v.add_argument("--device", type=_device, default="auto", help=device_help)
     v.add_argument("--no-plot", action="store_true", help="skip the UMAP/metrics PNG")
     v.add_argument("--out", required=True, help="folder for metrics.csv and metrics.png")
+    v.add_argument("--overwrite", action="store_true",
+                   help="replace metrics.csv and metrics.png in --out")
     v.set_defaults(func=_cmd_evaluate)
     return p
 
 
+def _one_line(err: BaseException) -> str:
+    msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return " ".join(str(msg).split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``scvi-fast`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a bad command line (one line printed)
+        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    from scvi_fast.train import CheckpointError, NonFiniteError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError, FileExistsError, NotImplementedError) as err:
-        print(f"scvi-fast {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, NotImplementedError, CheckpointError,
+            NonFiniteError) as err:
+        print(f"scvi-fast {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

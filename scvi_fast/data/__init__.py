@@ -2,12 +2,14 @@
 
 The ground floor of the package: it imports numpy, scipy, numba, pandas, h5py and anndata,
 nothing of scvi_fast above it, and torch only when a minibatch is handed to it. Inside, each
-module imports only from those listed before it: ``_csr`` and ``_categories`` (the one
-category coder); ``_source`` (the base classes); ``_readers`` and ``_store`` (the store
-format); ``_open`` (``as_source``); ``_counts``; ``_convert`` (``StoreWriter`` and
+module imports only from those listed before it: ``_csr``, ``_categories`` (the one
+category coder), ``_checksum`` (CRC-32C) and ``_atomic`` (folders renamed into place, leftovers
+of killed writers removed); ``_source`` (the base classes); ``_readers`` and ``_store`` (the
+store format); ``_open`` (``as_source``); ``_counts``; ``_convert`` (``StoreWriter`` and
 ``CSRStore.create``); ``_hvg``, ``_sampler``, ``_loader`` and ``_synthetic``.
 """
 
+from ._atomic import check_destination
 from ._categories import categorize, codes_for
 from ._convert import StoreWriter
 from ._counts import CountChecker, check_counts
@@ -19,7 +21,7 @@ from ._sampler import BlockShuffleSampler, shard_range
 from ._open import as_source
 from ._readers import read_10x_h5_source, read_mtx_source, soma_source
 from ._source import ArraySource, ChunkSource, H5CSRSource, Source
-from ._store import CSRStore, StoreCorruptError
+from ._store import CSRStore, StoreCorruptError, is_store
 from ._synthetic import synthetic_anndata, write_synthetic_store
 
 __all__ = [
@@ -38,10 +40,12 @@ __all__ = [
     "TorchMinibatch",
     "as_source",
     "categorize",
+    "check_destination",
     "check_counts",
     "codes_for",
     "gather_rows",
     "highly_variable_genes",
+    "is_store",
     "read_10x_h5_source",
     "read_mtx_source",
     "row_offsets",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 import zlib
 from pathlib import Path
 
@@ -22,7 +21,10 @@ from ._categories import categorize
 from ._counts import CountChecker
 from ._open import as_source
 from ._source import ArraySource, Source
-from ._store import _CRC_BLOCK, FORMAT, FORMAT_VERSION, CSRStore, StoreSource
+from ._atomic import WriteJob, check_destination, replace_into
+from ._checksum import crc32c
+from ._store import (_CHUNK_CRC, _CRC_BLOCK, CHUNK_ROWS, FORMAT, FORMAT_VERSION, CSRStore,
+                     StoreSource, _file_crc, is_store, manifest_crc)
 
 
 def smallest_uint(max_value: int) -> np.dtype:
@@ -54,20 +56,47 @@ def _wider(a: np.dtype, b: np.dtype) -> np.dtype:
 
 
 class _ArrayFile:
-    """An append-only binary array file with an incremental CRC-32 and in-place upcasting."""
+    """An append-only binary array file with an incremental CRC-32 and in-place upcasting.
 
-    def __init__(self, path: Path, dtype):
+    With ``chunk_ends`` (element offsets where chunks end, a list the writer extends before the
+    elements reach them) it also records the CRC-32C of each chunk.
+    """
+
+    def __init__(self, path: Path, dtype, chunk_ends: list[int] | None = None):
         self.path = path
         self.dtype = np.dtype(dtype)
         self.n = 0
         self.crc = 0
+        self.chunk_ends = chunk_ends
+        self.chunk_crcs: list[int] = []
+        self._chunk_crc = 0
         self._f = open(path, "wb")
 
     def append(self, arr: np.ndarray) -> None:
-        buf = np.ascontiguousarray(arr, dtype=self.dtype)
+        buf = np.ascontiguousarray(arr, dtype=self.dtype).reshape(-1)
         self._f.write(memoryview(buf).cast("B"))
         self.crc = zlib.crc32(memoryview(buf).cast("B"), self.crc)
+        if self.chunk_ends is not None:
+            self._feed_chunks(buf)
         self.n += buf.size
+
+    def _feed_chunks(self, buf: np.ndarray) -> None:
+        """Extend the current chunk's CRC-32C by ``buf``, closing every chunk that ends in it."""
+        ends, done = self.chunk_ends, self.chunk_crcs
+        pos = self.n
+        stop = pos + buf.size
+        while len(done) < len(ends) and ends[len(done)] <= stop:
+            end = ends[len(done)]
+            self._chunk_crc = crc32c(buf[pos - self.n : end - self.n], self._chunk_crc)
+            done.append(self._chunk_crc)
+            self._chunk_crc = 0
+            pos = end
+        if pos < stop:
+            self._chunk_crc = crc32c(buf[pos - self.n :], self._chunk_crc)
+
+    def finish_chunks(self) -> None:
+        """Close the chunks that end where the file ends (after the last ``chunk_ends``)."""
+        self._feed_chunks(np.empty(0, dtype=self.dtype))
 
     def upcast(self, dtype) -> None:
         dtype = np.dtype(dtype)
@@ -77,6 +106,7 @@ class _ArrayFile:
         old = self.path.with_suffix(".old")
         os.replace(self.path, old)
         prev, self.dtype, self.n, self.crc = self.dtype, dtype, 0, 0
+        self.chunk_crcs, self._chunk_crc = [], 0  # the bytes change: recomputed on re-append
         self._f = open(self.path, "wb")
         step = _CRC_BLOCK
         with open(old, "rb") as f:
@@ -95,38 +125,60 @@ class _ArrayFile:
                 "nbytes": self.n * self.dtype.itemsize, "crc32": self.crc}
 
 
+def _write_array(path: Path, values) -> dict:
+    f = _ArrayFile(path, np.uint32)
+    f.append(np.asarray(values, dtype=np.uint32))
+    return f.close()
+
+
+def _file_entry(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {"crc32": _file_crc(path)}
+
+
 class StoreWriter:
     """Writes a store from CSR row chunks, in bounded memory, atomically.
 
     Use as a context manager; on an exception the temporary directory is removed and nothing
     appears at ``path``. Codes and categories are recorded as given: code obs columns with
-    :func:`categorize` (as :meth:`CSRStore.create` does).
+    :func:`categorize` (as :meth:`CSRStore.create` does). With ``overwrite`` an existing
+    ``path`` is replaced only if it is a store (:func:`is_store`), and only once the new one is
+    complete. Temporary folders of conversions to ``path`` that were killed are removed first
+    (see ``_atomic``).
     """
 
     def __init__(self, path, n_genes: int, var_names, batch_key=None, batch_categories=None,
                  labels_key=None, labels_categories=None, check: bool = True,
-                 overwrite: bool = False, with_obs_names: bool = True, extra: dict | None = None):
+                 overwrite: bool = False, with_obs_names: bool = True, extra: dict | None = None,
+                 chunk_rows: int = CHUNK_ROWS, _job: WriteJob | None = None):
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}"
-        self.tmp.mkdir()
+        check_destination(self.path, overwrite, is_store, "CSR store")
         self.overwrite = overwrite
         self.n_genes = int(n_genes)
         self.var_names = [str(v) for v in var_names]
         if len(self.var_names) != self.n_genes:
             raise ValueError(f"{len(self.var_names)} gene names for {self.n_genes} genes")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive; got {chunk_rows}")
+        self.chunk_rows = int(chunk_rows)
+        self._own_job = _job is None
+        self.job = WriteJob(self.path) if _job is None else _job
+        self.tmp = self.job.entry("tmp")
+        self.tmp.mkdir()
         self.meta = {"batch_key": batch_key, "batch_categories": batch_categories,
                      "labels_key": labels_key, "labels_categories": labels_categories,
                      **(extra or {})}
         self.checker = CountChecker(what="the counts") if check else None
         self.n_cells = 0
         self.nnz = 0
+        self._chunk_ends: list[int] = []
         self.files = {
             "indptr": _ArrayFile(self.tmp / "indptr.bin", np.int64),
-            "indices": _ArrayFile(self.tmp / "indices.bin", smallest_uint(max(self.n_genes - 1, 0))),
-            "data": _ArrayFile(self.tmp / "data.bin", np.uint8),
+            "indices": _ArrayFile(self.tmp / "indices.bin", smallest_uint(max(self.n_genes - 1, 0)),
+                                  chunk_ends=self._chunk_ends),
+            "data": _ArrayFile(self.tmp / "data.bin", np.uint8, chunk_ends=self._chunk_ends),
             "batch": _ArrayFile(self.tmp / "batch.bin", np.int32),
             "labels": _ArrayFile(self.tmp / "labels.bin", np.int32),
         }
@@ -149,15 +201,26 @@ class StoreWriter:
             self.checker.update(self.n_cells, chunk)
         data = chunk.data
         f = self.files
+        indptr = chunk.indptr.astype(np.int64)
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        indices = chunk.indices[lo:hi]
+        if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= self.n_genes):
+            raise ValueError(f"gene indices outside [0, {self.n_genes}) in cells "
+                             f"{self.n_cells}-{self.n_cells + n - 1}: the CSR input is invalid")
+        codes = [self._codes(c, n, what, cats) for c, what, cats in (
+            (batch_codes, "batch", self.meta["batch_categories"]),
+            (labels_codes, "labels", self.meta["labels_categories"]))]
         need = _wider(f["data"].dtype, _data_dtype_for(data))
         f["data"].upcast(need)
-        indptr = chunk.indptr.astype(np.int64)
-        f["indptr"].append(indptr[1:] - indptr[0] + self.nnz)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        f["indices"].append(chunk.indices[lo:hi])
+        r = self.chunk_rows
+        # chunks that end in these cells: their last element is known before it is written
+        ends = np.arange((self.n_cells // r + 1) * r, self.n_cells + n + 1, r) - self.n_cells
+        self._chunk_ends.extend((indptr[ends] - lo + self.nnz).tolist())
+        f["indptr"].append(indptr[1:] - lo + self.nnz)
+        f["indices"].append(indices)
         f["data"].append(data[lo:hi])
-        f["batch"].append(np.zeros(n, np.int32) if batch_codes is None else batch_codes)
-        f["labels"].append(np.zeros(n, np.int32) if labels_codes is None else labels_codes)
+        f["batch"].append(codes[0])
+        f["labels"].append(codes[1])
         if self._obs is not None:
             if obs_names is None:
                 obs_names = np.arange(self.n_cells, self.n_cells + n).astype(str)
@@ -173,17 +236,39 @@ class StoreWriter:
         self.n_cells += n
         self.nnz += hi - lo
 
+    def _codes(self, codes, n: int, what: str, categories) -> np.ndarray:
+        if codes is None:
+            return np.zeros(n, np.int32)
+        codes = np.asarray(codes)
+        hi = None if categories is None else len(categories)
+        if codes.size and (int(codes.min()) < 0 or (hi is not None and int(codes.max()) >= hi)):
+            raise ValueError(f"{what} codes of cells {self.n_cells}-{self.n_cells + n - 1} lie "
+                             f"outside [0, {hi if hi is not None else 'inf'})")
+        return codes
+
     def close(self) -> CSRStore:
         """Validate, write the manifest and move the store into place."""
         if self.checker is not None:
             self.checker.finish()
+        if self.n_cells % self.chunk_rows:
+            self._chunk_ends.append(self.nnz)
+        for name in _CHUNK_CRC:
+            self.files[name].finish_chunks()
+        n_chunks = -(-self.n_cells // self.chunk_rows)
+        assert all(len(self.files[k].chunk_crcs) == n_chunks for k in _CHUNK_CRC)
         arrays = {k: v.close() for k, v in self.files.items()}
+        for name, crc_name in _CHUNK_CRC.items():
+            arrays[crc_name] = _write_array(self.tmp / f"{crc_name}.bin",
+                                            self.files[name].chunk_crcs)
         if self._source_rows is not None:
             arrays["source_rows"] = self._source_rows.close()
+        files = {}
         if self._obs is not None:
             self._obs.close()
+            files["obs_names.txt"] = _file_entry(self.tmp / "obs_names.txt")
         with open(self.tmp / "var_names.json", "w", encoding="utf-8") as fh:
             json.dump(self.var_names, fh)
+        files["var_names.json"] = _file_entry(self.tmp / "var_names.json")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -191,29 +276,35 @@ class StoreWriter:
             "n_genes": self.n_genes,
             "nnz": self.nnz,
             "arrays": arrays,
+            "files": files,
+            "chunk_rows": self.chunk_rows,
+            "chunk_checksum": "crc32c",
             "has_obs_names": self._obs is not None,
             **self.meta,
         }
+        manifest["manifest_crc32"] = manifest_crc(manifest)
         with open(self.tmp / "manifest.json", "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
-        if self.path.exists():
-            trash = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.replace(self.path, trash)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
+        try:
+            replace_into(self.tmp, self.path, self.job, self.overwrite, is_store, "CSR store")
+        finally:
+            if self._own_job:
+                self.job.close()
         return CSRStore.open(self.path)
 
     def abort(self) -> None:
         for v in self.files.values():
             if not v._f.closed:
                 v._f.close()
+        if self._source_rows is not None and not self._source_rows._f.closed:
+            self._source_rows._f.close()
         if self._obs is not None and not self._obs.closed:
             self._obs.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        if self._own_job:
+            self.job.close()
 
     def __enter__(self):
         return self
@@ -254,27 +345,33 @@ def create_store(path, source, batch_key: str | None = None, labels_key: str | N
     check
         Validate the counts while writing (see :func:`check_counts`).
     overwrite
-        Replace an existing store at ``path`` (only once the new one is complete).
+        Replace an existing store at ``path`` (only once the new one is complete). Only a
+        store is ever replaced: any other file or folder at ``path`` is an error and is left
+        as it is.
 
     Returns
     -------
     CSRStore
         The opened store.
     """
+    path = Path(path)
+    check_destination(path, overwrite, is_store, "CSR store")  # before reading any input
     src = as_source(source, layer=layer, batch_key=batch_key, labels_key=labels_key)
     cols = _gene_positions(src, genes)
+    with WriteJob(path) as job:
+        if shuffle and not isinstance(src, ArraySource):
+            # random row access on HDF5/SOMA is slow: stage an unshuffled store (a temporary
+            # entry of this conversion), shuffle from it
+            staged = _write(job.entry("stage"), src, cols, batch_key, labels_key, False,
+                            chunk_size, seed, check, False, job)
+            src, cols, check = staged.source, None, False
+        return _write(path, src, cols, batch_key, labels_key, shuffle, chunk_size, seed, check,
+                      overwrite, job)
+
+
+def _write(path: Path, src: Source, cols, batch_key, labels_key, shuffle: bool,
+           chunk_size: int, seed: int, check: bool, overwrite: bool, job: WriteJob) -> CSRStore:
     var_names = src.var_names if cols is None else src.var_names[cols]
-    if shuffle and not isinstance(src, ArraySource):
-        # random row access on HDF5/SOMA is slow: stage an unshuffled store, shuffle from it
-        tmp = Path(path).parent / f".{Path(path).name}.stage-{uuid.uuid4().hex[:12]}"
-        try:
-            staged = create_store(tmp, src, genes=genes, chunk_size=chunk_size, check=check,
-                                  batch_key=batch_key, labels_key=labels_key)
-            return create_store(path, staged, batch_key=batch_key, labels_key=labels_key,
-                                shuffle=True, chunk_size=chunk_size, seed=seed, check=False,
-                                overwrite=overwrite)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     if isinstance(src, StoreSource):
         batch_key = batch_key or src.store.batch_key
         labels_key = labels_key or src.store.labels_key
@@ -284,7 +381,7 @@ def create_store(path, source, batch_key: str | None = None, labels_key: str | N
     writer = StoreWriter(path, len(var_names), var_names, batch_key=batch_key,
                          batch_categories=bcat, labels_key=labels_key,
                          labels_categories=lcat, check=check, overwrite=overwrite,
-                         with_obs_names=obs_names is not None)
+                         with_obs_names=obs_names is not None, _job=job)
     with writer:
         if shuffle:
             order = np.random.default_rng(seed).permutation(src.n_cells)

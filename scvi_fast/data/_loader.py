@@ -246,6 +246,9 @@ class BufferFetcher:
         """
         obs = rows[perm]
         if not self.stage_rows:
+            # gathered straight from the source's arrays: a store checks the chunks first
+            # (staged rows are checked by read_rows)
+            self.source.check_rows(rows)
             return (self.source.indptr, self.source.indices, self.source.data), obs, obs
         sl = self.slots[slot]
         n = rows.size

@@ -81,6 +81,10 @@ class Source:
             "scvi_fast.data.CSRStore.create(path, source) and load the store."
         )
 
+    def check_rows(self, rows) -> None:
+        """Check the stored bytes of ``rows`` before they are gathered without
+        :meth:`read_rows` (sources that verify what they read override this; no-op here)."""
+
     def get_rows(self, rows) -> sp.csr_matrix:
         """Rows ``rows`` as a scipy CSR matrix in the source's dtypes."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)

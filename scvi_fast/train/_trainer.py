@@ -392,7 +392,7 @@ class Trainer:
         skip = 0
         state = None
         if resume and self.checkpoint_path is not None and self.is_main and self.checkpoint_path.exists():
-            state = load_checkpoint(self.checkpoint_path, map_location="cpu")
+            state = load_checkpoint(self.checkpoint_path, map_location="cpu", module=self.module)
         if self.dist is not None and resume and self.checkpoint_path is not None:
             # rank 0's checkpoint reaches every rank, with or without a shared filesystem
             state = self.dist.broadcast_object(state)

@@ -17,6 +17,7 @@ DEPENDENCIES = {"numpy", "scipy", "numba", "pandas", "h5py", "anndata"}
 LAZY_ONLY = {
     "torch": "handing a minibatch to torch (CSRMinibatch.to, TorchMinibatch)",
     "skmisc": "scanpy's loess for HVG selection, optional (the hvg extra)",
+    "google_crc32c": "hardware CRC-32C for the store's chunk checksums, optional (numba fallback)",
 }
 #: imports inside functions that belong at the top of their module: (file, module) -> why
 ALLOWED_LAZY = {
