@@ -167,3 +167,35 @@ def per_cell_losses(model, adata=None, indices=None, batch_size=None):
         recs.append(out.reconstruction_loss.double().cpu())
         kls.append(out.kl_local.double().cpu())
     return torch.cat(recs), torch.cat(kls)
+
+
+def setup_summary(registry, data=None, hide_state_registries: bool = False) -> str:
+    """scvi-tools' registry summary as text: summary statistics, where each field is read
+    from, and (unless hidden) each categorical field's categories with their codes."""
+    n_cells = None
+    if data is not None:
+        data = open_data(data)
+        n_cells = int(getattr(data, "n_cells", None) or data.n_obs)
+    stats = [("n_cells", n_cells if n_cells is not None else "?"),
+             ("n_vars", len(registry.var_names)), ("n_batch", registry.n_batch),
+             ("n_labels", registry.n_labels),
+             ("n_extra_categorical_covs", len(registry.categorical_covariate_keys)),
+             ("n_extra_continuous_covs", len(registry.continuous_covariate_keys))]
+    where = [("X", f"adata.layers['{registry.layer}']" if registry.layer else "adata.X")]
+    for field, key in (("batch", registry.batch_key), ("labels", registry.labels_key)):
+        where.append((field, f"adata.obs['{key}']" if key else "(none: one category)"))
+    where += [("extra_categorical_covs", f"adata.obs[{list(registry.categorical_covariate_keys)}]")
+              ] if registry.categorical_covariate_keys else []
+    where += [("extra_continuous_covs", f"adata.obs[{list(registry.continuous_covariate_keys)}]")
+              ] if registry.continuous_covariate_keys else []
+    where += [("size_factor", f"adata.obs['{registry.size_factor_key}']")
+              ] if registry.size_factor_key else []
+    lines = ["Anndata setup with scvi_fast", "Summary Statistics"]
+    lines += [f"  {k:<26} {v}" for k, v in stats]
+    lines += ["Data Registry"] + [f"  {k:<26} {v}" for k, v in where]
+    if not hide_state_registries:
+        for field, key, cats in (("batch", registry.batch_key, registry.batch_categories),
+                                 ("labels", registry.labels_key, registry.labels_categories)):
+            lines.append(f"{field} State Registry ({'adata.obs[' + repr(key) + ']' if key else 'none'})")
+            lines += [f"  {c!s:<26} {i}" for i, c in enumerate(cats)]
+    return "\n".join(lines)

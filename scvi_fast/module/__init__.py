@@ -1,17 +1,17 @@
 """The scVI variational autoencoder: layers, ``inference -> generative -> loss``, the posterior
-of ``z`` (:meth:`VAE.posterior`, :func:`sample_z`) and the frozen layers of query mapping."""
+of ``z`` (:meth:`VAE.posterior`, :func:`sample_z`) and what a query model trains (reference mapping)."""
 
 from scvi_fast.module._layers import CovariateLinear, DenseBlock, SparseInputLinear
 from scvi_fast.module._query import (
-    FrozenBatchNorm1d,
-    QueryCovariateLinear,
-    freeze_for_query,
+    FREEZE_DEFAULTS,
+    keep_eval_mode,
     load_reference_state,
+    set_online_update,
 )
 from scvi_fast.module._vae import VAE, LossOutput, fp32, kl_weight, posterior_variance, sample_z
 
 __all__ = [
     "VAE", "LossOutput", "kl_weight", "SparseInputLinear", "CovariateLinear", "DenseBlock",
     "fp32", "posterior_variance", "sample_z",
-    "FrozenBatchNorm1d", "QueryCovariateLinear", "freeze_for_query", "load_reference_state",
+    "FREEZE_DEFAULTS", "keep_eval_mode", "load_reference_state", "set_online_update",
 ]
