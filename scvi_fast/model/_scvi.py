@@ -336,8 +336,12 @@ class SCVI:
     def get_normalized_expression(self, adata=None, indices: Sequence[int] | None = None,
                                   transform_batch=None, gene_list: Sequence[str] | None = None,
                                   library_size: float | Literal["latent"] = 1,
-                                  n_samples: int = 1, batch_size: int | None = None,
-                                  return_mean: bool = True, return_numpy: bool | None = None):
+                                  n_samples: int = 1, n_samples_overall: int | None = None,
+                                  weights: Literal["uniform", "importance"] | None = None,
+                                  batch_size: int | None = None, return_mean: bool = True,
+                                  return_numpy: bool | None = None, silent: bool = True,
+                                  dataloader=None, data_loader_kwargs: dict | None = None,
+                                  **importance_weighting_kwargs):
         """Normalised (denoised, optionally batch-corrected) expression.
 
         ``transform_batch``: a batch category (or a list, averaged) to decode every cell in;
@@ -345,10 +349,20 @@ class SCVI:
         ``"latent"`` for the cell's observed library. ``n_samples`` posterior samples of ``z``,
         averaged when ``return_mean``. Returns a DataFrame (cells x genes) for a 2-D result,
         else a numpy array ``(n_samples, n_cells, n_genes)``.
+
+        ``n_samples_overall`` (scvi-tools): ``n_samples_overall // n_cells + 1`` samples of
+        every cell are decoded and ``n_samples_overall`` of them drawn with replacement
+        (numpy's global generator), uniformly or, with ``weights="importance"``, with
+        scvi-tools' importance weights (options ``max_cells=1024``, ``truncation=False``,
+        ``n_mc_samples=500``, ``n_mc_samples_per_pass=250`` in
+        ``**importance_weighting_kwargs``); returns a numpy array ``(n_samples_overall,
+        n_genes)``. ``dataloader`` is not supported; ``silent`` has no effect.
         """
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
         return _inference.normalized_expression(
             self, adata, indices, transform_batch, gene_list, library_size, n_samples,
-            batch_size, return_mean, return_numpy)
+            batch_size, return_mean, return_numpy, n_samples_overall, weights,
+            importance_weighting_kwargs)
 
     def differential_expression(self, adata=None, groupby: str | None = None,
                                 group1: str | Sequence[str] | None = None,
@@ -359,8 +373,10 @@ class SCVI:
                                 batchid1: Sequence[str] | None = None,
                                 batchid2: Sequence[str] | None = None, fdr_target: float = 0.05,
                                 silent: bool = False,
-                                weights: Literal["uniform"] | None = "uniform",
-                                filter_outlier_cells: bool = False, n_samples: int | None = None,
+                                weights: Literal["uniform", "importance"] | None = "uniform",
+                                filter_outlier_cells: bool = False,
+                                importance_weighting_kwargs: dict | None = None,
+                                n_samples: int | None = None,
                                 seed: int | None = None, **kwargs) -> pd.DataFrame:
         """Bayesian differential expression, with scvi-tools' modes, defaults and columns.
 
@@ -370,10 +386,14 @@ class SCVI:
         ``is_de_fdr_<fdr_target>``); ``batch_correction`` decodes both groups in every batch
         (or the ``batchid`` lists) and pairs samples within a batch; ``n_samples`` is
         scvi-tools' ``n_samples_overall``; ``seed`` makes the table reproducible; ``**kwargs``
-        are ``get_bayes_factors`` options. Returns a DataFrame indexed by gene name.
+        are ``get_bayes_factors`` options. ``weights="importance"`` samples each group with
+        scvi-tools' importance weights (``importance_weighting_kwargs``: ``max_cells``,
+        ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass``). Returns a DataFrame
+        indexed by gene name.
         """
         return _inference.differential_expression(
             self, adata, batch_size, batch_correction, batchid1, batchid2, n_samples, weights,
+            importance_weighting_kwargs,
             groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, all_stats=all_stats, fdr_target=fdr_target, silent=silent,
             filter_outlier_cells=filter_outlier_cells, seed=seed, **kwargs)
@@ -390,6 +410,57 @@ class SCVI:
         """
         return _inference.posterior_predictive(self, adata, indices, transform_batch, n_samples,
                                                gene_list, batch_size)
+
+    def get_likelihood_parameters(self, adata=None, indices: Sequence[int] | None = None,
+                                  n_samples: int | None = 1, give_mean: bool | None = False,
+                                  batch_size: int | None = None, dataloader=None,
+                                  **data_loader_kwargs) -> dict[str, np.ndarray]:
+        """Parameters of ``p(x | z)`` for ``z`` drawn from the posterior (scvi-tools).
+
+        NB: ``{"mean": exp(l) * rho, "dispersions": theta}``, float32 arrays ``(n_cells,
+        n_genes)`` for ``n_samples=1``, else ``(n_samples, n_cells, n_genes)`` unless
+        ``give_mean`` averages the samples. Other likelihoods add their entry to
+        :data:`scvi_fast.analysis.LIKELIHOODS`.
+        """
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
+        return _inference.likelihood_parameters(self, adata, indices, int(n_samples or 1),
+                                                bool(give_mean), batch_size)
+
+    def get_marginal_ll(self, adata=None, indices: Sequence[int] | None = None,
+                        n_mc_samples: int = 1000, batch_size: int | None = None,
+                        return_mean: bool = True, dataloader=None,
+                        data_loader_kwargs: dict | None = None, **kwargs):
+        """Importance-sampled estimate of ``log p(x)`` with ``n_mc_samples`` posterior samples
+        (scvi-tools' biased estimator; higher is better).
+
+        ``return_mean``: the mean over minibatches (``batch_size`` cells, 128 by default) of
+        each minibatch's mean, a float, as scvi-tools; else a tensor ``(n_cells,)``.
+        ``n_mc_samples_per_pass`` (keyword) as scvi-tools.
+        """
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
+        return _inference.marginal_ll(self, adata, indices, n_mc_samples, batch_size,
+                                      return_mean, **kwargs)
+
+    def get_latent_library_size(self, adata=None, indices: Sequence[int] | None = None,
+                                give_mean: bool = True, batch_size: int | None = None,
+                                dataloader=None, **data_loader_kwargs) -> np.ndarray:
+        """Library size of each cell, ``(n_cells, 1)``: the observed total counts with
+        ``give_mean=False``; scVI's observed library has no posterior, so ``give_mean=True``
+        raises scvi-tools' RuntimeError."""
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
+        return _inference.latent_library_size(self, adata, indices, give_mean, batch_size)
+
+    def get_feature_correlation_matrix(self, adata=None, indices: Sequence[int] | None = None,
+                                       n_samples: int = 10, batch_size: int = 64,
+                                       rna_size_factor: int = 1000, transform_batch=None,
+                                       correlation_type: Literal["spearman", "pearson"] = "spearman",
+                                       silent: bool = True) -> pd.DataFrame:
+        """Gene-gene correlation of denoised samples (scvi-tools): ``n_samples`` Gamma draws
+        around ``rna_size_factor * rho`` per cell, correlated over cells and samples, averaged
+        over the ``transform_batch`` batches. A genes x genes DataFrame."""
+        return _inference.feature_correlation_matrix(
+            self, adata, indices, n_samples, batch_size, rna_size_factor, transform_batch,
+            correlation_type, silent)
 
     def get_elbo(self, adata=None, indices=None, batch_size=None, return_mean: bool = True):
         """The ELBO (higher is better): ``-mean(reconstruction_loss + kl_local)``, as scvi-tools

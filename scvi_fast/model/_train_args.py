@@ -197,10 +197,10 @@ def resolve_devices(accelerator="auto", devices="auto", device=None) -> Devices:
 def resolve_single_device(accelerator="auto", device="auto") -> torch.device:
     """``load`` / ``load_query_data``'s ``accelerator``/``device`` (scvi-tools: one device;
     ``device`` is "auto", a GPU index, or a torch device string)."""
-    if isinstance(device, str) and device not in ("auto",) and not device.strip().isdigit():
-        return resolve_devices(accelerator, "auto", device).device
     if isinstance(device, (list, tuple)) or (isinstance(device, str) and "," in device):
         raise ValueError("Only a single device can be specified for `device`.")
+    if isinstance(device, str) and device not in ("auto",) and not device.strip().isdigit():
+        return resolve_devices(accelerator, "auto", device).device
     ids = "auto" if device == "auto" else [int(device)]
     kind = accelerator_type(accelerator)
     if kind == "cpu":

@@ -534,15 +534,16 @@ class Trainer:
     _partial: tuple[torch.Tensor, int] | None = None
 
     def _step_lr(self, validated: bool) -> None:
-        """Step the plateau scheduler with this epoch's validation metric; log the rate."""
+        """Log the rate this epoch trained with (as Lightning's LearningRateMonitor), then step
+        the plateau scheduler with this epoch's validation metric."""
         if self.scheduler is None:
             return
+        self._log(f"lr-{self.optimizer_name}", self.optimizer.param_groups[0]["lr"])
         if validated:
             before = [g["lr"] for g in self.optimizer.param_groups]
             self.scheduler.step(self.history[self.lr_scheduler_metric][-1])
             if [g["lr"] for g in self.optimizer.param_groups] != before:
                 self.runner.invalidate()  # captured graphs hold the old rate
-        self._log(f"lr-{self.optimizer_name}", self.optimizer.param_groups[0]["lr"])
 
     def _update_early_stopping(self, validated: bool = True) -> None:
         if not self.early_stopping:
