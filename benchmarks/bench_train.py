@@ -86,7 +86,7 @@ def _worker_scvi_fast(a):
         t0 = time.perf_counter()
         model.train(max_epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                     n_epochs_kl_warmup=a.n_epochs_kl_warmup, train_size=0.9, seed=a.seed,
-                    device=a.device, progress_bar=False, **kw)
+                    device=a.device, progress_bar=False, check_val_every_n_epoch=1, **kw)
         wall = time.perf_counter() - t0
         yield {"precision": precision, "epoch_times": model.trainer.epoch_times,
                "cells_per_epoch": len(model.train_indices),

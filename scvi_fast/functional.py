@@ -40,7 +40,8 @@ BACKENDS = {
     "triton": "scvi_fast.kernels.triton",
 }
 #: the ops every back-end exposes (see the module docstring)
-OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "reparam_kl", "dropout")
+OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "zinb_softmax_loglik",
+       "poisson_softmax_loglik", "reparam_kl", "dropout")
 
 
 def _check_impl(impl: str) -> None:
@@ -179,6 +180,40 @@ def nb_softmax_loglik_linear(
     """
     return backend(resolve_impl(impl, h.device)).nb_softmax_loglik_linear(
         h, weight, bias, log_library, px_r, X_csr, eps
+    )
+
+
+def zinb_softmax_loglik(
+    logits: torch.Tensor,
+    log_library: torch.Tensor,
+    px_r: torch.Tensor,
+    dropout_logits: torch.Tensor,
+    X_csr,
+    eps: float = 1e-8,
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """Per-cell zero-inflated NB log-likelihood of CSR counts under ``mu = exp(l) softmax(logits)``.
+
+    See :func:`scvi_fast.reference.zinb_softmax_loglik`: ``px_r`` is ``(G,)`` or ``(B, G)``
+    (per-cell, per-batch or per-label dispersions gathered for the minibatch),
+    ``dropout_logits`` ``(B, G)``; gradients flow to ``logits``, ``log_library``, ``px_r`` and
+    ``dropout_logits``.
+    """
+    return backend(resolve_impl(impl, logits.device)).zinb_softmax_loglik(
+        logits, log_library, px_r, dropout_logits, X_csr, eps
+    )
+
+
+def poisson_softmax_loglik(
+    logits: torch.Tensor, log_library: torch.Tensor, X_csr, impl: Impl = "auto"
+) -> torch.Tensor:
+    """Per-cell Poisson log-likelihood of CSR counts under ``rate = exp(l) softmax(logits)``.
+
+    See :func:`scvi_fast.reference.poisson_softmax_loglik`; gradients flow to ``logits`` and
+    ``log_library``.
+    """
+    return backend(resolve_impl(impl, logits.device)).poisson_softmax_loglik(
+        logits, log_library, X_csr
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: ``../shared/data`` beside the repository (``SCVI_FAST_SHARED_DATA`` names another folder)
+SHARED_DATA = Path(os.environ.get("SCVI_FAST_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
 def shared_file(name: str) -> Path:

@@ -16,6 +16,7 @@ import torch
 
 from ._de import bayes_factors, fdr_de_prediction
 from ._expression import sample_scales
+from ._importance import importance_sample
 
 
 # ----------------------------------------------------------------- raw statistics --
@@ -161,6 +162,8 @@ def differential_expression(
     filter_outlier_cells: bool = False,
     representation_fn: Callable[[np.ndarray], np.ndarray] | None = None,
     seed: int | None = None,
+    weights: Literal["uniform", "importance"] | None = "uniform",
+    importance_weighting_kwargs: dict | None = None,
 ) -> pd.DataFrame:
     """Differential expression between cell groups, scvi-tools' ``differential_expression``.
 
@@ -171,7 +174,9 @@ def differential_expression(
     ``batch_codes2``: the batch codes to decode each group in (scvi-tools'
     ``batch_correction=True``, with ``batchid1`` / ``batchid2`` made codes by the caller);
     None: each cell's own batch. ``seed`` seeds the choice of posterior samples and the ``z``
-    noise (None: fresh randomness). Other parameters are scvi-tools'; see
+    noise (None: fresh randomness). ``weights="importance"`` draws each group's samples with
+    scvi-tools' importance weights (:func:`~scvi_fast.analysis.importance_sample`, options in
+    ``importance_weighting_kwargs``). Other parameters are scvi-tools'; see
     :meth:`scvi_fast.SCVI.differential_expression`.
 
     Returns a DataFrame indexed by gene name, one block of rows per comparison, sorted within
@@ -183,8 +188,11 @@ def differential_expression(
         raise ValueError(f"n_samples_overall must be a positive integer; got {n_samples_overall}")
     var_names = pd.Index([str(v) for v in var_names])
     rng, generator = _random(seed, next(module.parameters()).device)
+    if weights not in (None, "uniform", "importance"):
+        raise ValueError(f"weights must be 'uniform' or 'importance'; got {weights!r}")
     sampler = _GroupSampler(module, iter_batches, n_samples_overall, rng, generator,
-                            representation_fn if filter_outlier_cells else None)
+                            representation_fn if filter_outlier_cells else None,
+                            importance_weighting_kwargs if weights == "importance" else None)
     codes = ([None] if batch_codes1 is None else list(batch_codes1),
              [None] if batch_codes2 is None else list(batch_codes2))
     stats = dict(mode=mode, delta=delta, pseudocounts=pseudocounts, test_mode=test_mode,
@@ -226,10 +234,11 @@ class _GroupSampler:
     """Posterior samples of ``rho`` for the cells of a group, in the batches asked for."""
 
     def __init__(self, module, iter_batches, n_samples_overall, rng, generator,
-                 representation_fn=None):
+                 representation_fn=None, importance: dict | None = None):
         self.module, self.iter_batches = module, iter_batches
         self.n_samples_overall, self.rng, self.generator = n_samples_overall, rng, generator
         self.representation_fn = representation_fn
+        self.importance = importance  # None: uniform weights; else importance_sample options
 
     def rows(self, mask: np.ndarray) -> np.ndarray:
         rows = np.flatnonzero(mask)
@@ -244,6 +253,10 @@ class _GroupSampler:
             warnings.warn("very small sample size, please consider increasing `n_samples`",
                           UserWarning, stacklevel=4)
             n_each = 2
+        if self.importance is not None:
+            return [importance_sample(self.module, self.iter_batches, rows, n_each, code,
+                                      self.rng, self.generator, **self.importance)
+                    for code in codes]
         return [sample_scales(self.module, self.iter_batches(rows), len(rows), n_each, code,
                               self.rng, self.generator) for code in codes]
 

@@ -9,6 +9,7 @@ CELLxGENE Census recipe. :func:`architecture` resolves a model's shape and
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,9 +27,6 @@ MODEL_DEFAULTS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "dropout_rate"
 TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 128, "max_epochs": None, "n_epochs_kl_warmup": 400}
 #: cells per minibatch when a model reads data for inference
 INFERENCE_BATCH_SIZE = 1024
-#: ``plan_kwargs`` scvi-tools' training plan takes that scvi_fast honours
-PLAN_KWARGS = ("lr", "n_epochs_kl_warmup", "weight_decay", "eps", "max_kl_weight",
-               "min_kl_weight")
 
 
 def check_preset(preset: str | None) -> None:
@@ -82,7 +80,7 @@ class TrainConfig:
     batch_size: int
     lr: float
     n_epochs_kl_warmup: int | None
-    train_size: float
+    train_size: float | None
     validation_size: float | None
     seed: int
     weight_decay: float
@@ -101,40 +99,56 @@ class TrainConfig:
     precision: str
     compile_dense: bool
     cuda_graph: bool | None
+    optimizer: str = "Adam"
+    n_steps_kl_warmup: int | None = None
+    reduce_lr_on_plateau: bool = False
+    lr_factor: float = 0.6
+    lr_patience: int = 30
+    lr_threshold: float = 0.0
+    lr_min: float = 0.0
+    lr_scheduler_metric: str = "elbo_validation"
+    check_val_every_n_epoch: int | None = None
+    early_stopping_mode: str = "min"
+    early_stopping_warmup_epochs: int = 0
+    shuffle_set_split: bool = True
+    drop_last: bool = False
 
     @classmethod
     def resolve(cls, preset: str | None, n_cells: int, *, max_epochs=None, batch_size=None,
-                lr=None, n_epochs_kl_warmup=-1, plan_kwargs: dict | None = None,
-                **rest) -> TrainConfig:
-        """Settings from the call, ``plan_kwargs`` (scvi-tools' spelling; it wins over the
-        call, as there), the preset and the defaults.
+                lr=None, n_epochs_kl_warmup=-1, plan: dict | None = None, **rest) -> TrainConfig:
+        """Settings from the call, ``plan`` (checked ``plan_kwargs``, scvi-tools' spelling; it
+        wins over the call's ``lr`` etc.), the preset and scvi-tools' defaults.
 
         ``n_epochs_kl_warmup=-1`` means "not given" (None is a valid value: no warm-up).
-        ``max_epochs`` defaults to scvi-tools' heuristic ``min(round(20000 / n * 400), 400)``
-        unless the preset sets it.
+        ``max_epochs`` defaults to scvi-tools' heuristic ``max(min(round(20000 / n * 400),
+        400), 1)`` unless the preset sets it. Validation runs every
+        ``check_val_every_n_epoch`` epochs; None (scvi-tools' default) means never, unless
+        early stopping or ``reduce_lr_on_plateau`` needs it (then every epoch).
         """
         check_preset(preset)
         defaults = dict(TRAIN_DEFAULTS)
         if preset:
             defaults.update(PRESETS[preset]["train"])
-        plan = dict(plan_kwargs or {})
-        unknown = sorted(set(plan) - set(PLAN_KWARGS))
-        if unknown:
-            raise TypeError(f"unsupported plan_kwargs: {unknown}")
+        plan = dict(plan or {})
         if n_epochs_kl_warmup == -1:
             n_epochs_kl_warmup = defaults["n_epochs_kl_warmup"]
         if max_epochs is None:
-            max_epochs = defaults["max_epochs"] or min(round((20000 / n_cells) * 400), 400)
+            max_epochs = defaults["max_epochs"] or max_epochs_heuristic(n_cells)
         rest.update(max_epochs=int(max_epochs), batch_size=int(batch_size or defaults["batch_size"]),
                     lr=defaults["lr"] if lr is None else lr, n_epochs_kl_warmup=n_epochs_kl_warmup)
+        for k in ("compile", "compile_kwargs", "on_step", "on_epoch"):
+            plan.pop(k, None)  # mapped by the caller (compile -> compile_dense) or logging only
         rest.update(plan)
+        if rest.get("check_val_every_n_epoch") is None and (
+                rest.get("early_stopping") or rest.get("reduce_lr_on_plateau")):
+            rest["check_val_every_n_epoch"] = 1
         return cls(**rest)
 
     def trainer_kwargs(self) -> dict:
         """The :class:`scvi_fast.train.Trainer` arguments these settings give."""
         d = asdict(self)
         for k in ("max_epochs", "batch_size", "train_size", "validation_size", "resume",
-                  "cuda_graph", "eps"):
+                  "cuda_graph", "eps", "shuffle_set_split", "drop_last"):
             d.pop(k)
         return d | {"adam_eps": self.eps, "step_mode": step_mode(self.cuda_graph)}
 
@@ -142,7 +156,18 @@ class TrainConfig:
         """What a model records of its last run (``train_params_``)."""
         d = asdict(self)
         return {k: d[k] for k in ("max_epochs", "batch_size", "lr", "n_epochs_kl_warmup",
-                                  "train_size", "seed")}
+                                  "n_steps_kl_warmup", "train_size", "validation_size",
+                                  "check_val_every_n_epoch", "optimizer", "seed")}
+
+
+def max_epochs_heuristic(n_cells: int, epochs_cap: int = 400, decay_at_n_obs: int = 20_000) -> int:
+    """scvi-tools' ``get_max_epochs_heuristic``: 400 epochs up to 20,000 cells, then fewer."""
+    n = max(min(round((decay_at_n_obs / max(n_cells, 1)) * epochs_cap), epochs_cap), 1)
+    if n == 1:
+        warnings.warn("The default number of maximum epochs has been set to 1 due to the large "
+                      "number of observations. Pass in `max_epochs` to the `train` function in "
+                      "order to override this behavior.", UserWarning, stacklevel=4)
+    return n
 
 
 def step_mode(cuda_graph) -> str:

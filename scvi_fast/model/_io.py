@@ -107,6 +107,14 @@ def _replace_folder(new: Path, dest: Path) -> None:
     shutil.rmtree(old)
 
 
+def check_load_options(**options) -> None:
+    """scvi-tools ``load`` options scvi_fast has no use for: refused when given."""
+    given = sorted(k for k, v in options.items() if v is not None)
+    if given:
+        raise NotImplementedError(f"SCVI.load does not support {given}: load a folder written by "
+                                  "save() (scvi_fast's or scvi-tools' model.pt, no prefix)")
+
+
 def read_parts(dir_path) -> tuple[dict, dict, Registry]:
     """``(config, state, registry)`` of a model folder, scvi_fast's or scvi-tools'."""
     dir_path = Path(dir_path)

@@ -2,8 +2,8 @@
 
 ``prepare_query_anndata`` puts a query's genes in the model's order (missing genes as zero
 counts); ``load_query_data`` builds a model whose decoder has one more gathered batch row per
-new batch category, all else the reference's; with ``freeze=True`` only those rows train
-(:func:`scvi_fast.module.freeze_for_query`).
+new batch category, all else the reference's, and chooses what trains with scvi-tools'
+``freeze_*`` flags (:func:`scvi_fast.module.set_online_update`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import scipy.sparse as sp
 from scvi_fast import data as _data
 from scvi_fast.compat import safe_load_checkpoint
 from scvi_fast.model._registry import Registry
-from scvi_fast.module import freeze_for_query, load_reference_state
-from scvi_fast.train import resolve_device
+from scvi_fast.module import FREEZE_DEFAULTS, load_reference_state, set_online_update
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +55,8 @@ def _reorder_columns(M, idx: np.ndarray):
     return out
 
 
-def prepare_query_anndata(adata, reference, return_reference_var_names: bool = False, inplace: bool = True):
+def prepare_query_anndata(adata, reference, return_reference_var_names: bool = False,
+                          inplace: bool = True):
     """Put ``adata``'s genes in the reference model's order; missing genes become zero counts.
 
     As ``scvi.model.SCVI.prepare_query_anndata``: logs the fraction of the
@@ -109,20 +109,40 @@ def prepare_query_anndata(adata, reference, return_reference_var_names: bool = F
     return out
 
 
-def load_query_data(cls, adata, reference, freeze: bool = True,
-                    inplace_subset_query_vars: bool = False, device: str = "cpu",
-                    impl: str | None = None, seed: int = 0):
+def reference_model_arg(reference_model, reference, where: str):
+    """The reference of ``prepare_query_anndata`` / ``load_query_data``: scvi-tools' keyword
+    ``reference_model``, or scvi_fast's earlier spelling ``reference``."""
+    if reference is not None:
+        if reference_model is not None and reference_model is not reference:
+            raise TypeError(f"{where}: pass reference_model or its alias reference, not both")
+        reference_model = reference
+    if reference_model is None:
+        raise ValueError("Please provide a reference model as string or loaded model.")
+    return reference_model
+
+
+def load_query_data(cls, adata, reference, device, flags: dict, inplace_subset_query_vars: bool = False,
+                    transfer_batch: bool = True, impl: str | None = None, seed: int = 0):
     """A model for query ``adata`` from ``reference`` (a model or a model folder).
 
     New batch categories get new rows (``nn.Linear``-style initialisation drawn from ``seed``)
-    in every decoder layer's ``weight_cov``; everything else is the reference's. With
-    ``freeze=True`` only the new rows train. The returned model has ``is_trained == False``;
-    its latent representation is usable before any training (the encoder does not read the
-    batch).
+    in every decoder layer's ``weight_cov``; everything else is the reference's. ``flags`` are
+    ``load_query_data``'s freeze flags (:data:`~scvi_fast.module.FREEZE_DEFAULTS`), applied by
+    :func:`~scvi_fast.module.set_online_update`. The returned model has ``is_trained ==
+    False``; its latent representation is usable before any training (the encoder does not
+    read the batch).
     """
+    unknown = sorted(set(flags) - set(FREEZE_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown freeze flags {unknown}")
     ref = reference if hasattr(reference, "registry") else cls.load(reference, device="cpu")
     reg = ref.registry
     _check_query(adata, reg, inplace_subset_query_vars)
+    if not transfer_batch and reg.batch_key:
+        new = sorted(set(map(str, adata.obs[reg.batch_key].unique())) - set(reg.batch_categories))
+        if new:
+            raise ValueError("This model does not allow for query having batch categories "
+                             f"missing from the reference: {new[:10]}")
     registry = reg.extended_by(adata)
     config = {"init_params": {**ref.init_params_, "impl": impl or ref.init_params_.get("impl", "auto"),
                               "seed": seed},
@@ -131,16 +151,9 @@ def load_query_data(cls, adata, reference, freeze: bool = True,
     load_reference_state(model.module, ref.module.state_dict(), reg.n_batch)
     model.passthrough = {k: v.detach().cpu().clone() for k, v in ref.passthrough.items()}
     model.scvi_tools_mappings = dict(ref.scvi_tools_mappings)
-    if freeze:
-        if registry.n_batch == reg.n_batch:
-            warnings.warn(
-                "the query has no new batch categories: with freeze=True nothing is left to "
-                "train; embed it as is with get_latent_representation()",
-                UserWarning,
-                stacklevel=3,
-            )
-        freeze_for_query(model.module, reg.n_batch)
-    model.device = resolve_device(device)
+    model.query_flags_ = {**FREEZE_DEFAULTS, **flags}
+    set_online_update(model.module, **model.query_flags_)
+    model.device = device
     model.module.to(model.device).eval()
     return model
 
@@ -155,7 +168,7 @@ def _check_query(adata, reg: Registry, inplace_subset_query_vars: bool) -> None:
         else:
             raise ValueError(
                 "the query's genes differ from the reference model's; call "
-                "SCVI.prepare_query_anndata(adata, reference) first (it reorders genes and "
+                "SCVI.prepare_query_anndata(adata, reference_model) first (it reorders genes and "
                 "fills missing ones with zeros)"
             )
     if reg.batch_key and reg.batch_key not in adata.obs:

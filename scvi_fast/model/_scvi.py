@@ -15,6 +15,7 @@ The class is thin: its parts live beside it (:mod:`._registry`, :mod:`._data`,
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -24,7 +25,7 @@ import torch
 
 from scvi_fast import data as _data
 from scvi_fast.model import _data as _access
-from scvi_fast.model import _inference, _io, _query, _training
+from scvi_fast.model import _inference, _io, _query, _train_args, _training
 from scvi_fast.model._config import architecture
 from scvi_fast.model._registry import Registry
 from scvi_fast.module import VAE, check_state
@@ -179,9 +180,16 @@ class SCVI:
 
     @property
     def history(self) -> dict[str, pd.DataFrame]:
-        """Per-epoch metrics as scvi-tools shows them: ``{name: DataFrame indexed by epoch}``."""
+        """Per-epoch metrics as scvi-tools shows them: ``{name: DataFrame indexed by epoch}``
+        (validation metrics at the epochs validated, every ``check_val_every_n_epoch``)."""
+        every = int((self.train_params_ or {}).get("check_val_every_n_epoch") or 1)
+
+        def epochs(k, n):
+            val = k.endswith("_validation") or k == "validation_loss"
+            return (np.arange(n) + 1) * every - 1 if val else np.arange(n)
+
         return {
-            k: pd.DataFrame({k: v}, index=pd.Index(np.arange(len(v)), name="epoch"))
+            k: pd.DataFrame({k: v}, index=pd.Index(epochs(k, len(v)), name="epoch"))
             for k, v in self.history_.items()
         }
 
@@ -203,44 +211,95 @@ class SCVI:
         return _access.n_rows(self.adata if adata is None else adata, indices)
 
     # --------------------------------------------------------------- training --
-    def train(self, max_epochs: int | None = None, batch_size: int | None = None,
-              lr: float | None = None, n_epochs_kl_warmup: int | None = -1,
-              train_size: float = 0.9, validation_size: float | None = None,
-              early_stopping: bool = False, early_stopping_patience: int = 45,
-              early_stopping_min_delta: float = 0.0,
-              early_stopping_monitor: str = "elbo_validation", weight_decay: float = 1e-6,
+    #: rows of the last run's test set (cells in neither training nor validation)
+    test_indices: np.ndarray | None = None
+    #: the ``load_query_data`` freeze flags of a query model (None: not a query model)
+    query_flags_: dict | None = None
+
+    def train(self, max_epochs: int | None = None, accelerator: str = "auto",
+              devices: int | list[int] | str = "auto", train_size: float | None = None,
+              validation_size: float | None = None, shuffle_set_split: bool = True,
+              load_sparse_tensor: bool = False, batch_size: int | None = None,
+              early_stopping: bool = False, datasplitter_kwargs: dict | None = None,
+              plan_config=None, plan_kwargs: dict | None = None, datamodule=None,
+              trainer_config=None, *, lr: float | None = None,
+              n_epochs_kl_warmup: int | None = -1, weight_decay: float = 1e-6,
               eps: float = 0.01, max_kl_weight: float = 1.0, min_kl_weight: float = 0.0,
+              check_val_every_n_epoch: int | None = None, enable_progress_bar: bool = True,
+              early_stopping_patience: int = 45, early_stopping_min_delta: float = 0.0,
+              early_stopping_monitor: str = "elbo_validation",
+              early_stopping_mode: Literal["min", "max"] = "min",
+              early_stopping_warmup_epochs: int = 0,
               checkpoint_dir: str | os.PathLike | None = None,
               checkpoint_every_n_steps: int | None = None, resume: bool = False, seed: int = 0,
-              device: str = "auto", accelerator: str | None = None, progress_bar: bool = True,
-              plan_kwargs: dict | None = None, allow_tf32: bool = False,
-              precision: Literal["32", "bf16-mixed"] = "32", compile_dense: bool = False,
-              cuda_graph: bool | None = None, strategy: Literal["auto", "ddp"] = "auto",
-              devices: int | Literal["auto"] = "auto", max_restarts: int = 0,
-              **loader_kwargs) -> SCVI:
-        """Train the model (scvi-tools' defaults unless a preset says otherwise).
+              device: str | None = None, progress_bar: bool | None = None,
+              allow_tf32: bool = False, precision: Literal["32", "bf16-mixed"] = "32",
+              compile_dense: bool = False, cuda_graph: bool | None = None,
+              strategy: str = "auto", max_restarts: int = 0, **kwargs) -> SCVI:
+        """Train the model, with scvi-tools' arguments and defaults (a preset may change the
+        defaults of ``lr``, ``batch_size``, ``max_epochs`` and the KL warm-up).
 
         Parameters
         ----------
         max_epochs
-            Default: scvi-tools' ``min(round(20000 / n_cells * 400), 400)`` (census: 100).
-        batch_size, lr, n_epochs_kl_warmup
-            Minibatch size (128), Adam learning rate (1e-3), KL warm-up epochs (400);
-            ``plan_kwargs={"lr": ...}`` is accepted as in scvi-tools.
-        train_size, validation_size
-            Fractions of cells for training and validation (90/10 by default), split with a
-            ``np.random.RandomState(seed)`` permutation.
-        early_stopping, early_stopping_patience, early_stopping_min_delta, early_stopping_monitor
-            As scvi-tools (monitors ``elbo_validation``).
-        weight_decay, eps, max_kl_weight, min_kl_weight
-            Adam's weight decay (1e-6) and epsilon (0.01); the KL weight's range.
+            Default: scvi-tools' ``max(min(round(20000 / n_cells * 400), 400), 1)``
+            (census preset: 100).
+        accelerator, devices
+            As scvi-tools: ``accelerator`` ``"auto"`` (CUDA if present), ``"cpu"``,
+            ``"gpu"``/``"cuda"`` (others, e.g. ``"mps"``, are refused); ``devices`` ``"auto"``
+            (one device), a number, ``-1`` (every GPU) or a list of GPU ids. Several devices
+            train data-parallel (DDP, one process each): ``devices=[0, 1]`` on GPUs 0 and 1,
+            ``accelerator="cpu", devices=2`` in two CPU processes.
+        train_size, validation_size, shuffle_set_split
+            scvi-tools' split: ``train_size=None`` is 0.9 with a last minibatch of 1-2 cells
+            moved to validation; ``ceil(train_size * n)`` training cells, then
+            ``floor(validation_size * n)`` (default: the rest) validation cells, the remainder
+            a test set (``model.test_indices``); drawn with ``np.random.RandomState(seed)``,
+            or, with ``shuffle_set_split=False``, in row order (validation first, then
+            training, as scvi-tools' ``DataSplitter``).
+        load_sparse_tensor
+            Accepted and ignored: scvi_fast always streams CSR minibatches to the device.
+        batch_size
+            Minibatch size (128).
+        early_stopping, early_stopping_patience, early_stopping_min_delta, early_stopping_monitor, early_stopping_mode, early_stopping_warmup_epochs
+            As scvi-tools (``elbo_validation``, 45 checks, 0.0, ``"min"``, 0); turns on
+            validation every epoch unless ``check_val_every_n_epoch`` says otherwise.
+        datasplitter_kwargs
+            ``external_indexing`` (``[train, validation, test]`` index arrays), ``drop_last``,
+            ``pin_memory`` and :class:`~scvi_fast.data.CSRLoader` options; ``DataLoader``
+            worker options are ignored with a warning.
+        plan_config, plan_kwargs
+            scvi-tools' ``TrainingPlan`` options (``plan_kwargs`` wins): ``lr``,
+            ``weight_decay``, ``eps``, ``optimizer`` (``"Adam"``, ``"AdamW"``),
+            ``n_epochs_kl_warmup``, ``n_steps_kl_warmup`` (per step, used when
+            ``n_epochs_kl_warmup`` is None), ``max_kl_weight``, ``min_kl_weight``,
+            ``reduce_lr_on_plateau`` with ``lr_factor``, ``lr_patience``, ``lr_threshold``,
+            ``lr_min``, ``lr_scheduler_metric``, ``compile`` (``compile_dense``). A custom
+            optimiser and ``update_only_decoder`` are refused.
+        datamodule
+            Not supported (scvi_fast reads the model's AnnData or CSR store).
+        trainer_config, **kwargs
+            Lightning ``Trainer`` options. Those that change training (``gradient_clip_val``,
+            ``accumulate_grad_batches``, ``max_steps``, non-empty ``callbacks``...) raise an
+            error naming them; logging and Lightning machinery (``logger``,
+            ``log_every_n_steps``, ``enable_checkpointing``...) are ignored with a warning.
+            :class:`~scvi_fast.data.CSRLoader` options (``block_size``, ``buffer_size``...)
+            go to the loaders.
+        lr, n_epochs_kl_warmup, weight_decay, eps, max_kl_weight, min_kl_weight
+            Shortcuts of the ``plan_kwargs`` of the same names (1e-3, 400, 1e-6, 0.01, 1, 0).
+        check_val_every_n_epoch
+            Validate every n epochs (history ``elbo_validation``...); None (scvi-tools'
+            default): never, unless early stopping or ``reduce_lr_on_plateau`` needs it.
+        enable_progress_bar, progress_bar
+            Show a progress bar (``progress_bar`` is scvi_fast's spelling and wins if given).
         checkpoint_dir, checkpoint_every_n_steps, resume
             Write ``checkpoint.pt`` atomically each epoch (and every n steps); with
             ``resume=True`` continue an interrupted run from it.
         seed
-            Seeds the split, the shuffling and torch's sampling noise.
-        device, accelerator
-            ``"auto"`` (CUDA if present), ``"cpu"`` or ``"cuda[:i]"``.
+            Seeds the split, the shuffling and torch's sampling noise (scvi-tools:
+            ``scvi.settings.seed``).
+        device
+            A torch device string (``"cpu"``, ``"cuda:1"``): scvi_fast's spelling of one device.
         allow_tf32, precision, compile_dense
             CUDA speed options (TF32 GEMMs; ``"bf16-mixed"`` autocast of the GEMMs with the
             likelihood in fp32; ``torch.compile`` of the dense stacks); ignored on the CPU.
@@ -248,14 +307,12 @@ class SCVI:
             ``None``: on a single CUDA device (not DDP, not ``compile_dense``) the training and
             validation steps are captured as CUDA graphs and replayed; ``True`` requires it;
             ``False`` runs eagerly. Same arithmetic either way.
-        strategy, devices, max_restarts
-            ``"ddp"``: data-parallel training, one process per GPU (NCCL) or CPU share (gloo).
-            Under ``torchrun`` every rank calls ``train`` and trains its shard of each epoch;
-            elsewhere ``devices`` local ranks are launched through torch's elastic launcher
-            (restarted up to ``max_restarts`` times; with ``resume=True`` from the checkpoint)
-            and rank 0's weights come back. ``batch_size`` is per rank.
-        **loader_kwargs
-            Passed to :class:`scvi_fast.data.CSRLoader` (``block_size``, ``buffer_size``...).
+        strategy, max_restarts
+            ``"auto"`` or ``"ddp"`` (any ``"ddp*"`` spelling). Under ``torchrun`` every rank
+            calls ``train`` and trains its shard of each epoch; elsewhere one local rank per
+            device is launched through torch's elastic launcher (restarted up to
+            ``max_restarts`` times; with ``resume=True`` from the checkpoint) and rank 0's
+            weights come back. ``batch_size`` is per rank.
         """
         call = {k: v for k, v in locals().items() if k != "self"}
         return _training.fit(self, call)
@@ -283,8 +340,12 @@ class SCVI:
     def get_normalized_expression(self, adata=None, indices: Sequence[int] | None = None,
                                   transform_batch=None, gene_list: Sequence[str] | None = None,
                                   library_size: float | Literal["latent"] = 1,
-                                  n_samples: int = 1, batch_size: int | None = None,
-                                  return_mean: bool = True, return_numpy: bool | None = None):
+                                  n_samples: int = 1, n_samples_overall: int | None = None,
+                                  weights: Literal["uniform", "importance"] | None = None,
+                                  batch_size: int | None = None, return_mean: bool = True,
+                                  return_numpy: bool | None = None, silent: bool = True,
+                                  dataloader=None, data_loader_kwargs: dict | None = None,
+                                  **importance_weighting_kwargs):
         """Normalised (denoised, optionally batch-corrected) expression.
 
         ``transform_batch``: a batch category (or a list, averaged) to decode every cell in;
@@ -292,10 +353,20 @@ class SCVI:
         ``"latent"`` for the cell's observed library. ``n_samples`` posterior samples of ``z``,
         averaged when ``return_mean``. Returns a DataFrame (cells x genes) for a 2-D result,
         else a numpy array ``(n_samples, n_cells, n_genes)``.
+
+        ``n_samples_overall`` (scvi-tools): ``n_samples_overall // n_cells + 1`` samples of
+        every cell are decoded and ``n_samples_overall`` of them drawn with replacement
+        (numpy's global generator), uniformly or, with ``weights="importance"``, with
+        scvi-tools' importance weights (options ``max_cells=1024``, ``truncation=False``,
+        ``n_mc_samples=500``, ``n_mc_samples_per_pass=250`` in
+        ``**importance_weighting_kwargs``); returns a numpy array ``(n_samples_overall,
+        n_genes)``. ``dataloader`` is not supported; ``silent`` has no effect.
         """
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
         return _inference.normalized_expression(
             self, adata, indices, transform_batch, gene_list, library_size, n_samples,
-            batch_size, return_mean, return_numpy)
+            batch_size, return_mean, return_numpy, n_samples_overall, weights,
+            importance_weighting_kwargs)
 
     def differential_expression(self, adata=None, groupby: str | None = None,
                                 group1: str | Sequence[str] | None = None,
@@ -306,8 +377,10 @@ class SCVI:
                                 batchid1: Sequence[str] | None = None,
                                 batchid2: Sequence[str] | None = None, fdr_target: float = 0.05,
                                 silent: bool = False,
-                                weights: Literal["uniform"] | None = "uniform",
-                                filter_outlier_cells: bool = False, n_samples: int | None = None,
+                                weights: Literal["uniform", "importance"] | None = "uniform",
+                                filter_outlier_cells: bool = False,
+                                importance_weighting_kwargs: dict | None = None,
+                                n_samples: int | None = None,
                                 seed: int | None = None, **kwargs) -> pd.DataFrame:
         """Bayesian differential expression, with scvi-tools' modes, defaults and columns.
 
@@ -317,10 +390,14 @@ class SCVI:
         ``is_de_fdr_<fdr_target>``); ``batch_correction`` decodes both groups in every batch
         (or the ``batchid`` lists) and pairs samples within a batch; ``n_samples`` is
         scvi-tools' ``n_samples_overall``; ``seed`` makes the table reproducible; ``**kwargs``
-        are ``get_bayes_factors`` options. Returns a DataFrame indexed by gene name.
+        are ``get_bayes_factors`` options. ``weights="importance"`` samples each group with
+        scvi-tools' importance weights (``importance_weighting_kwargs``: ``max_cells``,
+        ``truncation``, ``n_mc_samples``, ``n_mc_samples_per_pass``). Returns a DataFrame
+        indexed by gene name.
         """
         return _inference.differential_expression(
             self, adata, batch_size, batch_correction, batchid1, batchid2, n_samples, weights,
+            importance_weighting_kwargs,
             groupby=groupby, group1=group1, group2=group2, idx1=idx1, idx2=idx2, mode=mode,
             delta=delta, all_stats=all_stats, fdr_target=fdr_target, silent=silent,
             filter_outlier_cells=filter_outlier_cells, seed=seed, **kwargs)
@@ -337,6 +414,57 @@ class SCVI:
         """
         return _inference.posterior_predictive(self, adata, indices, transform_batch, n_samples,
                                                gene_list, batch_size)
+
+    def get_likelihood_parameters(self, adata=None, indices: Sequence[int] | None = None,
+                                  n_samples: int | None = 1, give_mean: bool | None = False,
+                                  batch_size: int | None = None, dataloader=None,
+                                  **data_loader_kwargs) -> dict[str, np.ndarray]:
+        """Parameters of ``p(x | z)`` for ``z`` drawn from the posterior (scvi-tools).
+
+        NB: ``{"mean": exp(l) * rho, "dispersions": theta}``, float32 arrays ``(n_cells,
+        n_genes)`` for ``n_samples=1``, else ``(n_samples, n_cells, n_genes)`` unless
+        ``give_mean`` averages the samples. Other likelihoods add their entry to
+        :data:`scvi_fast.analysis.LIKELIHOODS`.
+        """
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
+        return _inference.likelihood_parameters(self, adata, indices, int(n_samples or 1),
+                                                bool(give_mean), batch_size)
+
+    def get_marginal_ll(self, adata=None, indices: Sequence[int] | None = None,
+                        n_mc_samples: int = 1000, batch_size: int | None = None,
+                        return_mean: bool = True, dataloader=None,
+                        data_loader_kwargs: dict | None = None, **kwargs):
+        """Importance-sampled estimate of ``log p(x)`` with ``n_mc_samples`` posterior samples
+        (scvi-tools' biased estimator; higher is better).
+
+        ``return_mean``: the mean over minibatches (``batch_size`` cells, 128 by default) of
+        each minibatch's mean, a float, as scvi-tools; else a tensor ``(n_cells,)``.
+        ``n_mc_samples_per_pass`` (keyword) as scvi-tools.
+        """
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
+        return _inference.marginal_ll(self, adata, indices, n_mc_samples, batch_size,
+                                      return_mean, **kwargs)
+
+    def get_latent_library_size(self, adata=None, indices: Sequence[int] | None = None,
+                                give_mean: bool = True, batch_size: int | None = None,
+                                dataloader=None, **data_loader_kwargs) -> np.ndarray:
+        """Library size of each cell, ``(n_cells, 1)``: the observed total counts with
+        ``give_mean=False``; scVI's observed library has no posterior, so ``give_mean=True``
+        raises scvi-tools' RuntimeError."""
+        _inference.no_dataloader(dataloader, data_loader_kwargs)
+        return _inference.latent_library_size(self, adata, indices, give_mean, batch_size)
+
+    def get_feature_correlation_matrix(self, adata=None, indices: Sequence[int] | None = None,
+                                       n_samples: int = 10, batch_size: int = 64,
+                                       rna_size_factor: int = 1000, transform_batch=None,
+                                       correlation_type: Literal["spearman", "pearson"] = "spearman",
+                                       silent: bool = True) -> pd.DataFrame:
+        """Gene-gene correlation of denoised samples (scvi-tools): ``n_samples`` Gamma draws
+        around ``rna_size_factor * rho`` per cell, correlated over cells and samples, averaged
+        over the ``transform_batch`` batches. A genes x genes DataFrame."""
+        return _inference.feature_correlation_matrix(
+            self, adata, indices, n_samples, batch_size, rna_size_factor, transform_batch,
+            correlation_type, silent)
 
     def get_elbo(self, adata=None, indices=None, batch_size=None, return_mean: bool = True):
         """The ELBO (higher is better): ``-mean(reconstruction_loss + kl_local)``, as scvi-tools
@@ -363,13 +491,22 @@ class SCVI:
         _io.save(self, dir_path, overwrite, save_anndata, format)
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, adata=None, device: str = "cpu",
+    def load(cls, dir_path: str | os.PathLike, adata=None, accelerator: str = "auto",
+             device: int | str = "auto", prefix: str | None = None, backup_url: str | None = None,
+             datamodule=None, allowed_classes_names_list: list[str] | None = None,
              impl: str | None = None) -> SCVI:
         """Load a model saved by :meth:`save` (or an scvi-tools model folder).
 
         ``adata`` (optional; default the AnnData saved beside the model) must have the
-        model's genes; the model's setup is transferred to it.
+        model's genes; the model's setup is transferred to it. ``accelerator`` / ``device``
+        as scvi-tools: ``"auto"`` puts the model on the first GPU when one is present, else
+        the CPU; ``device`` may be a GPU index or a torch device string (``"cuda:1"``).
+        ``prefix``, ``backup_url``, ``datamodule`` and ``allowed_classes_names_list`` are
+        scvi-tools' and not supported (an error when given).
         """
+        _io.check_load_options(prefix=prefix, backup_url=backup_url, datamodule=datamodule,
+                               allowed_classes_names_list=allowed_classes_names_list)
+        target = _train_args.resolve_single_device(accelerator, device)
         config, state, registry = _io.read_parts(dir_path)
         if impl is not None:
             config = {**config, "init_params": {**config["init_params"], "impl": impl}}
@@ -377,36 +514,90 @@ class SCVI:
         adata = _io.saved_anndata(dir_path) if adata is None else adata
         if adata is not None:
             model.adata = _access.register(registry, adata)
-        model.device = resolve_device(device)
-        model.module.to(model.device).eval()
+        model.to_device(target)
+        model.module.eval()
         return model
 
+    def to_device(self, device: str | int | torch.device) -> None:
+        """Move the model to ``device`` (``"cpu"``, a GPU index such as ``0``, ``"cuda:0"`` or a
+        ``torch.device``), as scvi-tools."""
+        target = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        self.module.to(target)
+        self.device = target
+
+    def view_anndata_setup(self, adata=None, hide_state_registries: bool = False) -> None:
+        """Print the model's data setup: genes, layer and each covariate's key and categories
+        (scvi-tools' registry summary). ``adata`` (default: the model's data) must be set up
+        as the model (its genes and categories are checked)."""
+        data = self.adata if adata is None else adata
+        if data is not None and adata is not None:
+            try:
+                _access.register(self.registry, data)
+            except (KeyError, ValueError) as err:
+                raise ValueError(f"Given AnnData not setup with {type(self).__name__}. "
+                                 "Cannot view setup summary.") from err
+        print(_inference.setup_summary(self.registry, data,
+                                       hide_state_registries=hide_state_registries))
+
     @staticmethod
-    def prepare_query_anndata(adata, reference, return_reference_var_names: bool = False,
-                              inplace: bool = True):
+    def prepare_query_anndata(adata, reference_model=None, return_reference_var_names: bool = False,
+                              inplace: bool = True, *, reference=None):
         """Reorder a query's genes to the reference model's; missing genes become zeros.
 
         As scvi-tools: logs the fraction of reference genes found (warns below 80 %).
-        ``reference`` is a model or a model folder. Returns None when ``inplace``, else the
-        new AnnData; with ``return_reference_var_names=True`` only the reference's genes.
+        ``reference_model`` (alias ``reference``) is a model or a model folder. Returns None
+        when ``inplace``, else the new AnnData; with ``return_reference_var_names=True`` only
+        the reference's genes (a ``pd.Index``).
         """
-        return _query.prepare_query_anndata(adata, reference, return_reference_var_names, inplace)
+        ref = _query.reference_model_arg(reference_model, reference, "prepare_query_anndata")
+        return _query.prepare_query_anndata(adata, ref, return_reference_var_names, inplace)
 
     @classmethod
-    def load_query_data(cls, adata, reference, freeze: bool = True,
-                        inplace_subset_query_vars: bool = False, device: str = "cpu",
-                        impl: str | None = None, unfrozen: bool | None = None) -> SCVI:
-        """A model of query ``adata`` built on ``reference`` (a model or a model folder).
+    def load_query_data(cls, adata=None, reference_model=None, registry=None,
+                        inplace_subset_query_vars: bool = False, accelerator: str = "auto",
+                        device: int | str = "auto", unfrozen: bool = False,
+                        freeze_dropout: bool = False, freeze_expression: bool = True,
+                        freeze_decoder_first_layer: bool = True,
+                        freeze_batchnorm_encoder: bool = True,
+                        freeze_batchnorm_decoder: bool = False, freeze_classifier: bool = True,
+                        transfer_batch: bool = True, datamodule=None, *, reference=None,
+                        freeze: bool | None = None, impl: str | None = None) -> SCVI:
+        """A model of query ``adata`` built on ``reference_model`` (scArches, as scvi-tools).
 
-        New batch categories get new rows in every decoder layer's batch table. With
-        ``freeze=True`` (scvi-tools: ``unfrozen=False``) only those rows train; the
-        reference's weights and BatchNorm statistics stay bitwise unchanged. ``is_trained``
-        is False until :meth:`train`; embedding without fine-tuning is supported.
+        ``reference_model`` (alias ``reference``) is a model or a model folder (scvi_fast's
+        or scvi-tools'). New batch categories get new rows in every decoder layer's batch
+        table. What trains follows scvi-tools' flags and defaults: ``unfrozen=True`` trains
+        everything; otherwise the hidden layers' weights are frozen by zeroed gradients
+        except the decoder's batch rows (``freeze_expression=False`` /
+        ``freeze_decoder_first_layer=False`` free the first encoder / decoder layer), the
+        decoder's BatchNorm scales train unless ``freeze_batchnorm_decoder``, the encoder's
+        when ``freeze_batchnorm_encoder=False``, and ``freeze_dropout`` removes dropout. As
+        in scvi-tools 1.4.2 the query trains in eval mode: the reference's BatchNorm running
+        statistics normalise it and stay unchanged (see
+        :func:`scvi_fast.module.set_online_update`). ``freeze_classifier`` has no effect (SCVI
+        has no classifier); ``transfer_batch=False`` refuses batch categories the reference
+        lacks. ``freeze`` is scvi_fast's earlier flag (``freeze=False`` is ``unfrozen=True``).
+        ``is_trained`` is False until :meth:`train`; embedding without fine-tuning works.
         """
-        if unfrozen is not None:
-            freeze = not unfrozen
-        model = _query.load_query_data(cls, adata, reference, freeze=freeze,
-                                       inplace_subset_query_vars=inplace_subset_query_vars,
-                                       device=device, impl=impl)
+        if adata is None or registry is not None:
+            raise NotImplementedError("load_query_data needs the query AnnData (adata=...); a "
+                                      "registry without data is not supported")
+        if datamodule is not None:
+            raise NotImplementedError("datamodule is not supported: pass the query AnnData")
+        if freeze is not None:
+            warnings.warn("load_query_data(freeze=...) is deprecated: use scvi-tools' "
+                          "unfrozen=... (freeze=False is unfrozen=True)", FutureWarning,
+                          stacklevel=2)
+            unfrozen = not freeze
+        ref = _query.reference_model_arg(reference_model, reference, "load_query_data")
+        flags = dict(unfrozen=unfrozen, freeze_dropout=freeze_dropout,
+                     freeze_expression=freeze_expression,
+                     freeze_decoder_first_layer=freeze_decoder_first_layer,
+                     freeze_batchnorm_encoder=freeze_batchnorm_encoder,
+                     freeze_batchnorm_decoder=freeze_batchnorm_decoder)
+        model = _query.load_query_data(
+            cls, adata, ref, _train_args.resolve_single_device(accelerator, device), flags,
+            inplace_subset_query_vars=inplace_subset_query_vars, transfer_batch=transfer_batch,
+            impl=impl)
         model.adata = _access.register(model.registry, adata)
         return model

@@ -1,12 +1,12 @@
 """The scVI variational autoencoder: layers, ``inference -> generative -> loss``, the posterior
-of ``z`` (:meth:`VAE.posterior`, :func:`sample_z`) and the frozen layers of query mapping."""
+of ``z`` (:meth:`VAE.posterior`, :func:`sample_z`) and what a query model trains (reference mapping)."""
 
 from scvi_fast.module._layers import CovariateLinear, DenseBlock, SparseInputLinear
 from scvi_fast.module._query import (
-    FrozenBatchNorm1d,
-    QueryCovariateLinear,
-    freeze_for_query,
+    FREEZE_DEFAULTS,
+    keep_eval_mode,
     load_reference_state,
+    set_online_update,
 )
 from scvi_fast.module._state import (
     StateMismatchError,
@@ -20,5 +20,5 @@ __all__ = [
     "VAE", "LossOutput", "kl_weight", "SparseInputLinear", "CovariateLinear", "DenseBlock",
     "fp32", "posterior_variance", "sample_z",
     "StateMismatchError", "check_state", "state_checksums", "verify_checksums",
-    "FrozenBatchNorm1d", "QueryCovariateLinear", "freeze_for_query", "load_reference_state",
+    "FREEZE_DEFAULTS", "keep_eval_mode", "load_reference_state", "set_online_update",
 ]

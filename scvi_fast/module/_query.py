@@ -1,107 +1,108 @@
-"""Frozen layers of reference mapping (scArches style, as scvi-tools' ``load_query_data``).
+"""Reference mapping (scArches, as scvi-tools' ``load_query_data``): which weights of a query
+model train.
 
-A query model's decoder has one more gathered batch row per new batch category. With
-``freeze=True`` only those new rows train:
+A query model's decoder has one more gathered batch row per new batch category, all else the
+reference's (:func:`load_reference_state`). :func:`set_online_update` then applies scvi-tools'
+``freeze_*`` flags with scvi-tools 1.4.2's semantics (``_set_params_online_update``):
 
-* every reference parameter gets ``requires_grad=False``, so the optimiser never holds it
-  (weight decay included);
-* each decoder layer's ``weight_cov`` becomes ``cat(frozen reference rows (a buffer), new
-  rows (a parameter))`` (:class:`QueryCovariateLinear`), whose ``state_dict`` still shows a
-  single ``weight_cov``;
-* every ``BatchNorm1d`` stays in eval mode while the model trains (:class:`FrozenBatchNorm1d`):
-  the reference's running statistics normalise the query, and neither they nor
-  ``num_batches_tracked`` change.
+* parameters of the hidden layers (every encoder and decoder ``Linear``, batch rows included)
+  keep ``requires_grad``; the BatchNorm scales and shifts keep it unless their
+  ``freeze_batchnorm_*`` flag is set; every other parameter (``z`` mean and variance heads,
+  the output layer, ``px_r``) is frozen;
+* in the "hooked" hidden layers (all but the first encoder layer when
+  ``freeze_expression=False``, all but the first decoder layer when
+  ``freeze_decoder_first_layer=False``) a gradient hook zeroes the gradient of the weight and
+  bias, so that only the decoder's batch rows get a gradient. The optimiser still holds these
+  tensors, so Adam's weight decay moves them slightly, exactly as it does in scvi-tools (the
+  batch rows of reference categories absent from the query change only that way, those the
+  query shares with the reference train);
+* a frozen BatchNorm gets ``momentum = 0`` and ``freeze_dropout`` sets the dropout rate to 0;
+* the module trains in eval mode (:func:`keep_eval_mode`): scvi-tools' ``load_query_data``
+  leaves its module in eval mode and Lightning's fit loop (2.2 and later) keeps the mode it
+  finds, so a query trains without dropout and normalises with the reference's BatchNorm
+  running statistics, which stay unchanged whatever the flags.
 
 When the reference had a single batch category (no batch columns at all), the reference
-category's row is zero, so reference cells decode exactly as before.
+category's row is zero, so reference cells decode exactly as before (scvi-tools starts that
+row from the new layer's random initialisation).
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
-from scvi_fast.module._layers import CovariateLinear
+#: ``load_query_data``'s freeze flags and scvi-tools' defaults
+FREEZE_DEFAULTS = {
+    "unfrozen": False,
+    "freeze_dropout": False,
+    "freeze_expression": True,
+    "freeze_decoder_first_layer": True,
+    "freeze_batchnorm_encoder": True,
+    "freeze_batchnorm_decoder": False,
+}
 
 
-class FrozenBatchNorm1d(nn.BatchNorm1d):
-    """A ``BatchNorm1d`` that stays in eval mode: running statistics, never updated."""
-
-    def train(self, mode: bool = True):
-        return super().train(False)
+def _zero_like(grad: torch.Tensor) -> torch.Tensor:
+    # scvi-tools' weight hook: a fresh zero gradient (the batch columns live in weight_cov here)
+    return torch.zeros_like(grad)
 
 
-class QueryCovariateLinear(CovariateLinear):
-    """A :class:`CovariateLinear` whose first ``n_frozen`` batch rows are fixed.
+def _times_zero(grad: torch.Tensor) -> torch.Tensor:
+    # scvi-tools' bias hook (``grad * 0``: a non-finite gradient stays non-finite)
+    return grad * 0
 
-    ``weight`` and ``bias`` are the reference's parameters (frozen by the caller);
-    ``weight_cov`` is ``cat(weight_cov_frozen, weight_cov_new)``, where only
-    ``weight_cov_new`` is a parameter. ``state_dict`` / ``load_state_dict`` use
-    the plain layer's keys (``weight``, ``bias``, ``weight_cov``).
+
+def _hidden_layers(module: nn.Module) -> tuple[list, list]:
+    """``(encoder layers, decoder layers)`` in scvi-tools' ``FCLayers`` order."""
+    enc = [module.encoder.first, *module.encoder.linears]
+    return enc, list(module.decoder.linears)
+
+
+def _train_eval_only(self, mode: bool = True):
+    return nn.Module.train(self, False)
+
+
+def keep_eval_mode(module: nn.Module) -> nn.Module:
+    """Make ``module.train()`` leave ``module`` (and every submodule) in eval mode."""
+    module.train = types.MethodType(_train_eval_only, module)
+    return module.eval()
+
+
+def set_online_update(module: nn.Module, *, unfrozen: bool = False, freeze_dropout: bool = False,
+                      freeze_expression: bool = True, freeze_decoder_first_layer: bool = True,
+                      freeze_batchnorm_encoder: bool = True,
+                      freeze_batchnorm_decoder: bool = False) -> nn.Module:
+    """Choose what a query model (a :class:`~scvi_fast.module.VAE`) trains, in place.
+
+    The flags and their defaults are those of ``scvi.model.SCVI.load_query_data`` (see the
+    module docstring for what each does); ``unfrozen=True`` leaves every parameter trainable.
+    The module trains in eval mode either way.
     """
-
-    def __init__(self, layer: CovariateLinear, n_frozen: int):
-        nn.Module.__init__(self)
-        if layer.weight_cov is None or not 0 <= n_frozen <= layer.n_cov:
-            raise ValueError(f"cannot freeze {n_frozen} rows of a layer with {layer.n_cov} batch rows")
-        self.n_in, self.n_out, self.n_cov, self.n_frozen = layer.n_in, layer.n_out, layer.n_cov, n_frozen
-        self.weight = layer.weight
-        self.bias = layer.bias
-        cov = layer.weight_cov.detach()
-        self.register_buffer("weight_cov_frozen", cov[:n_frozen].clone(), persistent=False)
-        self.weight_cov_new = nn.Parameter(cov[n_frozen:].clone())
-
-    @property
-    def weight_cov(self) -> torch.Tensor:  # type: ignore[override]
-        return torch.cat([self.weight_cov_frozen, self.weight_cov_new], dim=0)
-
-    def forward(self, h: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
-        if cov is None:
-            raise ValueError("this layer was built with covariates; pass their codes")
-        y = torch.nn.functional.linear(h, self.weight, self.bias)
-        return y + self.weight_cov.index_select(0, cov.reshape(-1))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name, t in (("weight", self.weight), ("bias", self.bias), ("weight_cov", self.weight_cov)):
-            destination[prefix + name] = t if keep_vars else t.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        targets = {"weight": (self.weight,), "bias": (self.bias,),
-                   "weight_cov": (self.weight_cov_frozen, self.weight_cov_new)}
-        for name, parts in targets.items():
-            key = prefix + name
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            src = state_dict[key]
-            want = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-            if tuple(src.shape) != tuple(want):
-                error_msgs.append(f"size mismatch for {key}: got {tuple(src.shape)}, expected {want}")
-                continue
-            with torch.no_grad():
-                start = 0
-                for p in parts:
-                    p.copy_(src[start : start + p.shape[0]])
-                    start += p.shape[0]
-        if strict:
-            for key in state_dict:
-                if key.startswith(prefix) and "." not in key[len(prefix):] and key[len(prefix):] not in targets:
-                    unexpected_keys.append(key)
-
-
-def freeze_for_query(module: nn.Module, n_frozen_batches: int) -> nn.Module:
-    """Freeze ``module`` (a :class:`~scvi_fast.module.VAE`) in place except the batch rows from ``n_frozen_batches`` on."""
+    keep_eval_mode(module)
+    if unfrozen:
+        return module
+    enc, dec = _hidden_layers(module)
+    hidden = {id(p) for layer in enc + dec for p in layer.parameters()}
+    bn_enc = [b.norm for b in module.encoder.blocks]
+    bn_dec = [b.norm for b in module.decoder.blocks]
+    trainable_bn = ({id(p) for bn in bn_enc for p in bn.parameters()} if not freeze_batchnorm_encoder
+                    else set())
+    if not freeze_batchnorm_decoder:
+        trainable_bn |= {id(p) for bn in bn_dec for p in bn.parameters()}
     for p in module.parameters():
-        p.requires_grad_(False)
-    linears = module.decoder.linears
-    for i, layer in enumerate(linears):
-        if layer.weight_cov is not None:
-            linears[i] = QueryCovariateLinear(layer, n_frozen_batches)
-    for m in module.modules():
-        if type(m) is nn.BatchNorm1d:
-            m.__class__ = FrozenBatchNorm1d
-            m.eval()
+        p.requires_grad_(id(p) in hidden or id(p) in trainable_bn)
+    hooked = enc[0 if freeze_expression else 1:] + dec[0 if freeze_decoder_first_layer else 1:]
+    for layer in hooked:
+        layer.weight.register_hook(_zero_like)
+        layer.bias.register_hook(_times_zero)
+    for bn in (bn_enc if freeze_batchnorm_encoder else []) + (bn_dec if freeze_batchnorm_decoder else []):
+        bn.momentum = 0.0
+    if freeze_dropout:
+        for block in module.encoder.blocks:
+            block.dropout_rate = 0.0
     return module
 
 

@@ -59,14 +59,25 @@ def kl_weight(
     n_epochs_kl_warmup: int | None,
     max_kl_weight: float = 1.0,
     min_kl_weight: float = 0.0,
+    step: int = 0,
+    n_steps_kl_warmup: int | None = None,
 ) -> float:
-    """KL annealing weight at (0-based) ``epoch``, as scvi-tools' training plan.
+    """KL annealing weight at (0-based) ``epoch`` and global ``step``, as scvi-tools'
+    training plan (``_compute_kl_weight``, same arithmetic).
 
-    Rises linearly from ``min_kl_weight`` at epoch 0 to ``max_kl_weight`` at
-    ``n_epochs_kl_warmup``; constant ``max_kl_weight`` without warm-up.
+    Rises linearly from ``min_kl_weight`` to ``max_kl_weight`` over ``n_epochs_kl_warmup``
+    epochs, or, when that is None (or 0), over ``n_steps_kl_warmup`` optimiser steps;
+    constant ``max_kl_weight`` without warm-up.
     """
-    if n_epochs_kl_warmup and epoch < n_epochs_kl_warmup:
-        return min_kl_weight + (max_kl_weight - min_kl_weight) * epoch / n_epochs_kl_warmup
+    if min_kl_weight > max_kl_weight:
+        raise ValueError(f"min_kl_weight={min_kl_weight} is larger than max_kl_weight={max_kl_weight}.")
+    slope = max_kl_weight - min_kl_weight
+    if n_epochs_kl_warmup:
+        if epoch < n_epochs_kl_warmup:
+            return slope * (epoch / n_epochs_kl_warmup) + min_kl_weight
+    elif n_steps_kl_warmup:
+        if step < n_steps_kl_warmup:
+            return slope * (step / n_steps_kl_warmup) + min_kl_weight
     return max_kl_weight
 
 

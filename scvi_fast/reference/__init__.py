@@ -22,6 +22,7 @@ from scvi_fast.reference._nb import (
     nb_softmax_loglik,
     nb_softmax_loglik_linear,
 )
+from scvi_fast.reference._zinb import log_zinb_positive, poisson_softmax_loglik, zinb_softmax_loglik
 from scvi_fast.reference._reparam import reparam_kl, VAR_EPS
 from scvi_fast.reference._sparse_linear import METHODS as SPARSE_LINEAR_METHODS
 from scvi_fast.reference._sparse_linear import resolve_method, sparse_linear
@@ -51,6 +52,9 @@ __all__ = [
     "nb_bytes_moved",
     "nb_softmax_loglik",
     "nb_softmax_loglik_linear",
+    "log_zinb_positive",
+    "poisson_softmax_loglik",
+    "zinb_softmax_loglik",
     "reparam_kl",
     "resolve_method",
     "sparse_linear",

@@ -160,14 +160,16 @@ def _set_cpu_threads(local_world_size: int) -> None:
         pass
 
 
-def setup(device: str | torch.device = "auto", backend: str | None = None) -> DistContext:
+def setup(device: str | torch.device = "auto", backend: str | None = None,
+          device_ids=None) -> DistContext:
     """Join the job this process was launched into (idempotent).
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` (set by torchrun
     and by :func:`launch`) and initialises the default process group unless one exists:
     NCCL on CUDA, gloo on the CPU. ``device``: ``"auto"`` is ``cuda:LOCAL_RANK`` when CUDA is
     present, else the CPU; ``"cuda"`` (with or without an index) always means
-    ``cuda:LOCAL_RANK``, one device per rank. On the CPU each rank gets
+    ``cuda:LOCAL_RANK``, one device per rank, or ``cuda:device_ids[LOCAL_RANK]`` when
+    ``device_ids`` lists one GPU per local rank. On the CPU each rank gets
     ``cpu_count // LOCAL_WORLD_SIZE`` threads unless ``OMP_NUM_THREADS`` is set.
     """
     global _CONTEXT
@@ -182,12 +184,17 @@ def setup(device: str | torch.device = "auto", backend: str | None = None) -> Di
     if use_cuda:
         if not torch.cuda.is_available():
             raise RuntimeError("device='cuda' but CUDA is not available")
-        if local_rank >= torch.cuda.device_count():
+        index = local_rank
+        if device_ids is not None and len(device_ids) > 1:
+            if local_rank >= len(device_ids):
+                raise RuntimeError(f"local rank {local_rank} has no GPU in devices={list(device_ids)}")
+            index = int(device_ids[local_rank])
+        if index >= torch.cuda.device_count():
             raise RuntimeError(
                 f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
                 "launch at most one process per GPU"
             )
-        dev = torch.device("cuda", local_rank)
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")

@@ -331,6 +331,11 @@ class StepRunner:
             self._pool = graph.pool()
         return graph
 
+    def invalidate(self) -> None:
+        """Drop the captured graphs (they baked in values that changed, such as the learning
+        rate); the next steps capture afresh."""
+        self._graphs.clear()
+
     @property
     def n_graphs(self) -> int:
         return len(self._graphs)

@@ -1,4 +1,5 @@
-"""The training loop: Adam, KL warm-up, validation ELBO, early stopping, resumable checkpoints.
+"""The training loop: Adam(W), KL warm-up, validation ELBO, early stopping, learning-rate
+reduction on plateau, resumable checkpoints.
 
 The trainer knows a module (``inference -> generative -> loss``) and two
 loaders; it does not know the user-facing model class or where data comes from.
@@ -59,23 +60,30 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(device)
 
 
+OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+
+
 def make_adam(params, lr: float, eps: float, weight_decay: float,
-              capturable: bool = False) -> torch.optim.Adam:
-    """Adam with scvi-tools' settings, using the fused single-kernel update where available.
+              capturable: bool = False, optimizer: str = "Adam") -> torch.optim.Optimizer:
+    """Adam (or AdamW: ``optimizer="AdamW"``) with scvi-tools' settings, using the fused
+    single-kernel update where available.
 
     The fused update does the same arithmetic in one pass over each tensor (on a 2-core
     CPU about 8x faster than the multi-tensor path at the Census shape). ``capturable`` keeps
     the step count on the device, so that the update can be captured in a CUDA graph (set on
     CUDA whatever the step mode, so that graph and eager runs do the same arithmetic).
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Optimizer not understood: {optimizer!r} (use 'Adam' or 'AdamW')")
+    cls = OPTIMIZERS[optimizer]
     params = list(params)
     kw = dict(lr=lr, eps=eps, weight_decay=weight_decay)
     if capturable:
         kw["capturable"] = True
     try:
-        return torch.optim.Adam(params, fused=True, **kw)
+        return cls(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, **kw)
+        return cls(params, **kw)
 
 
 class Trainer:
@@ -88,13 +96,26 @@ class Trainer:
     train_loader, val_loader
         Iterables of minibatches with ``.to(device)``; optional ``set_epoch(epoch)``
         is called before each epoch so that shuffling depends on the epoch only.
-    lr, weight_decay, adam_eps
-        ``torch.optim.Adam`` settings (scvi-tools: 1e-3, 1e-6, 0.01).
-    n_epochs_kl_warmup, max_kl_weight, min_kl_weight
-        KL warm-up, see :func:`scvi_fast.module.kl_weight`.
-    early_stopping, early_stopping_patience, early_stopping_min_delta, early_stopping_monitor
-        Stop when the monitored metric has not improved by ``min_delta`` for
-        ``patience`` epochs (scvi-tools defaults: ``elbo_validation``, 45, 0.0).
+    lr, weight_decay, adam_eps, optimizer
+        ``torch.optim.Adam`` (or ``"AdamW"``) settings (scvi-tools: 1e-3, 1e-6, 0.01).
+    n_epochs_kl_warmup, max_kl_weight, min_kl_weight, n_steps_kl_warmup
+        KL warm-up, see :func:`scvi_fast.module.kl_weight`. A per-step warm-up
+        (``n_epochs_kl_warmup=None``, ``n_steps_kl_warmup`` set) refills the step's device
+        scalar before each step of the warm-up: one small fill kernel, no host synchronisation,
+        outside a captured graph (whose body stays the same), with the Python arithmetic of
+        scvi-tools' plan.
+    check_val_every_n_epoch
+        Validate after every n-th epoch (None: never). scvi-tools' default is None, unless
+        early stopping or learning-rate reduction needs the validation metrics (then 1).
+    early_stopping, early_stopping_patience, early_stopping_min_delta, early_stopping_monitor, early_stopping_mode, early_stopping_warmup_epochs
+        Stop when the monitored metric has not improved by ``min_delta`` for ``patience``
+        checks (each validation for a validation metric, each epoch for a training one),
+        the first ``warmup_epochs`` checks not counted (scvi-tools' ``LoudEarlyStopping``;
+        defaults ``elbo_validation``, 45, 0.0, ``"min"``, 0).
+    reduce_lr_on_plateau, lr_factor, lr_patience, lr_threshold, lr_min, lr_scheduler_metric
+        scvi-tools' ``ReduceLROnPlateau`` (``threshold_mode="abs"``), stepped with the
+        validation metric after each validation; the learning rate is logged as
+        ``lr-<optimizer>``.
     checkpoint_dir
         Where ``checkpoint.pt`` is written atomically after every epoch (and every
         ``checkpoint_every_n_steps`` steps if set); ``fit(resume=True)`` continues from it.
@@ -135,13 +156,24 @@ class Trainer:
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         adam_eps: float = 0.01,
+        optimizer: str = "Adam",
         n_epochs_kl_warmup: int | None = 400,
         max_kl_weight: float = 1.0,
         min_kl_weight: float = 0.0,
+        n_steps_kl_warmup: int | None = None,
+        check_val_every_n_epoch: int | None = 1,
         early_stopping: bool = False,
         early_stopping_patience: int = 45,
         early_stopping_min_delta: float = 0.0,
         early_stopping_monitor: str = "elbo_validation",
+        early_stopping_mode: str = "min",
+        early_stopping_warmup_epochs: int = 0,
+        reduce_lr_on_plateau: bool = False,
+        lr_factor: float = 0.6,
+        lr_patience: int = 30,
+        lr_threshold: float = 0.0,
+        lr_min: float = 0.0,
+        lr_scheduler_metric: str = "elbo_validation",
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every_n_steps: int | None = None,
         device: str | torch.device = "auto",
@@ -169,31 +201,50 @@ class Trainer:
         # DDP wraps the module for training only: state-dict keys stay the module's own.
         self._net = self.dist.wrap(self.module) if self.dist is not None else self.module
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.n_epochs_kl_warmup = n_epochs_kl_warmup
+        self.n_epochs_kl_warmup, self.n_steps_kl_warmup = n_epochs_kl_warmup, n_steps_kl_warmup
         self.max_kl_weight, self.min_kl_weight = max_kl_weight, min_kl_weight
+        kl_weight_fn(0, n_epochs_kl_warmup, max_kl_weight, min_kl_weight)  # checks min <= max
+        if check_val_every_n_epoch is not None and int(check_val_every_n_epoch) < 1:
+            raise ValueError(f"check_val_every_n_epoch must be a positive integer or None; got "
+                             f"{check_val_every_n_epoch}")
+        self.check_val_every_n_epoch = check_val_every_n_epoch
         self.early_stopping = early_stopping
-        self.patience, self.min_delta = early_stopping_patience, early_stopping_min_delta
+        self.patience, self.min_delta = early_stopping_patience, abs(early_stopping_min_delta)
         self.monitor = early_stopping_monitor
-        if early_stopping and self.monitor.endswith("_validation") and val_loader is None:
-            raise ValueError(
-                f"early stopping monitors {self.monitor!r} but there is no validation set; "
-                "use train_size < 1 or early_stopping_monitor='elbo_train'"
-            )
+        if early_stopping_mode not in ("min", "max"):
+            raise ValueError(f"early_stopping_mode must be 'min' or 'max'; got {early_stopping_mode!r}")
+        self.mode, self.es_warmup = early_stopping_mode, int(early_stopping_warmup_epochs)
+        for on, metric, what in ((early_stopping, self.monitor, "early stopping"),
+                                 (reduce_lr_on_plateau, lr_scheduler_metric, "reduce_lr_on_plateau")):
+            if on and metric.endswith("_validation") and (val_loader is None
+                                                          or check_val_every_n_epoch is None):
+                raise ValueError(
+                    f"{what} monitors {metric!r} but there is no validation set (or "
+                    "check_val_every_n_epoch is None); use train_size < 1 or a training metric"
+                )
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.seed = seed
         self.progress_bar = progress_bar
         self.optimizer = make_adam(
             [p for p in module.parameters() if p.requires_grad], lr, adam_eps, weight_decay,
-            capturable=on_cuda,
+            capturable=on_cuda, optimizer=optimizer,
         )
+        self.optimizer_name = optimizer
+        self.scheduler = None
+        self.lr_scheduler_metric = lr_scheduler_metric
+        if reduce_lr_on_plateau:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, patience=lr_patience, factor=lr_factor, threshold=lr_threshold,
+                min_lr=lr_min, threshold_mode="abs")
         self._setup_step(step_mode, compiled=compile_dense and on_cuda)
         self.history: dict[str, list[float]] = {}
         self.epoch = 0  # completed epochs
         self.global_step = 0
         self._step_in_epoch = 0
-        self._best = math.inf
+        self._best = math.inf if early_stopping_mode == "min" else -math.inf
         self._wait = 0
+        self._es_checks = 0
         self.stopped_early = False
         self.train_time_s = 0.0
         self.cells_trained = 0
@@ -230,6 +281,8 @@ class Trainer:
             "history": self.history,
             "best": self._best,
             "wait": self._wait,
+            "es_checks": self._es_checks,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "stopped_early": self.stopped_early,
             "partial_sums": self._partial[0] if self._partial else torch.zeros(3, dtype=torch.float64),
             "partial_n_obs": self._partial[1] if self._partial else 0,
@@ -244,6 +297,9 @@ class Trainer:
         self._step_in_epoch = int(state.get("step_in_epoch", 0))
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._best, self._wait = float(state["best"]), int(state["wait"])
+        self._es_checks = int(state.get("es_checks", 0))
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         self.stopped_early = bool(state.get("stopped_early", False))
         self._partial = (state["partial_sums"], int(state["partial_n_obs"])) if self._step_in_epoch else None
         if self.dist is not None:
@@ -312,6 +368,7 @@ class Trainer:
         runner.new_pass(train)
         sums = runner.sums if train else runner.val_sums
         runner.kl_weight.fill_(kl_w)
+        per_step = train and self._kl_per_step()
         n_obs = 0
         if skip and self._partial is not None and self.is_main:
             # the partial sums of a checkpoint are over all ranks: one rank adds them back
@@ -331,6 +388,9 @@ class Trainer:
         ctx = torch.inference_mode() if not train and batches is None else contextlib.nullcontext()
         with ctx:
             for mb in it:
+                if per_step and self.global_step <= self.n_steps_kl_warmup:
+                    # the warm-up's weight of this step (after it: the constant max weight)
+                    runner.kl_weight.fill_(self.kl_weight_at(self.epoch, self.global_step))
                 if batches is None:
                     runner.run(mb.to(self.device, non_blocking=True), train)
                 else:
@@ -378,6 +438,19 @@ class Trainer:
             f"and the weights are those before it; {kept}. " + _NONFINITE_HINT
         )
 
+    def _kl_per_step(self) -> bool:
+        return not self.n_epochs_kl_warmup and bool(self.n_steps_kl_warmup)
+
+    def kl_weight_at(self, epoch: int, step: int) -> float:
+        """The KL weight of a step at ``epoch`` and global ``step`` (scvi-tools' schedule)."""
+        return kl_weight_fn(epoch, self.n_epochs_kl_warmup, self.max_kl_weight,
+                            self.min_kl_weight, step=step, n_steps_kl_warmup=self.n_steps_kl_warmup)
+
+    def _validates(self) -> bool:
+        """Whether the epoch that just trained (``self.epoch``, 0-based) is followed by validation."""
+        n = self.check_val_every_n_epoch
+        return self.val_loader is not None and n is not None and (self.epoch + 1) % int(n) == 0
+
     def _log(self, name: str, value: float) -> None:
         self.history.setdefault(name, []).append(float(value))
 
@@ -414,9 +487,7 @@ class Trainer:
             bar = tqdm(total=max_epochs, initial=self.epoch, desc="Training", unit="epoch")
         try:
             while self.epoch < max_epochs and not self.stopped_early:
-                kl_w = kl_weight_fn(
-                    self.epoch, self.n_epochs_kl_warmup, self.max_kl_weight, self.min_kl_weight
-                )
+                kl_w = self.kl_weight_at(self.epoch, self.global_step)
                 t0 = time.perf_counter()
                 tr = self._run_epoch(self.train_loader, True, kl_w, skip=skip)
                 skip = 0
@@ -426,19 +497,25 @@ class Trainer:
                 self.cells_trained += tr["_n_obs"]
                 for name in METRICS:
                     self._log(f"{name}_train", tr[name])
+                if self._kl_per_step():  # the weight of the epoch's last step, and validation's
+                    kl_w = self.kl_weight_at(self.epoch, self.global_step - 1)
                 self._log("kl_weight", kl_w)
                 self._log("train_loss_epoch", tr["reconstruction_loss"] + kl_w * tr["kl_local"])
-                if self.val_loader is not None:
+                validated = self._validates()
+                if validated:
+                    if self._kl_per_step():
+                        kl_w = self.kl_weight_at(self.epoch, self.global_step)
                     va = self._run_epoch(self.val_loader, False, kl_w)
                     for name in METRICS:
                         self._log(f"{name}_validation", va[name])
                     self._log(
                         "validation_loss", va["reconstruction_loss"] + kl_w * va["kl_local"]
                     )
+                self._step_lr(validated)
                 self.epoch += 1
                 self._step_in_epoch = 0
                 self._partial = None
-                self._update_early_stopping()
+                self._update_early_stopping(validated)
                 self.save_checkpoint()
                 if bar is not None:
                     post = {"elbo_train": f"{self.history['elbo_train'][-1]:.1f}"}
@@ -456,14 +533,33 @@ class Trainer:
     #: running (sums, n_obs) of the epoch in progress, saved in mid-epoch checkpoints
     _partial: tuple[torch.Tensor, int] | None = None
 
-    def _update_early_stopping(self) -> None:
+    def _step_lr(self, validated: bool) -> None:
+        """Log the rate this epoch trained with (as Lightning's LearningRateMonitor), then step
+        the plateau scheduler with this epoch's validation metric."""
+        if self.scheduler is None:
+            return
+        self._log(f"lr-{self.optimizer_name}", self.optimizer.param_groups[0]["lr"])
+        if validated:
+            before = [g["lr"] for g in self.optimizer.param_groups]
+            self.scheduler.step(self.history[self.lr_scheduler_metric][-1])
+            if [g["lr"] for g in self.optimizer.param_groups] != before:
+                self.runner.invalidate()  # captured graphs hold the old rate
+
+    def _update_early_stopping(self, validated: bool = True) -> None:
         if not self.early_stopping:
             return
+        if self.monitor.endswith("_validation") and not validated:
+            return  # checked when the metric is computed
         values = self.history.get(self.monitor)
         if not values:
             raise ValueError(f"early stopping monitor {self.monitor!r} is not a logged metric")
+        self._es_checks += 1
+        if self._es_checks <= self.es_warmup:
+            return
         current = values[-1]
-        if current < self._best - self.min_delta:
+        better = (current < self._best - self.min_delta if self.mode == "min"
+                  else current > self._best + self.min_delta)
+        if better:
             self._best, self._wait = current, 0
         else:
             self._wait += 1

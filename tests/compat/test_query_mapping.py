@@ -32,13 +32,13 @@ def two_batches():
     return model, query
 
 
-def test_frozen_query_training_changes_only_the_new_batch_rows(two_batches, caplog):
+def test_query_training_with_default_flags(two_batches, caplog):
     ref, query = two_batches
     rng = np.random.default_rng(0)
     keep = rng.permutation(query.n_vars)[: query.n_vars - 30]
     q = query[:, keep].copy()  # genes shuffled, 30 missing
     with caplog.at_level(logging.INFO, logger="scvi_fast.model._query"):
-        scvi_fast.SCVI.prepare_query_anndata(q, ref)
+        scvi_fast.SCVI.prepare_query_anndata(q, reference_model=ref)
     assert "Found 98.00% reference vars" in caplog.text
     assert list(q.var_names) == list(ref.var_names)
     missing = ~ref.var_names.isin(query.var_names[keep])
@@ -46,7 +46,7 @@ def test_frozen_query_training_changes_only_the_new_batch_rows(two_batches, capl
     src_cols = pd.Index(query.var_names).get_indexer(ref.var_names[~missing])
     assert (q.X[:, np.flatnonzero(~missing)] != query.X[:, src_cols]).nnz == 0
 
-    model = scvi_fast.SCVI.load_query_data(q, ref)
+    model = scvi_fast.SCVI.load_query_data(q, ref)  # positional reference, scvi-tools style
     assert not model.is_trained
     assert model.batch_categories == ref.batch_categories + [str(query.obs["batch"].iloc[0])]
     # embedding without fine-tuning: the encoder is the reference's
@@ -63,15 +63,22 @@ def test_frozen_query_training_changes_only_the_new_batch_rows(two_batches, capl
     assert model.is_trained
     after = model.module.state_dict()
     assert list(after) == list(before)
-    for key in before:
-        if key.endswith("weight_cov"):
-            assert torch.equal(after[key][:1], before[key][:1]), key  # the reference's row (zero)
-            assert (before[key][:1] == 0).all()
-            assert not torch.equal(after[key][1:], before[key][1:]), key
-        else:
-            assert torch.equal(after[key], before[key]), key  # weights and BatchNorm stats alike
-    for key, val in ref.module.state_dict().items():
-        assert torch.equal(after[key], val), key
+    # frozen outright (no gradient, not in the optimiser) and BatchNorm statistics (eval mode)
+    for key in ("encoder.mean.weight", "encoder.var.bias", "decoder.scale.weight", "px_r",
+                "encoder.blocks.0.norm.weight", "encoder.blocks.0.norm.running_mean",
+                "decoder.blocks.0.norm.running_var", "decoder.blocks.0.norm.num_batches_tracked"):
+        assert torch.equal(after[key], before[key]), key
+    # the reference's single category has a zero row; it gets no gradient (no reference cells)
+    # and weight decay leaves zero at zero
+    assert (after["decoder.linears.0.weight_cov"][0] == 0).all()
+    # trained: the new batch row and the decoder's BatchNorm scale (freeze_batchnorm_decoder=False)
+    for key in ("decoder.blocks.0.norm.weight",):
+        assert not torch.equal(after[key], before[key]), key
+    new_row = after["decoder.linears.0.weight_cov"][1] - before["decoder.linears.0.weight_cov"][1]
+    assert new_row.abs().max() > 1e-4
+    # hooked weights move by weight decay only (about 1e-7 of themselves per step)
+    moved = (after["encoder.first.weight"] - before["encoder.first.weight"]).abs().max()
+    assert 0 < moved < 1e-4 * before["encoder.first.weight"].abs().max()
 
 
 def test_query_models_save_and_load_in_both_formats(two_batches, tmp_path):
@@ -88,9 +95,8 @@ def test_query_models_save_and_load_in_both_formats(two_batches, tmp_path):
     for folder in ("native", "st"):
         names = scvi_fast.SCVI.prepare_query_anndata(q, tmp_path / folder, return_reference_var_names=True)
         assert list(names) == list(ref.var_names)
-    # a reference given as a folder works too
-    with pytest.warns(UserWarning, match="no new batch categories"):
-        again = scvi_fast.SCVI.load_query_data(query.copy(), tmp_path / "st", freeze=True)
+    # a reference given as a folder works too (scvi_fast's keyword spelling as well)
+    again = scvi_fast.SCVI.load_query_data(query.copy(), reference=tmp_path / "st")
     assert again.batch_categories == model.batch_categories  # no new categories this time
     assert torch.equal(again.module.state_dict()["decoder.linears.0.weight_cov"],
                        model.module.state_dict()["decoder.linears.0.weight_cov"])
@@ -98,13 +104,24 @@ def test_query_models_save_and_load_in_both_formats(two_batches, tmp_path):
 
 def test_unfrozen_query_trains_everything(two_batches):
     ref, query = two_batches
-    model = scvi_fast.SCVI.load_query_data(query.copy(), ref, freeze=False)
+    with pytest.warns(FutureWarning, match="unfrozen"):
+        old_spelling = scvi_fast.SCVI.load_query_data(query.copy(), ref, freeze=False)
+    assert old_spelling.query_flags_["unfrozen"]
+    model = scvi_fast.SCVI.load_query_data(query.copy(), reference_model=ref, unfrozen=True)
+    assert all(p.requires_grad for p in model.module.parameters())
     before = {k: v.clone() for k, v in model.module.state_dict().items()}
     model.train(**TRAIN)
     after = model.module.state_dict()
-    for key in ("encoder.first.weight", "decoder.scale.weight", "encoder.blocks.0.norm.running_mean",
-                "decoder.linears.0.weight_cov"):
+    for key in ("encoder.first.weight", "decoder.scale.weight", "decoder.linears.0.weight_cov",
+                "px_r", "encoder.blocks.0.norm.weight"):
         assert not torch.equal(after[key], before[key]), key
+    # as scvi-tools 1.4.2, the query trains in eval mode: running statistics stay
+    assert torch.equal(after["encoder.blocks.0.norm.running_mean"],
+                       before["encoder.blocks.0.norm.running_mean"])
+    with pytest.raises(TypeError, match="not both"):
+        scvi_fast.SCVI.load_query_data(query.copy(), reference_model=ref, reference=object())
+    with pytest.raises(ValueError, match="missing from the reference"):
+        scvi_fast.SCVI.load_query_data(query.copy(), ref, transfer_batch=False)
 
 
 def test_prepare_query_anndata_dense_layers_and_refusals(two_batches):

@@ -62,6 +62,8 @@ def test_functional_dispatches_to_the_resolved_backend(op, monkeypatch):
         "sparse_linear": (t, t, t, t, None),
         "nb_softmax_loglik": (t, t, t, (t, t, t)),
         "nb_softmax_loglik_linear": (t, t, None, t, t, (t, t, t)),
+        "zinb_softmax_loglik": (t, t, t, t, (t, t, t)),
+        "poisson_softmax_loglik": (t, t, (t, t, t)),
         "reparam_kl": (t, t, t),
         "dropout": (t, 0.5),
     }[op]

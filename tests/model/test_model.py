@@ -82,8 +82,10 @@ def test_gene_mismatch_and_unknown_batch_at_inference(adata):
 
 # --------------------------------------------------------------- training --
 def test_training_is_reproducible_and_logs_history(adata):
-    a = scvi_fast.SCVI(adata, n_hidden=32, n_latent=5, impl="torch").train(seed=3, **TRAIN)
-    b = scvi_fast.SCVI(adata, n_hidden=32, n_latent=5, impl="torch").train(seed=3, **TRAIN)
+    a = scvi_fast.SCVI(adata, n_hidden=32, n_latent=5, impl="torch").train(
+        seed=3, check_val_every_n_epoch=1, **TRAIN)
+    b = scvi_fast.SCVI(adata, n_hidden=32, n_latent=5, impl="torch").train(
+        seed=3, check_val_every_n_epoch=1, **TRAIN)
     _assert_same_params(_params(a), _params(b))
     h = a.history
     for key in ("elbo_train", "reconstruction_loss_train", "kl_local_train",

@@ -161,10 +161,11 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(store):
     training on all the data would amount to) ends 2.7 nats lower, outside the tolerance.
     """
     one = scvi_fast.SCVI(str(store), **MODEL)
-    one.train(max_epochs=EPOCHS, batch_size=2 * BATCH, seed=0, progress_bar=False, device="cpu")
+    one.train(max_epochs=EPOCHS, batch_size=2 * BATCH, seed=0, progress_bar=False, device="cpu",
+              check_val_every_n_epoch=1)
     two = scvi_fast.SCVI(str(store), **MODEL)
     two.train(max_epochs=EPOCHS, batch_size=BATCH, seed=0, progress_bar=False, device="cpu",
-              devices=2)  # strategy "auto" becomes "ddp" with several devices
+              devices=2, check_val_every_n_epoch=1)  # strategy "auto" becomes "ddp" with several devices
     assert two.is_trained_ and two.trainer.world_size == 2
     assert two.trainer.global_step == one.trainer.global_step == EPOCHS * STEPS_PER_EPOCH
     assert two.trainer.cells_trained == one.trainer.cells_trained == EPOCHS * 360
@@ -178,7 +179,7 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(store):
 # --------------------------------------------------------------- small parts --
 def test_split_gives_every_rank_whole_minibatches(store):
     for n, ws, bs in [(1001, 2, 64), (1000, 4, 62), (999, 3, 128), (11, 2, 4)]:
-        train, val = split(n, 0.9, None, bs, seed=0, world_size=ws)
+        train, val, _ = split(n, 0.9, None, bs, seed=0, world_size=ws)
         assert len(train) % ws == 0 and len(train) + len(val) == n
         assert not np.intersect1d(train, val).size
         rest = (len(train) // ws) % bs

@@ -279,3 +279,31 @@ def test_degenerate_training_sets_are_refused_before_training(adata, n_train, ba
     with pytest.raises(ValueError, match=match):
         Trainer(module, loader, None, device="cpu", progress_bar=False)
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
+
+
+def test_static_step_equals_eager_with_scvi_tools_plan_options(adata):
+    """The per-step KL warm-up (a device scalar refilled before each step), AdamW, the plateau
+    scheduler (rate changes between steps) and a query model's gradient hooks and eval mode
+    leave the static step body equal to the eager step, bit for bit."""
+    from scvi_fast.module import set_online_update
+
+    def fit(step_mode, query):
+        torch.manual_seed(0)
+        module = VAE(adata.n_vars, n_batch=3, n_hidden=16, n_latent=4, n_layers=2, impl="torch")
+        if query:
+            set_online_update(module)
+        train, val = _loaders(adata)
+        trainer = Trainer(module, train, val, device="cpu", progress_bar=False, seed=5,
+                          n_epochs_kl_warmup=None, n_steps_kl_warmup=7, min_kl_weight=0.1,
+                          optimizer="AdamW", reduce_lr_on_plateau=True, lr_patience=0,
+                          lr_threshold=1e9, step_mode=step_mode)
+        trainer.fit(3)
+        return trainer
+
+    for query in (False, True):
+        eager, static = fit("eager", query), fit("static", query)
+        for k, v in eager.module.state_dict().items():
+            assert torch.equal(v, static.module.state_dict()[k]), (query, k)
+        assert eager.history == static.history
+        assert eager.history["lr-AdamW"] == [1e-3, 1e-3, 6e-4]  # the rate did change (x0.6)
+        assert eager.history["kl_weight"][0] == pytest.approx(0.1 + 0.9 * 2 / 7)  # last step 2

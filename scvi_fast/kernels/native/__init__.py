@@ -22,7 +22,14 @@ __all__ = [
     "load",
     "nb_softmax_loglik",
     "nb_softmax_loglik_linear",
+    "poisson_softmax_loglik",
+    "zinb_softmax_loglik",
     "reparam_kl",
     "sparse_linear",
     "unavailable_reason",
 ]
+
+
+# The zero-inflated NB and Poisson likelihoods run as the reference's dense composition on this
+# back-end until their fused kernels land.
+from scvi_fast.reference import poisson_softmax_loglik, zinb_softmax_loglik  # noqa: E402

@@ -45,6 +45,8 @@ __all__ = [
     "sparse_linear",
     "nb_softmax_loglik",
     "nb_softmax_loglik_linear",
+    "poisson_softmax_loglik",
+    "zinb_softmax_loglik",
     "reparam_kl",
     "dropout",
 ]
@@ -122,3 +124,8 @@ def reparam_kl(q_m, q_v_raw, eps_noise, var_eps=reference.VAR_EPS):
 def dropout(x, p, training=True):
     """The reference's dropout (``F.dropout``); see :func:`scvi_fast.reference.dropout`."""
     return reference.dropout(x, p, training)
+
+
+# The zero-inflated NB and Poisson likelihoods run as the reference's dense composition on this
+# back-end until their fused kernels land.
+from scvi_fast.reference import poisson_softmax_loglik, zinb_softmax_loglik  # noqa: E402
