@@ -33,7 +33,7 @@ from scvi_fast.train import resolve_device
 
 
 class SCVI:
-    """scVI (Lopez et al. 2018) with a negative-binomial likelihood, on fused kernels.
+    """scVI (Lopez et al. 2018) on fused kernels, with scvi-tools' likelihoods and options.
 
     Parameters
     ----------
@@ -43,8 +43,17 @@ class SCVI:
         that setup holding no data).
     n_hidden, n_latent, n_layers, dropout_rate
         Architecture; scvi-tools' defaults 128 / 10 / 1 / 0.1.
-    dispersion, gene_likelihood, latent_distribution
-        Only ``"gene"``, ``"nb"`` and ``"normal"`` are supported.
+    dispersion
+        ``"gene"`` (default), ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``, as
+        scvi-tools.
+    gene_likelihood
+        ``"zinb"`` (scvi-tools' default), ``"nb"`` or ``"poisson"``. The census preset is
+        NB (the published CELLxGENE Census model is) unless this is given.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal: ``z`` is the softmax of the sample).
+    use_observed_lib_size
+        True (default): the observed total counts are the library; False: a library encoder
+        with scvi-tools' per-batch log-normal prior, its parameters computed from the data.
     preset
         ``"census"``: the CZ CELLxGENE Census recipe (512 / 50 / 2; ``train`` then
         defaults to lr 1e-4, batch 1024, 100 epochs, 20 warm-up epochs).
@@ -67,31 +76,45 @@ class SCVI:
 
     def __init__(self, adata=None, n_hidden: int | None = None, n_latent: int | None = None,
                  n_layers: int | None = None, dropout_rate: float | None = None,
-                 dispersion: Literal["gene"] = "gene", gene_likelihood: Literal["nb"] = "nb",
-                 latent_distribution: Literal["normal"] = "normal",
+                 dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+                 gene_likelihood: Literal["zinb", "nb", "poisson"] | None = None,
+                 latent_distribution: Literal["normal", "ln"] = "normal",
+                 use_observed_lib_size: bool = True,
                  preset: Literal["census"] | None = None,
                  impl: Literal["auto", "triton", "native", "torch"] = "auto", seed: int = 0):
-        if dispersion != "gene" or gene_likelihood != "nb" or latent_distribution != "normal":
-            raise NotImplementedError(
-                "scvi_fast implements scVI with dispersion='gene', gene_likelihood='nb' and "
-                "latent_distribution='normal'; use scvi-tools for other variants"
-            )
         if adata is None:
             raise ValueError("pass an AnnData registered with SCVI.setup_anndata, or a store")
-        registry = adata if isinstance(adata, Registry) else Registry.from_data(adata)
         arch = architecture(preset, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
-                            dropout_rate=dropout_rate)
-        self._build(registry, arch, preset, impl, seed)
+                            dropout_rate=dropout_rate, dispersion=dispersion,
+                            gene_likelihood=gene_likelihood,
+                            latent_distribution=latent_distribution,
+                            use_observed_lib_size=use_observed_lib_size)
+        registry = adata if isinstance(adata, Registry) else Registry.from_data(adata)
+        library = None
+        if not arch["use_observed_lib_size"]:
+            if isinstance(adata, Registry):
+                raise ValueError("use_observed_lib_size=False computes the library prior from "
+                                 "the data; pass the AnnData or store, not a registry")
+            library = _access.library_size_prior(registry, adata)
+        self._build(registry, arch, preset, impl, seed, library)
         self.adata = None if isinstance(adata, Registry) else adata
 
-    def _build(self, registry: Registry, arch: dict, preset, impl: str, seed: int) -> None:
+    def _build(self, registry: Registry, arch: dict, preset, impl: str, seed: int,
+               library: tuple | None = None) -> None:
+        """``library``: the library prior's ``(means, vars)`` for ``use_observed_lib_size=False``
+        (None: placeholders, for a model whose saved state is loaded next)."""
         self.registry, self.preset = registry, preset
+        if not arch["use_observed_lib_size"] and library is None:
+            k = max(registry.n_batch, 1)
+            library = (np.zeros((1, k)), np.ones((1, k)))
+        means, variances = library if library is not None else (None, None)
         # Weights are initialised from their own seeded stream so that a model
         # (and a CPU training run) is reproducible without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = VAE(n_input=len(registry.var_names), n_batch=registry.n_batch,
-                              n_labels=registry.n_labels, impl=impl, **arch)
+                              n_labels=registry.n_labels, impl=impl, library_log_means=means,
+                              library_log_vars=variances, **arch)
         self.init_params_ = {**arch, "preset": preset, "impl": impl}
         self.adata = None
         self.is_trained_ = False
@@ -116,6 +139,8 @@ class SCVI:
         """
         params = dict(config["init_params"])
         preset, impl, seed = params.pop("preset", None), params.pop("impl", "auto"), params.pop("seed", 0)
+        # models saved before the likelihood was a setting are NB
+        params.setdefault("gene_likelihood", "nb")
         model = cls.__new__(cls)
         model._build(registry, architecture(preset, **params), preset, impl, seed)
         if state is not None:
@@ -171,6 +196,8 @@ class SCVI:
         return (
             f"SCVI model with n_hidden={a['n_hidden']}, n_latent={a['n_latent']}, "
             f"n_layers={a['n_layers']}, dropout_rate={a['dropout_rate']}, "
+            f"dispersion={a['dispersion']}, gene_likelihood={a['gene_likelihood']}, "
+            f"latent_distribution={a['latent_distribution']}, "
             f"{len(self.registry.var_names)} genes, {self.registry.n_batch} batch categories; "
             f"trained: {self.is_trained_}"
         )
