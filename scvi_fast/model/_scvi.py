@@ -357,12 +357,15 @@ class SCVI:
         ``.h5ad`` or a CSR store of any size). ``batch_size`` defaults to 16384 on a GPU,
         1024 on the CPU; ``return_dist`` returns ``(q_m, q_v)``; ``out`` writes a ``.npy`` file
         block by block and returns it as a read-only memory map; ``precision="bf16-mixed"``
-        runs the encoder's GEMMs under bfloat16 autocast (CUDA only). Under a distributed job
+        runs the encoder's GEMMs under bfloat16 autocast (CUDA only). For
+        ``latent_distribution="ln"`` a sample is the softmax of a normal draw and the mean the
+        average softmax of ``mc_samples`` draws (``return_dist``: the normal's mean and
+        variance), as scvi-tools. Under a distributed job
         this is a collective: each rank embeds a contiguous share of the cells, writing its
         rows of ``out`` or gathering the whole array on every rank.
         """
         return _inference.latent(self, adata, indices, give_mean, batch_size, return_dist, out,
-                                 progress_bar, precision)
+                                 progress_bar, precision, mc_samples)
 
     def get_normalized_expression(self, adata=None, indices: Sequence[int] | None = None,
                                   transform_batch=None, gene_list: Sequence[str] | None = None,
@@ -433,7 +436,7 @@ class SCVI:
                                     transform_batch=None, n_samples: int = 1,
                                     gene_list: Sequence[str] | None = None,
                                     batch_size: int | None = None, silent: bool = True):
-        """Counts drawn from the posterior predictive ``p(x_hat | x)`` (negative binomial).
+        """Counts drawn from the posterior predictive ``p(x_hat | x)`` (the gene likelihood).
 
         As scvi-tools 1.4, sparse: a ``scipy.sparse.csr_array`` ``(n_cells, n_genes)`` for
         one sample, else a ``coo_array`` ``(n_cells, n_genes, n_samples)``; float32 values
@@ -448,10 +451,10 @@ class SCVI:
                                   **data_loader_kwargs) -> dict[str, np.ndarray]:
         """Parameters of ``p(x | z)`` for ``z`` drawn from the posterior (scvi-tools).
 
-        NB: ``{"mean": exp(l) * rho, "dispersions": theta}``, float32 arrays ``(n_cells,
+        NB: ``{"mean": exp(l) * rho, "dispersions": theta}``; ZINB adds ``"dropout"`` (the
+        zero-inflation probability); Poisson: ``{"mean"}``. Float32 arrays ``(n_cells,
         n_genes)`` for ``n_samples=1``, else ``(n_samples, n_cells, n_genes)`` unless
-        ``give_mean`` averages the samples. Other likelihoods add their entry to
-        :data:`scvi_fast.analysis.LIKELIHOODS`.
+        ``give_mean`` averages the samples (:data:`scvi_fast.analysis.LIKELIHOODS`).
         """
         _inference.no_dataloader(dataloader, data_loader_kwargs)
         return _inference.likelihood_parameters(self, adata, indices, int(n_samples or 1),
@@ -477,7 +480,8 @@ class SCVI:
                                 dataloader=None, **data_loader_kwargs) -> np.ndarray:
         """Library size of each cell, ``(n_cells, 1)``: the observed total counts with
         ``give_mean=False``; scVI's observed library has no posterior, so ``give_mean=True``
-        raises scvi-tools' RuntimeError."""
+        raises scvi-tools' RuntimeError. With a library encoder
+        (``use_observed_lib_size=False``): the log-normal posterior mean, or a draw."""
         _inference.no_dataloader(dataloader, data_loader_kwargs)
         return _inference.latent_library_size(self, adata, indices, give_mean, batch_size)
 

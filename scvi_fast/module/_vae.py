@@ -425,5 +425,12 @@ class VAE(nn.Module):
         return torch.softmax(fp32(logits), dim=-1)
 
     def decode_scale(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
-        """``rho = softmax(decoder(z, batch))`` for ``z`` of shape ``(R, Z)`` and codes ``(R,)``."""
-        return self.px_scale(self.generative(z, batch, logits=True)["logits"])
+        """``rho = softmax(decoder(t(z), batch))`` for draws (or the mean) ``z`` of the
+        posterior normal, ``(R, Z)``, and codes ``(R,)``; ``t`` is :meth:`z_transformation`."""
+        z = self.z_transformation(z)
+        lead = z.shape[:-1]
+        z2 = z.reshape(-1, z.shape[-1])
+        codes = self._codes(self._batch_codes(batch, z2.shape[0], z.device), z2.shape[0],
+                            z.device)
+        h = self.decoder.hidden(z2, codes)
+        return self.px_scale(self.decoder.scale(h).reshape(*lead, -1))
