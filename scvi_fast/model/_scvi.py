@@ -67,8 +67,9 @@ class SCVI:
     registry
         The :class:`~scvi_fast.model.Registry` (genes, covariate keys and categories, layer).
     passthrough
-        scvi-tools tensors scvi_fast never computes with (library encoder, unused heads),
-        kept so that an export writes them back unchanged.
+        scvi-tools tensors this model's options never compute with (e.g. the library encoder
+        with the observed library, ``px_dropout_decoder`` unless ZINB), kept so that an export
+        writes them back unchanged.
     scvi_tools_mappings
         scvi-tools' own category mappings of an imported model (e.g. integer batch ids),
         written back as they were on export.
