@@ -49,11 +49,11 @@ class SCVI:
     gene_likelihood
         ``"zinb"`` (scvi-tools' default), ``"nb"`` or ``"poisson"``. The census preset is
         NB (the published CELLxGENE Census model is) unless this is given.
-    latent_distribution
-        ``"normal"`` or ``"ln"`` (logistic normal: ``z`` is the softmax of the sample).
     use_observed_lib_size
         True (default): the observed total counts are the library; False: a library encoder
         with scvi-tools' per-batch log-normal prior, its parameters computed from the data.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal: ``z`` is the softmax of the sample).
     preset
         ``"census"``: the CZ CELLxGENE Census recipe (512 / 50 / 2; ``train`` then
         defaults to lr 1e-4, batch 1024, 100 epochs, 20 warm-up epochs).
@@ -79,8 +79,8 @@ class SCVI:
                  n_layers: int | None = None, dropout_rate: float | None = None,
                  dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
                  gene_likelihood: Literal["zinb", "nb", "poisson"] | None = None,
-                 latent_distribution: Literal["normal", "ln"] = "normal",
                  use_observed_lib_size: bool = True,
+                 latent_distribution: Literal["normal", "ln"] = "normal",
                  preset: Literal["census"] | None = None,
                  impl: Literal["auto", "triton", "native", "torch"] = "auto", seed: int = 0):
         if adata is None:
