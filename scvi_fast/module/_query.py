@@ -92,8 +92,12 @@ def set_online_update(module: nn.Module, *, unfrozen: bool = False, freeze_dropo
                     else set())
     if not freeze_batchnorm_decoder:
         trainable_bn |= {id(p) for bn in bn_dec for p in bn.parameters()}
+    # the library encoder trains whole, without hooks, frozen BatchNorm or removed dropout
+    # (scvi-tools' ``mod_no_hooks_yes_grad``)
+    l_enc = getattr(module, "l_encoder", None)
+    library = {id(p) for p in l_enc.parameters()} if l_enc is not None else set()
     for p in module.parameters():
-        p.requires_grad_(id(p) in hidden or id(p) in trainable_bn)
+        p.requires_grad_(id(p) in hidden or id(p) in trainable_bn or id(p) in library)
     hooked = enc[0 if freeze_expression else 1:] + dec[0 if freeze_decoder_first_layer else 1:]
     for layer in hooked:
         layer.weight.register_hook(_zero_like)
@@ -112,14 +116,23 @@ def load_reference_state(module: nn.Module, reference_state: dict, n_reference_b
 
     Every tensor is the reference's except the batch rows from ``n_reference_batches`` on,
     which keep ``module``'s own (seeded, ``nn.Linear``-style) initialisation; a reference
-    without batch columns (one category) gets a zero row for that category.
+    without batch columns (one category) gets a zero row for that category. Other tensors
+    sized by the batches (a ``"gene-batch"`` ``px_r``, the library prior) keep the
+    reference's entries in front and the module's own after them, as scvi-tools pads them.
     """
     state = module.state_dict()
     for key, ref in reference_state.items():
         if key not in state:
             raise ValueError(f"reference tensor {key} has no place in the query model")
-        if not key.endswith("weight_cov"):
-            state[key] = ref.detach().cpu().clone()
+        if key.endswith("weight_cov"):
+            continue
+        ref = ref.detach().cpu()
+        if ref.shape != state[key].shape and ref.dim() == state[key].dim():
+            padded = state[key].clone()
+            padded[tuple(slice(0, n) for n in ref.shape)] = ref
+            state[key] = padded
+        else:
+            state[key] = ref.clone()
     for key in state:
         if key.endswith("weight_cov"):
             table = state[key].clone()

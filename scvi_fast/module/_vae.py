@@ -1,22 +1,25 @@
-"""scVI's VAE (scvi-tools ``scvi.module.VAE`` with ``gene_likelihood="nb"``).
+"""scVI's VAE (scvi-tools ``scvi.module.VAE``).
 
-Inference: ``log1p`` counts -> encoder -> ``q_m``, ``q_v = exp(raw) + VAR_EPS`` -> ``z``;
-the library is the observed ``log(sum_g x_g)``. Generative: ``[z, batch]`` ->
-decoder with the batch injected into every layer -> softmax logits and
-``theta = exp(px_r)``. Loss: per-cell ``-log NB(x | exp(l) softmax, theta)`` and analytic
-KL, with the output layer fused into the likelihood (one route: :meth:`VAE.loss`). The
-``px_dropout`` head and the library encoder of scvi-tools are never computed (NB does not
-read them); their weights live in checkpoints only.
+Inference: ``log1p`` counts -> encoder -> ``q_m``, ``q_v = exp(raw) + VAR_EPS`` -> ``z``
+(softmax of the sample for ``latent_distribution="ln"``); the library is the observed
+``log(sum_g x_g)``, or with ``use_observed_lib_size=False`` a sample of the library encoder
+``l_encoder``. Generative: ``[z, batch]`` -> decoder with the batch injected into every layer
+-> softmax logits, ``px_r`` per the ``dispersion`` and, for ZINB, the ``px_dropout`` head.
+Loss: per-cell ``-log p(x | exp(l) softmax, ...)`` of the gene likelihood, the analytic KL of
+``z`` (annealed) and of the library (not annealed, as scvi-tools), one route:
+:meth:`VAE.loss`. What each option changes lives in :mod:`scvi_fast.module._generative`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from scvi_fast import functional as F_ops
+from scvi_fast.module import _generative as gen_opts
 from scvi_fast.module._layers import CovariateLinear, DenseBlock, OutputLinear, SparseInputLinear
 from scvi_fast.reference import VAR_EPS
 
@@ -85,9 +88,11 @@ def kl_weight(
 class LossOutput:
     """Per-cell loss terms of a minibatch and the weighted scalar to optimise."""
 
-    loss: torch.Tensor  #: mean over cells of ``reconst + kl_weight * kl``
-    reconstruction_loss: torch.Tensor  #: ``(B,)`` negative NB log-likelihood
-    kl_local: torch.Tensor  #: ``(B,)`` KL(q(z|x) || N(0, I))
+    loss: torch.Tensor  #: mean over cells of ``reconst + kl_weight * kl_z + kl_l``
+    reconstruction_loss: torch.Tensor  #: ``(B,)`` negative log-likelihood
+    kl_local: torch.Tensor  #: ``(B,)`` ``kl_z + kl_l`` (scvi-tools' summed ``kl_local``)
+    kl_z: torch.Tensor | None = None  #: ``(B,)`` KL(q(z|x) || N(0, I))
+    kl_l: torch.Tensor | None = None  #: ``(B,)`` KL(q(l|x) || p(l)); None: observed library
 
     @property
     def n_obs(self) -> int:
@@ -140,7 +145,8 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """scVI with a negative-binomial likelihood and per-gene dispersion.
+    """scVI: scvi-tools' ``VAE`` with its gene likelihoods, dispersions, latent distributions
+    and library encoder.
 
     Parameters
     ----------
@@ -150,9 +156,21 @@ class VAE(nn.Module):
         Number of batch categories; with one (or none) the decoder has no
         covariate columns, like scvi-tools.
     n_labels
-        Number of label categories (recorded; NB-scVI does not use labels).
+        Number of label categories (used by ``dispersion="gene-label"``).
     n_hidden, n_latent, n_layers, dropout_rate
         Architecture, scvi-tools' defaults 128 / 10 / 1 / 0.1.
+    dispersion
+        ``"gene"`` (``px_r`` ``(G,)``), ``"gene-batch"`` (``(G, n_batch)``), ``"gene-label"``
+        (``(G, n_labels)``) or ``"gene-cell"`` (the decoder head ``px_r_decoder``).
+    gene_likelihood
+        ``"zinb"`` (scvi-tools' default; adds the ``px_dropout_decoder`` head), ``"nb"`` or
+        ``"poisson"``.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (``z`` is the softmax of the normal sample).
+    use_observed_lib_size
+        True: the library is the observed total count; False: the library encoder
+        ``l_encoder`` with the per-batch prior ``library_log_means`` / ``library_log_vars``
+        (``(1, n_batch)``, see :func:`~scvi_fast.module._generative.init_library_size`).
     impl
         Back-end of the fused ops (``"auto" | "triton" | "native" | "torch"``).
     """
@@ -166,19 +184,52 @@ class VAE(nn.Module):
         n_latent: int = 10,
         n_layers: int = 1,
         dropout_rate: float = 0.1,
+        dispersion: str = "gene",
+        gene_likelihood: str = "zinb",
+        latent_distribution: str = "normal",
+        use_observed_lib_size: bool = True,
+        library_log_means=None,
+        library_log_vars=None,
         impl: str = "auto",
     ):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1; got {n_layers}")
+        gen_opts.check_options(gene_likelihood, dispersion, latent_distribution,
+                               use_observed_lib_size)
         self.n_input, self.n_batch, self.n_labels = n_input, n_batch, n_labels
         self.n_hidden, self.n_latent, self.n_layers = n_hidden, n_latent, n_layers
         self.dropout_rate = dropout_rate
+        self.dispersion, self.gene_likelihood = dispersion, gene_likelihood
+        self.latent_distribution = latent_distribution
+        self.use_observed_lib_size = bool(use_observed_lib_size)
         self._impl = impl
         n_cov = n_batch if n_batch > 1 else 0
         self.encoder = Encoder(n_input, n_latent, n_hidden, n_layers, dropout_rate, impl)
         self.decoder = Decoder(n_latent, n_input, n_hidden, n_layers, n_cov)
-        self.px_r = nn.Parameter(torch.randn(n_input))
+        # created in this order so that an NB, per-gene model initialises as it always has
+        shape = gen_opts.dispersion_shape(dispersion, n_input, n_batch, n_labels)
+        if shape is None:
+            self.register_parameter("px_r", None)
+            self.px_r_decoder = OutputLinear(n_hidden, n_input)
+        else:
+            self.px_r = nn.Parameter(torch.randn(shape))
+            self.px_r_decoder = None
+        self.px_dropout_decoder = (OutputLinear(n_hidden, n_input)
+                                   if gene_likelihood == "zinb" else None)
+        self.l_encoder = None
+        if not self.use_observed_lib_size:
+            if library_log_means is None or library_log_vars is None:
+                raise ValueError("use_observed_lib_size=False needs library_log_means and "
+                                 "library_log_vars (see init_library_size)")
+            k = max(n_batch, 1)
+            for name, t in (("library_log_means", library_log_means),
+                            ("library_log_vars", library_log_vars)):
+                t = torch.as_tensor(np.asarray(t), dtype=torch.float32).reshape(1, -1)
+                if t.shape[1] != k:
+                    raise ValueError(f"{name} must have shape (1, {k}); got {tuple(t.shape)}")
+                self.register_buffer(name, t)
+            self.l_encoder = Encoder(n_input, 1, n_hidden, 1, dropout_rate, impl)
 
     @property
     def impl(self) -> str:
@@ -188,9 +239,12 @@ class VAE(nn.Module):
     def impl(self, value: str) -> None:
         F_ops._check_impl(value)
         self._impl = value
-        self.encoder.first.impl = value
-        for block in self.encoder.blocks:
-            block.impl = value
+        for enc in (self.encoder, self.l_encoder):
+            if enc is None:
+                continue
+            enc.first.impl = value
+            for block in enc.blocks:
+                block.impl = value
 
     @property
     def has_covariates(self) -> bool:
@@ -203,6 +257,21 @@ class VAE(nn.Module):
             raise ValueError("this model has batch covariates; the minibatch carries none")
         return batch.reshape(-1).to(device=device, dtype=torch.int64)
 
+    @staticmethod
+    def _codes(codes: torch.Tensor | None, n: int, device) -> torch.Tensor | None:
+        """``codes`` as ``(n,)`` int64 on ``device``, repeated over samples (None stays None)."""
+        if codes is None:
+            return None
+        codes = codes.reshape(-1).to(device=device, dtype=torch.int64)
+        if codes.numel() != n:
+            codes = codes.repeat(n // codes.numel())
+        return codes
+
+    def z_transformation(self, z: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads of a posterior sample: ``z`` (``"normal"``) or
+        ``softmax(z)`` (``"ln"``), scvi-tools' ``Encoder.z_transformation``."""
+        return gen_opts.z_transformation(z, self.latent_distribution)
+
     # ---- inference -------------------------------------------------------------
     def _encode(self, x, need_var: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(q_m, raw)``: the encoder's heads, in float32 when autocast ran them in 16 bits."""
@@ -213,21 +282,34 @@ class VAE(nn.Module):
         """Posterior mean and variance ``(q_m, q_v)`` of ``z``: the encoder only, no sampling.
 
         ``q_v = exp(raw) + VAR_EPS``. With ``need_var=False`` the variance head is skipped and
-        ``q_v`` is None. Sample from it with :func:`sample_z`.
+        ``q_v`` is None. Sample from it with :func:`sample_z` (then
+        :meth:`z_transformation` for the decoder).
         """
         q_m, raw = self._encode(x, need_var)
         return q_m, (posterior_variance(raw) if need_var else None)
 
-    def inference(self, x, n_samples: int = 1, give_mean: bool = False, eps_noise=None) -> dict:
+    def library_posterior(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ql_m, ql_v)``, ``(B,)``: the library encoder's posterior of the log library
+        (``use_observed_lib_size=False`` only)."""
+        if self.l_encoder is None:
+            raise ValueError("this model uses the observed library size; it has no library "
+                             "encoder")
+        m, raw = self.l_encoder(x)
+        return fp32(m).reshape(-1), posterior_variance(fp32(raw)).reshape(-1)
+
+    def inference(self, x, n_samples: int = 1, give_mean: bool = False, eps_noise=None,
+                  eps_library=None) -> dict:
         """Encode a CSR minibatch.
 
-        ``x`` has ``indptr``, ``indices``, ``values`` and ``library`` (total counts).
-        Returns ``q_m``, ``q_v``, ``z`` (``(B, Z)``, or ``(n_samples, B, Z)``),
-        ``kl`` (per cell) and ``library`` (``(B,)`` log library). One sample (training) goes
-        through the fused reparameterisation + KL op; ``eps_noise`` fixes its noise.
+        ``x`` has ``indptr``, ``indices``, ``values``, ``batch`` and ``library`` (total
+        counts). Returns ``q_m``, ``q_v``, ``z`` (``(B, Z)``, or ``(n_samples, B, Z)``; the
+        softmax of the normal sample for ``"ln"``, as scvi-tools), ``kl`` (per cell, of
+        ``z``) and ``library`` (log library, ``(B,)`` or ``(n_samples, B)``); with the
+        library encoder also ``ql_m``, ``ql_v`` and ``kl_l``. One sample (training) goes
+        through the fused reparameterisation + KL op; ``eps_noise`` / ``eps_library`` fix the
+        noise of ``z`` / of the library. ``give_mean`` decodes the means.
         """
         q_m, raw = self._encode(x)
-        library = torch.log(x.library.to(q_m.dtype).reshape(-1))
         q_v = posterior_variance(raw)
         if give_mean or n_samples > 1:
             _, kl = F_ops.reparam_kl(q_m, raw, torch.zeros_like(q_m), impl=self.impl)
@@ -241,49 +323,99 @@ class VAE(nn.Module):
             if eps_noise is None:
                 eps_noise = torch.randn_like(q_m)
             z, kl = F_ops.reparam_kl(q_m, raw, eps_noise, impl=self.impl)
-        return {"q_m": q_m, "q_v": q_v, "z": z, "kl": kl, "library": library}
+        out = {"q_m": q_m, "q_v": q_v, "z": self.z_transformation(z), "kl": kl}
+        if self.l_encoder is None:
+            library = torch.log(x.library.to(q_m.dtype).reshape(-1))
+            if n_samples > 1 and not give_mean:
+                library = library.expand(n_samples, -1)
+            out["library"] = library
+            return out
+        ql_m, ql_v = self.library_posterior(x)
+        if give_mean:
+            library = ql_m
+        else:
+            shape = ql_m.shape if n_samples == 1 else (n_samples, *ql_m.shape)
+            if eps_library is None:
+                eps_library = torch.randn(shape, dtype=ql_m.dtype, device=ql_m.device)
+            library = ql_m + torch.sqrt(ql_v) * eps_library
+        p_m, p_v = gen_opts.library_prior(self.library_log_means, self.library_log_vars,
+                                          getattr(x, "batch", None))
+        kl_l = gen_opts.normal_kl(ql_m, ql_v, p_m.to(ql_m.dtype), p_v.to(ql_m.dtype))
+        out.update(library=library, ql_m=ql_m, ql_v=ql_v, kl_l=kl_l)
+        return out
 
     # ---- generative ------------------------------------------------------------
-    def generative(self, z: torch.Tensor, batch: torch.Tensor | None, logits: bool = False) -> dict:
-        """Decode ``z`` (``(B, Z)`` or ``(S, B, Z)``): the last hidden layer and ``px_r``.
+    def generative(self, z: torch.Tensor, batch: torch.Tensor | None, logits: bool = False,
+                   labels: torch.Tensor | None = None) -> dict:
+        """Decode ``z`` (``(B, Z)`` or ``(S, B, Z)``, already transformed, as
+        :meth:`inference` returns it): the last hidden layer and ``px_r``.
 
-        ``"hidden"`` is the input of the output layer; with ``logits=True`` the dict also holds
-        ``"logits"``, the output layer applied to it (``B x G``: what analysis needs; the loss
-        never forms it, see :meth:`loss`).
+        ``"hidden"`` is the input of the output layer; ``"px_r"`` the log inverse dispersion:
+        ``(G,)`` for ``"gene"``, else ``(..., G)`` per cell, gathered by ``batch`` or
+        ``labels`` or decoded (``"gene-cell"``); None for ``"gene-label"`` without labels.
+        With ``logits=True`` the dict also holds ``"logits"``, the output layer applied to the
+        hidden layer, and for ZINB ``"px_dropout"`` (``B x G``: what analysis needs; the loss
+        never forms them itself, see :meth:`loss`).
         """
         lead = z.shape[:-1]
         z2 = z.reshape(-1, z.shape[-1])
-        codes = self._batch_codes(batch, z2.shape[0], z.device)
-        if codes is not None and codes.numel() != z2.shape[0]:
-            codes = codes.repeat(z2.shape[0] // codes.numel())
+        n = z2.shape[0]
+        codes = self._codes(self._batch_codes(batch, n, z.device), n, z.device)
         h = self.decoder.hidden(z2, codes)
-        out = {"hidden": h.reshape(*lead, -1), "px_r": self.px_r}
+        out = {"hidden": h.reshape(*lead, -1), "px_r": self._px_r(h, lead, batch, labels)}
         if logits:
             out["logits"] = self.decoder.scale(h).reshape(*lead, -1)
+            if self.px_dropout_decoder is not None:
+                out["px_dropout"] = self.px_dropout_decoder(h).reshape(*lead, -1)
         return out
+
+    def _px_r(self, h: torch.Tensor, lead, batch, labels) -> torch.Tensor | None:
+        """The log inverse dispersion that the decoded cells ``h`` (``(n, H)``) read."""
+        if self.dispersion == "gene":
+            return self.px_r
+        if self.dispersion == "gene-cell":
+            return fp32(self.px_r_decoder(h)).reshape(*lead, -1)
+        codes = batch if self.dispersion == "gene-batch" else labels
+        if codes is None and self.px_r.shape[1] > 1:
+            if self.dispersion == "gene-label":
+                return None
+            raise ValueError("dispersion='gene-batch' needs the cells' batch codes")
+        codes = self._codes(codes, h.shape[0], h.device)
+        r = gen_opts.gather_dispersion(self.px_r, codes)
+        return r.reshape(*lead, -1) if codes is not None else r.reshape(-1)
 
     # ---- loss --------------------------------------------------------------------
     def loss(self, x, inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0):
-        """Per-cell reconstruction loss and KL, and the KL-weighted mean to minimise.
+        """Per-cell reconstruction loss and KL, and the mean to minimise,
+        ``mean(rec + kl_weight * kl_z + kl_l)`` (scvi-tools anneals only the KL of ``z``).
 
-        The decoder's output layer and the NB likelihood run as one op
-        (:func:`scvi_fast.functional.nb_softmax_loglik_linear`) from ``"hidden"``, so the
-        ``B x G`` logits are never materialised here (the native back-end keeps them in reused
-        buffers; bf16 logits are evaluated in fp32).
+        The reconstruction loss is :func:`~scvi_fast.module._generative.reconstruction_loss`
+        of the gene likelihood from ``"hidden"``: for NB with a per-gene ``px_r`` the decoder's
+        output layer and the likelihood run as one op
+        (:func:`scvi_fast.functional.nb_softmax_loglik_linear`), so the ``B x G`` logits are
+        never materialised; the other likelihoods form the logits (and the ZINB dropout
+        logits) and call their likelihood op. bf16 logits are evaluated in fp32.
         """
-        scale = self.decoder.scale
-        rec = -F_ops.nb_softmax_loglik_linear(
-            generative_outputs["hidden"], scale.weight, scale.bias, inference_outputs["library"],
-            generative_outputs["px_r"], x, impl=self.impl,
-        )
-        kl = inference_outputs["kl"]
-        return LossOutput(loss=(rec + kl_weight * kl).mean(), reconstruction_loss=rec, kl_local=kl)
+        px_r = generative_outputs["px_r"]
+        if px_r is None and self.gene_likelihood != "poisson":
+            raise ValueError("dispersion='gene-label' needs the cells' labels; pass "
+                             "generative(..., labels=...)")
+        rec = gen_opts.reconstruction_loss(
+            self.gene_likelihood, self.decoder.scale, generative_outputs["hidden"],
+            inference_outputs["library"], px_r, self.px_dropout_decoder, x, self.impl)
+        kl_z = inference_outputs["kl"]
+        kl_l = inference_outputs.get("kl_l")
+        if kl_l is None:
+            return LossOutput(loss=(rec + kl_weight * kl_z).mean(), reconstruction_loss=rec,
+                              kl_local=kl_z, kl_z=kl_z)
+        return LossOutput(loss=(rec + kl_weight * kl_z + kl_l).mean(), reconstruction_loss=rec,
+                          kl_local=kl_z + kl_l, kl_z=kl_z, kl_l=kl_l)
 
     def forward(self, x, kl_weight: float = 1.0, eps_noise=None):
         """Inference, decoder and loss of a CSR minibatch: ``(inference, generative, loss)``,
-        the same as ``loss(x, inf, generative(inf["z"], x.batch))``."""
+        the same as ``loss(x, inf, generative(inf["z"], x.batch, labels=x.labels))``."""
         inf = self.inference(x, eps_noise=eps_noise)
-        gen = self.generative(inf["z"], x.batch)
+        gen = self.generative(inf["z"], x.batch, labels=getattr(x, "labels", None))
         return inf, gen, self.loss(x, inf, gen, kl_weight)
 
     # ---- derived quantities --------------------------------------------------------
@@ -293,5 +425,12 @@ class VAE(nn.Module):
         return torch.softmax(fp32(logits), dim=-1)
 
     def decode_scale(self, z: torch.Tensor, batch: torch.Tensor | None) -> torch.Tensor:
-        """``rho = softmax(decoder(z, batch))`` for ``z`` of shape ``(R, Z)`` and codes ``(R,)``."""
-        return self.px_scale(self.generative(z, batch, logits=True)["logits"])
+        """``rho = softmax(decoder(t(z), batch))`` for draws (or the mean) ``z`` of the
+        posterior normal, ``(R, Z)``, and codes ``(R,)``; ``t`` is :meth:`z_transformation`."""
+        z = self.z_transformation(z)
+        lead = z.shape[:-1]
+        z2 = z.reshape(-1, z.shape[-1])
+        codes = self._codes(self._batch_codes(batch, z2.shape[0], z.device), z2.shape[0],
+                            z.device)
+        h = self.decoder.hidden(z2, codes)
+        return self.px_scale(self.decoder.scale(h).reshape(*lead, -1))
