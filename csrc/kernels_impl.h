@@ -915,3 +915,5 @@ void dropout_apply(int64_t n, const T* x, uint64_t seed, uint32_t threshold, dou
     }
   }
 }
+
+#include "likelihood_impl.h"

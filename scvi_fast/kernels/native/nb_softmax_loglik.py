@@ -83,8 +83,14 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     Counts are cast to the dtype of ``logits`` as in the reference (exact for
     integers up to 2^24 in float32); the non-zero terms are evaluated in double.
     Stored indices must be unique within a row (canonical CSR). bfloat16 / float16 logits
-    are evaluated in float32, as by the reference.
+    are evaluated in float32, as by the reference. A ``(B, G)`` ``px_r`` (per-cell
+    dispersions) runs the ZINB kernel without zero inflation
+    (:func:`~scvi_fast.kernels.native.zinb_softmax_loglik.nb_softmax_loglik_rows`).
     """
+    if px_r.dim() == 2:
+        from scvi_fast.kernels.native.zinb_softmax_loglik import nb_softmax_loglik_rows
+
+        return nb_softmax_loglik_rows(logits, log_library, px_r, X_csr, eps)
     if logits.dtype in reference.LOW_PRECISION:
         logits = logits.float()
     return NBSoftmaxLoglikFunction.apply(
@@ -94,15 +100,19 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
 
 def kernel_args(log_library, px_r, X_csr, eps, dtype) -> tuple:
     """``(log_library, px_r, indptr, indices, values, eps)`` as the C++ kernel takes them:
-    contiguous, floats in ``dtype``, ``indptr`` int64, ``indices`` int32 or int64."""
-    indptr, indices, values = reference.csr_parts(X_csr)
-    if indices.dtype not in (torch.int32, torch.int64):
-        indices = indices.to(torch.int64)
+    contiguous, floats in ``dtype`` (see :func:`csr_args`)."""
     return (
         log_library.to(dtype).reshape(-1).contiguous(),
         px_r.to(dtype).contiguous(),
-        indptr.to(torch.int64).contiguous(),
-        indices.contiguous(),
-        values.to(dtype).contiguous(),
+        *csr_args(X_csr, dtype),
         float(eps),
     )
+
+
+def csr_args(X_csr, dtype) -> tuple:
+    """``(indptr, indices, values)`` as the C++ kernels take them: contiguous, ``indptr``
+    int64, ``indices`` int32 or int64, ``values`` in ``dtype``."""
+    indptr, indices, values = reference.csr_parts(X_csr)
+    if indices.dtype not in (torch.int32, torch.int64):
+        indices = indices.to(torch.int64)
+    return indptr.to(torch.int64).contiguous(), indices.contiguous(), values.to(dtype).contiguous()
