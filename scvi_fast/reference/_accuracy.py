@@ -118,11 +118,15 @@ TOL: dict[tuple[str, str], Rel | VsTorch | Terms | Pointwise] = {
     # or libdevice / plain Triton, the non-zeros in double (native) or float32 (Triton):
     # the k of nb_softmax_loglik.
     ("zinb_softmax_loglik", "float32"): Terms(2e-6),
+    # bfloat16 logits (Triton reads them as they are): the logits' gradient is one bfloat16
+    # rounding of a float32-accurate value, as for nb_softmax_loglik.
+    ("zinb_softmax_loglik", "bfloat16"): Terms(2e-6, rel=2.0**-7),
     # ---- poisson_softmax_loglik: sums of x log(rate) - lgamma(x+1) over the non-zeros and
     # X - exp(l) (which cancel when the library matches the counts), judged against the sum of
     # |terms| (poisson_term_magnitudes); the same k as the NB op, whose sums are of the same kind.
     ("poisson_softmax_loglik", "float64"): Terms(5e-13),
     ("poisson_softmax_loglik", "float32"): Terms(2e-6),
+    ("poisson_softmax_loglik", "bfloat16"): Terms(2e-6, rel=2.0**-7),
     # ---- nb_softmax_loglik_linear (output layer + likelihood; compared value and gradients
     # to h, weight, bias, log library and px_r, so norm-wise)
     # float64: the NB kernel's error plus GEMMs over H (a few ulps times H) for the logits and
