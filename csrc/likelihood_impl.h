@@ -133,21 +133,8 @@ static int64_t zinb_rows(const ZinbArgs<T, I>& a, const T* theta_g, const T* lte
       const bool sum_r = GRAD && !rows_r && acc != nullptr;
       const T w = a.row_weight != nullptr ? a.row_weight[r] : T(1);
 
-      T mx = lg[0];
-#pragma omp simd reduction(max : mx)
-      for (int64_t g = 0; g < G; ++g) mx = lg[g] > mx ? lg[g] : mx;
-      double s = 0.0;
-      for (int64_t g0 = 0; g0 < G; g0 += kBlock) {
-        const int64_t g1 = min_(G, g0 + kBlock);
-        T sb = T(0);
-#pragma omp simd reduction(+ : sb)
-        for (int64_t g = g0; g < g1; ++g) {
-          const T v = vexp(lg[g] - mx);
-          e[g] = v;
-          sb += v;
-        }
-        s += static_cast<double>(sb);
-      }
+      T mx;
+      const double s = row_exp_sum<T, true>(lg, G, e, mx);
       const double scale_d = std::exp(static_cast<double>(a.log_library[r]) - std::log(s));
       const T scale = static_cast<T>(scale_d);
 
@@ -314,17 +301,8 @@ int64_t poisson_softmax_loglik_fwd(int64_t B, int64_t G, const T* logits, const 
     const T* __restrict lg = logits + r * G;
     double lse = 0.0;
     if (G > 0) {
-      T mx = lg[0];
-#pragma omp simd reduction(max : mx)
-      for (int64_t g = 0; g < G; ++g) mx = lg[g] > mx ? lg[g] : mx;
-      double s = 0.0;
-      for (int64_t g0 = 0; g0 < G; g0 += kBlock) {
-        const int64_t g1 = min_(G, g0 + kBlock);
-        T sb = T(0);
-#pragma omp simd reduction(+ : sb)
-        for (int64_t g = g0; g < g1; ++g) sb += vexp(lg[g] - mx);
-        s += static_cast<double>(sb);
-      }
+      T mx;
+      const double s = row_exp_sum<T, false>(lg, G, nullptr, mx);
       lse = static_cast<double>(mx) + std::log(s);
     }
     const double l = static_cast<double>(log_library[r]);

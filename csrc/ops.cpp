@@ -96,6 +96,27 @@ void check_bad(int64_t bad, const char* op, const char* what) {
   TORCH_CHECK(bad == 0, op, ": ", bad, " ", what, " out of range");
 }
 
+// Calls fn(indices pointer) with the pointer of the CSR indices' type (int32 or int64).
+template <typename F>
+void with_indices(const at::Tensor& indices, F&& fn) {
+  if (indices.scalar_type() == at::kInt) fn(indices.data_ptr<int32_t>());
+  else fn(indices.data_ptr<int64_t>());
+}
+
+// Validates the (B, G) float32 / float64 logits and the (B,) log library (or another per-cell
+// input, named lib_name) of a likelihood op.
+void check_logits_library(const at::Tensor& logits, const at::Tensor& log_library,
+                          const char* op, const char* lib_name = "log_library") {
+  check_tensor(logits, op, "logits");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": logits must be float32 or float64; got ", dtype);
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, G); got ", logits.sizes());
+  check_float(log_library, dtype, op, lib_name);
+  TORCH_CHECK(log_library.numel() == logits.size(0), op, ": ", lib_name, " must have ",
+              logits.size(0), " elements; got shape ", log_library.sizes());
+}
+
 // ---------------------------------------------------------------------------
 // sparse_linear
 // ---------------------------------------------------------------------------
@@ -204,15 +225,9 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
     bool want_grad_px_r, const std::optional<at::Tensor>& grad_logits_out,
     bool want_grad_colsum) {
   const char* op = "nb_softmax_loglik";
-  check_tensor(logits, op, "logits");
+  check_logits_library(logits, log_library, op);
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
-              ": logits must be float32 or float64; got ", dtype);
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, G); got ", logits.sizes());
   const int64_t B = logits.size(0), G = logits.size(1);
-  check_float(log_library, dtype, op, "log_library");
-  TORCH_CHECK(log_library.numel() == B, op, ": log_library must have ", B,
-              " elements; got shape ", log_library.sizes());
   check_float(px_r, dtype, op, "px_r");
   TORCH_CHECK(px_r.dim() == 1 && px_r.numel() == G, op, ": px_r must have shape (", G,
               ",); got ", px_r.sizes());
@@ -243,7 +258,7 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
   int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "nb_softmax_loglik_forward", [&] {
     using T = scalar_t;
-    auto run = [&](auto* idx) {
+    with_indices(indices, [&](auto* idx) {
       using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       NbArgs<T, I> a;
       a.B = B;
@@ -265,9 +280,7 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
       auto fn = use_avx2() ? &avx2::nb_softmax_loglik_fwd<T, I>
                            : &generic::nb_softmax_loglik_fwd<T, I>;
       bad = fn(a);
-    };
-    if (indices.scalar_type() == at::kInt) run(indices.data_ptr<int32_t>());
-    else run(indices.data_ptr<int64_t>());
+    });
   });
   check_bad(bad, op, "gene indices");
   return {loglik, grad_logits, sum_a, grad_px_r, grad_colsum};
@@ -287,15 +300,9 @@ std::vector<at::Tensor> zinb_softmax_loglik_forward(
     const std::optional<at::Tensor>& row_weight, bool want_grad_logits, bool want_sum_a,
     bool want_grad_px_r, bool want_grad_dropout) {
   const char* op = dropout.has_value() ? "zinb_softmax_loglik" : "nb_softmax_loglik";
-  check_tensor(logits, op, "logits");
+  check_logits_library(logits, log_library, op);
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
-              ": logits must be float32 or float64; got ", dtype);
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, G); got ", logits.sizes());
   const int64_t B = logits.size(0), G = logits.size(1);
-  check_float(log_library, dtype, op, "log_library");
-  TORCH_CHECK(log_library.numel() == B, op, ": log_library must have ", B,
-              " elements; got shape ", log_library.sizes());
   check_float(px_r, dtype, op, "px_r");
   const bool rows = px_r.dim() == 2;
   TORCH_CHECK((px_r.dim() == 1 && px_r.numel() == G) ||
@@ -324,7 +331,7 @@ std::vector<at::Tensor> zinb_softmax_loglik_forward(
   int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "zinb_softmax_loglik_forward", [&] {
     using T = scalar_t;
-    auto run = [&](auto* idx) {
+    with_indices(indices, [&](auto* idx) {
       using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       ZinbArgs<T, I> a;
       a.B = B;
@@ -348,19 +355,10 @@ std::vector<at::Tensor> zinb_softmax_loglik_forward(
       auto fn = use_avx2() ? &avx2::zinb_softmax_loglik_fwd<T, I>
                            : &generic::zinb_softmax_loglik_fwd<T, I>;
       bad = fn(a);
-    };
-    if (indices.scalar_type() == at::kInt) run(indices.data_ptr<int32_t>());
-    else run(indices.data_ptr<int64_t>());
+    });
   });
   check_bad(bad, op, "gene indices");
   return {loglik, grad_logits, sum_a, grad_px_r, grad_dropout};
-}
-
-void check_poisson(const at::Tensor& logits, const char* op) {
-  check_tensor(logits, op, "logits");
-  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, op,
-              ": logits must be float32 or float64; got ", logits.scalar_type());
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, G); got ", logits.sizes());
 }
 
 // Returns (loglik (B,), lse (B,), X = sum of the counts (B,)).
@@ -368,12 +366,9 @@ std::vector<at::Tensor> poisson_softmax_loglik_forward(
     const at::Tensor& logits, const at::Tensor& log_library, const at::Tensor& indptr,
     const at::Tensor& indices, const at::Tensor& values) {
   const char* op = "poisson_softmax_loglik";
-  check_poisson(logits, op);
+  check_logits_library(logits, log_library, op);
   const auto dtype = logits.scalar_type();
   const int64_t B = logits.size(0), G = logits.size(1);
-  check_float(log_library, dtype, op, "log_library");
-  TORCH_CHECK(log_library.numel() == B, op, ": log_library must have ", B,
-              " elements; got shape ", log_library.sizes());
   check_csr(indptr, indices, values, B, dtype, op);
   at::Tensor loglik = at::empty({B}, logits.options());
   at::Tensor lse = at::empty({B}, logits.options());
@@ -381,16 +376,14 @@ std::vector<at::Tensor> poisson_softmax_loglik_forward(
   int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "poisson_softmax_loglik_forward", [&] {
     using T = scalar_t;
-    auto run = [&](auto* idx) {
+    with_indices(indices, [&](auto* idx) {
       using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       auto fn = use_avx2() ? &avx2::poisson_softmax_loglik_fwd<T, I>
                            : &generic::poisson_softmax_loglik_fwd<T, I>;
       bad = fn(B, G, logits.data_ptr<T>(), log_library.data_ptr<T>(),
                indptr.data_ptr<int64_t>(), idx, values.data_ptr<T>(), loglik.data_ptr<T>(),
                lse.data_ptr<T>(), sum_x.data_ptr<T>(), n_threads());
-    };
-    if (indices.scalar_type() == at::kInt) run(indices.data_ptr<int32_t>());
-    else run(indices.data_ptr<int64_t>());
+    });
   });
   check_bad(bad, op, "gene indices");
   return {loglik, lse, sum_x};
@@ -402,10 +395,10 @@ at::Tensor poisson_softmax_loglik_backward(const at::Tensor& logits, const at::T
                                            const at::Tensor& indptr, const at::Tensor& indices,
                                            const at::Tensor& values) {
   const char* op = "poisson_softmax_loglik backward";
-  check_poisson(logits, op);
+  check_logits_library(logits, lse, op, "lse");
   const auto dtype = logits.scalar_type();
   const int64_t B = logits.size(0), G = logits.size(1);
-  for (auto* t : {&lse, &sum_x, &w}) {
+  for (auto* t : {&sum_x, &w}) {
     check_float(*t, dtype, op, "per-cell input");
     TORCH_CHECK(t->numel() == B, op, ": per-cell inputs must have ", B, " elements");
   }
@@ -414,16 +407,14 @@ at::Tensor poisson_softmax_loglik_backward(const at::Tensor& logits, const at::T
   int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "poisson_softmax_loglik_backward", [&] {
     using T = scalar_t;
-    auto run = [&](auto* idx) {
+    with_indices(indices, [&](auto* idx) {
       using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       auto fn = use_avx2() ? &avx2::poisson_softmax_loglik_bwd<T, I>
                            : &generic::poisson_softmax_loglik_bwd<T, I>;
       bad = fn(B, G, logits.data_ptr<T>(), lse.data_ptr<T>(), sum_x.data_ptr<T>(),
                w.data_ptr<T>(), indptr.data_ptr<int64_t>(), idx, values.data_ptr<T>(),
                grad.data_ptr<T>(), n_threads());
-    };
-    if (indices.scalar_type() == at::kInt) run(indices.data_ptr<int32_t>());
-    else run(indices.data_ptr<int64_t>());
+    });
   });
   check_bad(bad, op, "gene indices");
   return grad;

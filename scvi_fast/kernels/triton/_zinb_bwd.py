@@ -27,9 +27,9 @@ import triton.language as tl
 
 from scvi_fast.kernels.triton._common import acc_dtype, torch_acc_dtype
 from scvi_fast.kernels.triton._configs import choose
-from scvi_fast.kernels.triton._csr import entry_genes, row_span
+from scvi_fast.kernels.triton._csr import row_span
 from scvi_fast.kernels.triton._math import digamma, exp
-from scvi_fast.kernels.triton._zinb_fwd import softplus, softplus_grad, zero_terms
+from scvi_fast.kernels.triton._zinb_fwd import nonzero_entries, theta_pi, zero_terms
 
 
 @triton.jit
@@ -121,17 +121,10 @@ def _zinb_bwd_sparse_kernel(
     start, end = row_span(indptr_ptr, row)
     for k0 in range(start, end, BLOCK_NZ):
         ks = k0 + tl.arange(0, BLOCK_NZ)
-        g, kmask = entry_genes(indices_ptr, ks, end, 0, G)
-        x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
-        kmask = kmask & (x >= EPS)  # the reference's zero test is x < eps
-        z = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
+        g, kmask, x, z = nonzero_entries(indices_ptr, values_ptr, z_row, ks, end, G, EPS, ACC)
         rho = exp(z - lse)
         mu = lib * rho
-        theta = exp(tl.load(r_row + g, mask=kmask, other=0.0).to(ACC))
-        if ZI:
-            pi = tl.load(pi_ptr + row * G + g, mask=kmask, other=0.0).to(ACC)
-        else:
-            pi = tl.zeros_like(z)
+        theta, pi = theta_pi(r_row, pi_ptr + row * G, g, kmask, ZI, ACC)
         val0, sz, su, d, lte, ld = zero_terms(theta, mu, pi, EPS, ZI)
         out = row * G + g
         if NEED_DZ:

@@ -66,6 +66,30 @@ def zero_terms(theta, mu, pi, EPS: tl.constexpr, ZI: tl.constexpr):
 
 
 @triton.jit
+def theta_pi(r_ptr, pi_ptr, offs, mask, ZI: tl.constexpr, ACC: tl.constexpr):
+    """``theta = exp(px_r)`` and the dropout logits (0 without zero inflation) at ``offs``
+    of one row's ``px_r`` and dropout logits."""
+    theta = exp(tl.load(r_ptr + offs, mask=mask, other=0.0).to(ACC))
+    if ZI:
+        pi = tl.load(pi_ptr + offs, mask=mask, other=0.0).to(ACC)
+    else:
+        pi = tl.zeros_like(theta)
+    return theta, pi
+
+
+@triton.jit
+def nonzero_entries(indices_ptr, values_ptr, z_row, ks, end, G,
+                    EPS: tl.constexpr, ACC: tl.constexpr):
+    """Of the stored entries ``ks`` of a row: gene ids, the mask of the non-zero counts (the
+    reference's zero test is ``x < eps``) with a gene in ``[0, G)``, counts and logits."""
+    g, kmask = entry_genes(indices_ptr, ks, end, 0, G)
+    x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
+    kmask = kmask & (x >= EPS)
+    z = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
+    return g, kmask, x, z
+
+
+@triton.jit
 def row_lse(z_row, G, ACC: tl.constexpr, BLOCK_G: tl.constexpr):
     """``log sum_g exp(z_g)`` of one row, from one streaming read (per-lane running max)."""
     m_vec = tl.full([BLOCK_G], _FLOOR, ACC)
@@ -116,11 +140,7 @@ def _zinb_fwd_kernel(
         mask = cols < G
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(ACC)
         mu = lib * exp(z - lse)
-        theta = exp(tl.load(r_row + cols, mask=mask, other=0.0).to(ACC))
-        if ZI:
-            pi = tl.load(pi_row + cols, mask=mask, other=0.0).to(ACC)
-        else:
-            pi = tl.zeros_like(z)
+        theta, pi = theta_pi(r_row, pi_row, cols, mask, ZI, ACC)
         val, sz, su, d, lte, ld = zero_terms(theta, mu, pi, EPS, ZI)
         ll_vec += tl.where(mask, val, 0.0)
         a_vec += tl.where(mask, -sz * theta * mu / d, 0.0)
@@ -130,16 +150,9 @@ def _zinb_fwd_kernel(
     start, end = row_span(indptr_ptr, row)
     for k0 in range(start, end, BLOCK_NZ):
         ks = k0 + tl.arange(0, BLOCK_NZ)
-        g, kmask = entry_genes(indices_ptr, ks, end, 0, G)
-        x = tl.load(values_ptr + ks, mask=kmask, other=0.0).to(ACC)
-        kmask = kmask & (x >= EPS)  # the reference's zero test is x < eps
-        z = tl.load(z_row + g, mask=kmask, other=0.0).to(ACC)
+        g, kmask, x, z = nonzero_entries(indices_ptr, values_ptr, z_row, ks, end, G, EPS, ACC)
         mu = lib * exp(z - lse)
-        theta = exp(tl.load(r_row + g, mask=kmask, other=0.0).to(ACC))
-        if ZI:
-            pi = tl.load(pi_row + g, mask=kmask, other=0.0).to(ACC)
-        else:
-            pi = tl.zeros_like(z)
+        theta, pi = theta_pi(r_row, pi_row, g, kmask, ZI, ACC)
         val0, sz, su, d, lte, ld = zero_terms(theta, mu, pi, EPS, ZI)
         val1 = (
             theta * (lte - ld) + x * (log(mu + EPS) - ld)
