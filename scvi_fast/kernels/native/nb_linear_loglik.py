@@ -27,7 +27,8 @@ from scvi_fast import reference
 from scvi_fast._native import load
 from scvi_fast.kernels import _gemm
 from scvi_fast.kernels._scratch import POOL
-from scvi_fast.kernels.native.nb_softmax_loglik import kernel_args, nb_softmax_loglik
+from scvi_fast.kernels.native._args import kernel_args
+from scvi_fast.kernels.native.nb_softmax_loglik import nb_softmax_loglik
 
 
 def _logits(h, weight, bias) -> tuple[torch.Tensor, bool]:

@@ -31,6 +31,8 @@ import torch
 
 from scvi_fast import reference
 from scvi_fast._native import load
+from scvi_fast.kernels.native._args import kernel_args
+from scvi_fast.kernels.native.zinb_softmax_loglik import nb_softmax_loglik_rows
 
 
 class NBSoftmaxLoglikFunction(torch.autograd.Function):
@@ -88,31 +90,9 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     (:func:`~scvi_fast.kernels.native.zinb_softmax_loglik.nb_softmax_loglik_rows`).
     """
     if px_r.dim() == 2:
-        from scvi_fast.kernels.native.zinb_softmax_loglik import nb_softmax_loglik_rows
-
         return nb_softmax_loglik_rows(logits, log_library, px_r, X_csr, eps)
     if logits.dtype in reference.LOW_PRECISION:
         logits = logits.float()
     return NBSoftmaxLoglikFunction.apply(
         logits.contiguous(), *kernel_args(log_library, px_r, X_csr, eps, logits.dtype)
     )
-
-
-def kernel_args(log_library, px_r, X_csr, eps, dtype) -> tuple:
-    """``(log_library, px_r, indptr, indices, values, eps)`` as the C++ kernel takes them:
-    contiguous, floats in ``dtype`` (see :func:`csr_args`)."""
-    return (
-        log_library.to(dtype).reshape(-1).contiguous(),
-        px_r.to(dtype).contiguous(),
-        *csr_args(X_csr, dtype),
-        float(eps),
-    )
-
-
-def csr_args(X_csr, dtype) -> tuple:
-    """``(indptr, indices, values)`` as the C++ kernels take them: contiguous, ``indptr``
-    int64, ``indices`` int32 or int64, ``values`` in ``dtype``."""
-    indptr, indices, values = reference.csr_parts(X_csr)
-    if indices.dtype not in (torch.int32, torch.int64):
-        indices = indices.to(torch.int64)
-    return indptr.to(torch.int64).contiguous(), indices.contiguous(), values.to(dtype).contiguous()

@@ -17,7 +17,7 @@ import torch
 
 from scvi_fast import reference
 from scvi_fast._native import load
-from scvi_fast.kernels.native.nb_softmax_loglik import csr_args
+from scvi_fast.kernels.native._args import csr_args
 
 
 class PoissonSoftmaxLoglikFunction(torch.autograd.Function):

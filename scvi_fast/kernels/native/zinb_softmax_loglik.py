@@ -29,7 +29,7 @@ import torch
 
 from scvi_fast import reference
 from scvi_fast._native import load
-from scvi_fast.kernels.native.nb_softmax_loglik import kernel_args
+from scvi_fast.kernels.native._args import kernel_args
 
 
 class ZINBSoftmaxLoglikFunction(torch.autograd.Function):
