@@ -64,7 +64,8 @@ from scvi_fast import functional, reference  # noqa: E402
 from scvi_fast.reference._random import random_csr  # noqa: E402
 
 CSV_NAME = "kernels.csv"
-OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "reparam_kl")
+OPS = ("sparse_linear", "nb_softmax_loglik", "nb_softmax_loglik_linear", "zinb_softmax_loglik",
+       "poisson_softmax_loglik", "reparam_kl")
 PASSES = ("fwd", "fwd+bwd")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -222,6 +223,24 @@ def _compiled_reference(op: str) -> Callable:
             return nb(x, mu, torch.exp(px_r), eps).sum(-1)
 
         _compiled[op] = fn
+    elif op == "zinb_softmax_loglik":
+        zinb = torch.compile(reference.log_zinb_positive)
+
+        def fn(logits, log_library, px_r, dropout_logits, X_csr, eps=1e-8):
+            x = reference.csr_to_dense(*X_csr, logits.shape[-1], dtype=logits.dtype)
+            mu = torch.exp(log_library.reshape(-1, 1)) * torch.softmax(logits, dim=-1)
+            return zinb(x, mu, torch.exp(px_r), dropout_logits, eps).sum(-1)
+
+        _compiled[op] = fn
+    elif op == "poisson_softmax_loglik":
+        terms = torch.compile(lambda x, rate: torch.xlogy(x, rate) - rate - torch.lgamma(x + 1))
+
+        def fn(logits, log_library, X_csr):
+            x = reference.csr_to_dense(*X_csr, logits.shape[-1], dtype=logits.dtype)
+            rate = torch.exp(log_library.reshape(-1, 1)) * torch.softmax(logits, dim=-1)
+            return terms(x, rate).sum(-1)
+
+        _compiled[op] = fn
     else:
         _compiled[op] = torch.compile(getattr(reference, op))
     return _compiled[op]
@@ -292,6 +311,45 @@ def nb_case(impl, method, shape, density, device, gen, prec, pad=0.0) -> Case:
     return fwd, fwd_bwd
 
 
+def zinb_case(impl, method, shape, density, device, gen, prec, pad=0.0) -> Case:
+    """ZINB with a (G,) dispersion and (B, G) dropout logits; gradients to all three."""
+    x, csr = make_counts(shape, density, device, gen, pad)
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32  # Triton reads bf16 logits
+    logits = (torch.randn(shape.B, shape.G, generator=gen) * 2).to(device, dtype).requires_grad_()
+    log_lib = torch.log(x.sum(1) + 1.0)
+    px_r = torch.randn(shape.G, generator=gen).to(device).requires_grad_()
+    pi = torch.randn(shape.B, shape.G, generator=gen).to(device).requires_grad_()
+    fn = _op_fn("zinb_softmax_loglik", impl)
+    ones = torch.full((shape.B,), 1.0 / shape.B, device=device)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(logits, log_lib, px_r, pi, csr)
+
+    def fwd_bwd():
+        _backward(fn(logits, log_lib, px_r, pi, csr), [logits, px_r, pi], ones)
+
+    return fwd, fwd_bwd
+
+
+def poisson_case(impl, method, shape, density, device, gen, prec, pad=0.0) -> Case:
+    x, csr = make_counts(shape, density, device, gen, pad)
+    dtype = torch.bfloat16 if prec == "bf16" else torch.float32  # Triton reads bf16 logits
+    logits = (torch.randn(shape.B, shape.G, generator=gen) * 2).to(device, dtype).requires_grad_()
+    log_lib = torch.log(x.sum(1) + 1.0).requires_grad_()
+    fn = _op_fn("poisson_softmax_loglik", impl)
+    ones = torch.full((shape.B,), 1.0 / shape.B, device=device)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(logits, log_lib, csr)
+
+    def fwd_bwd():
+        _backward(fn(logits, log_lib, csr), [logits, log_lib], ones)
+
+    return fwd, fwd_bwd
+
+
 def nb_linear_case(impl, method, shape, density, device, gen, prec, pad=0.0) -> Case:
     """The decoder output layer (H -> G) and the likelihood, as in a training step."""
     x, csr = make_counts(shape, density, device, gen, pad)
@@ -345,6 +403,8 @@ CASES = {
     "sparse_linear": sparse_linear_case,
     "nb_softmax_loglik": nb_case,
     "nb_softmax_loglik_linear": nb_linear_case,
+    "zinb_softmax_loglik": zinb_case,
+    "poisson_softmax_loglik": poisson_case,
     "reparam_kl": reparam_case,
 }
 
@@ -359,7 +419,7 @@ def applies(op: str, impl: str, prec: str, device: torch.device) -> bool:
         return True
     if device.type != "cuda" or op == "reparam_kl":
         return False  # TF32 and bf16 are GPU settings; reparam_kl stays in fp32
-    if op == "nb_softmax_loglik":
+    if op in ("nb_softmax_loglik", "zinb_softmax_loglik", "poisson_softmax_loglik"):
         return prec == "bf16" and impl == "triton"  # bf16 logits: Triton reads them directly
     return impl not in ("native", "composed", "torch.compile")
 

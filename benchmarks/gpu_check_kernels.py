@@ -16,6 +16,8 @@ upstream gradient:
   dense input at that precision;
 * nb_softmax_loglik with float64, float32 and bfloat16 logits (within k * the sum of |terms|,
   as in the tests; the bf16 logits' gradient within one bf16 rounding);
+* zinb_softmax_loglik (px_r ``(G,)`` and ``(B, G)``) and poisson_softmax_loglik with float64
+  and float32 inputs (within k * the sum of |terms|, as in the tests);
 * reparam_kl in float64 and float32;
 * the CSR contract: a poisoned padded tail past ``indptr[-1]`` changes no output or gradient
   (int32 CSR arrays);
@@ -35,6 +37,7 @@ the op captured in a CUDA graph, the L2 cache flushed before each: what a captur
 * first layer forward+backward: Triton gather, Triton dense, and ``addmm`` of a dense input
   already on the device (cuBLAS; the bar), in fp32, TF32 and bf16 where they apply, and the
   torch sparse reference;
+* ZINB (both px_r shapes) and Poisson forward+backward, Triton and the torch reference;
 * NB forward and forward+backward with float32 and bfloat16 logits, with the effective
   bandwidth (compulsory bytes / time, see ``reference.nb_bytes_moved``) and its share of the
   device's HBM peak;
@@ -66,7 +69,12 @@ from bench_kernels import capture, graph_time_ms, precision, time_ms  # noqa: E4
 
 # (never imports triton) the tolerance table, term magnitudes and random batches of the tests
 from scvi_fast import reference  # noqa: E402
-from scvi_fast.reference._accuracy import error_ratio, nb_term_magnitudes  # noqa: E402
+from scvi_fast.reference._accuracy import (  # noqa: E402
+    error_ratio,
+    nb_term_magnitudes,
+    poisson_term_magnitudes,
+    zinb_term_magnitudes,
+)
 from scvi_fast.reference._random import CSR, random_csr  # noqa: E402
 
 #: HBM peak of known devices (bytes/s), matched by name; --hbm-peak overrides
@@ -130,6 +138,7 @@ def main(argv=None) -> int:
         for method in ("gather", "dense"):
             ok &= _check_sparse_linear(tk, inputs, dtype, method)
         ok &= _check_nb(tk, inputs, dtype)
+        ok &= _check_zinb_poisson(tk, inputs, dtype)
         ok &= _check_reparam(tk, inputs, dtype)
     inputs = _inputs(gen, args, torch.float32, device)
     for prec in ("tf32", "bf16"):
@@ -170,6 +179,7 @@ def _inputs(gen, args, dtype, device):
         gy=torch.randn(B, H, **f64),
         logits=torch.randn(B, G, **f64) * 2, log_library=log_library,
         px_r=torch.randn(G, **f64) * 2, w=torch.randn(B, **f64),
+        px_r_rows=torch.randn(B, G, **f64) * 2, pi=torch.randn(B, G, **f64) * 3,
         q_m=torch.randn(B, Z, **f64), q_v_raw=torch.randn(B, Z, **f64) - 1,
         noise=torch.randn(B, Z, **f64), gz=torch.randn(B, Z, **f64), gk=torch.randn(B, **f64),
     )
@@ -294,6 +304,35 @@ def _check_nb_bf16(tk, t) -> bool:
     return _report("nb_softmax_loglik bf16 z", torch.bfloat16, res) and ok
 
 
+def _check_zinb_poisson(tk, t, dtype) -> bool:
+    """ZINB with both px_r shapes and Poisson: value and every gradient against float64."""
+    csr = (t["indptr"], t["indices"], t["values"])
+    csr64 = (t["indptr"], t["indices"], t["values"].double())
+    ok = True
+    for r in ("px_r", "px_r_rows"):
+        leaves = (t["logits"], t["log_library"], t[r], t["pi"])
+        got = _run_all(tk.zinb_softmax_loglik, leaves, csr, t["w"])
+        truth = _run_all(reference.zinb_softmax_loglik, [v.double() for v in leaves], csr64,
+                         t["w"].double())
+        scales = zinb_term_magnitudes(*leaves, csr, t["w"])
+        res = _ratios("zinb_softmax_loglik", NB_NAMES + ["ddropout"], got, truth, scales=scales)
+        ok &= _report(f"zinb_softmax_loglik {r}", dtype, res)
+    leaves = (t["logits"], t["log_library"])
+    got = _run_all(tk.poisson_softmax_loglik, leaves, csr, t["w"])
+    truth = _run_all(reference.poisson_softmax_loglik, [v.double() for v in leaves], csr64,
+                     t["w"].double())
+    res = _ratios("poisson_softmax_loglik", NB_NAMES[:3], got, truth,
+                  scales=poisson_term_magnitudes(*leaves, csr, t["w"]))
+    return _report("poisson_softmax_loglik", dtype, res) and ok
+
+
+def _run_all(fn, leaves, csr, w):
+    """Value and the gradients to every leaf of ``fn(*leaves, csr)`` under upstream ``w``."""
+    leaves = _leaf(*leaves)
+    ll = fn(*leaves, csr)
+    return [ll.detach()] + _grads([ll], leaves, [w])
+
+
 def _reparam_run(fn, t, dtype_to=None):
     conv = (lambda v: v.to(dtype_to)) if dtype_to is not None else (lambda v: v)
     m, r, e = _leaf(conv(t["q_m"]), conv(t["q_v_raw"]), conv(t["noise"]))
@@ -356,6 +395,8 @@ def _check_graph_safety(tk, gen, args, device) -> bool:
     lib = torch.randn(B, **f64).add(7).to(device).requires_grad_()
     px_r = torch.randn(G, **f64).to(device).requires_grad_()
     w = torch.randn(B, **f64).to(device)
+    pi = (torch.randn(B, G, **f64) * 3).to(device).requires_grad_()
+    px_rows = torch.randn(B, G, **f64).to(device).requires_grad_()
     q_m, q_v = (torch.randn(B, args.Z, **f64).to(device).requires_grad_() for _ in range(2))
     noise = torch.randn(B, args.Z, **f64).to(device)
     gz, gk = torch.randn(B, args.Z, **f64).to(device), torch.randn(B, **f64).to(device)
@@ -367,6 +408,12 @@ def _check_graph_safety(tk, gen, args, device) -> bool:
             tk.sparse_linear(*csr, W, b, cov, W_cov, "log1p", method="dense"), [W, b, W_cov], gy),
         "nb_softmax_loglik": lambda: _step(
             tk.nb_softmax_loglik(logits, lib, px_r, csr), [logits, lib, px_r], w),
+        "zinb_softmax_loglik": lambda: _step(
+            tk.zinb_softmax_loglik(logits, lib, px_r, pi, csr), [logits, lib, px_r, pi], w),
+        "zinb (B, G) px_r": lambda: _step(
+            tk.zinb_softmax_loglik(logits, lib, px_rows, pi, csr), [logits, lib, px_rows, pi], w),
+        "poisson_softmax_loglik": lambda: _step(
+            tk.poisson_softmax_loglik(logits, lib, csr), [logits, lib], w),
         "reparam_kl": lambda: _step(tk.reparam_kl(q_m, q_v, noise), [q_m, q_v], (gz, gk)),
     }
     batches = [_counts(gen, B, G, args.density * s) for s in (1.0, 1.25)]
@@ -389,7 +436,8 @@ def _check_graph_safety(tk, gen, args, device) -> bool:
             graph.replay()
             eager = fn()
             for i, (g, e) in enumerate(zip(outs, eager)):
-                exact = not (name == "nb_softmax_loglik" and i == 3)  # atomics: order may vary
+                # per-gene sums by atomics or index_add_: their order may vary
+                exact = not (name in ("nb_softmax_loglik", "zinb_softmax_loglik") and i == 3)
                 same = torch.equal(g, e) if exact else error_ratio("nb_px_r_order", g, e) <= 1
                 if not same:
                     err = f"graph replay differs from eager on the new batch (output {i})"
@@ -527,6 +575,25 @@ def _time_all(tk, t, args, device, device_name) -> list[dict]:
         torch.autograd.grad(ll, [zr, lr_, rr], t["w"])
 
     timed("nb_softmax_loglik", "torch", "torch", "fwd+bwd", "fp32", nb_ref)
+
+    # ZINB (px_r (G,) and (B, G)) and Poisson forward+backward, Triton against the reference
+    csr = (t["indptr"], t["indices"], t["values"])
+    likelihoods = [
+        ("zinb_softmax_loglik", "px_r", (t["logits"], t["log_library"], t["px_r"], t["pi"])),
+        ("zinb_softmax_loglik", "px_r_rows",
+         (t["logits"], t["log_library"], t["px_r_rows"], t["pi"])),
+        ("poisson_softmax_loglik", "", (t["logits"], t["log_library"])),
+    ]
+    for op, variant, inputs in likelihoods:
+        leaves = _leaf(*inputs)
+        for provider, impl, fn, batch in (("scvi_fast", "triton", getattr(tk, op), padded),
+                                          ("torch", "torch", getattr(reference, op), csr)):
+            def run(fn=fn, batch=batch, leaves=leaves):
+                ll = fn(*leaves, batch)
+                torch.autograd.grad(ll, leaves, t["w"])
+
+            timed(op, provider, impl, "fwd+bwd", "fp32", run,
+                  dict(cfg_pad, px_r=variant) if variant else cfg_pad)
 
     # reparam_kl
     m, rv, e = _leaf(t["q_m"], t["q_v_raw"], t["noise"])

@@ -36,6 +36,32 @@ struct NbArgs {
   int n_threads = 1;
 };
 
+// Arguments of the fused softmax + zero-inflated NB log-likelihood (NB when dropout is
+// nullptr). The gradients are those of loglik_b, weighted by row_weight only where they are
+// summed over cells (a (G,) px_r gradient).
+template <typename T, typename I>
+struct ZinbArgs {
+  int64_t B = 0;                     // cells (rows)
+  int64_t G = 0;                     // genes (columns)
+  const T* logits = nullptr;         // (B, G) decoder output before the softmax
+  const T* log_library = nullptr;    // (B,) log library size l
+  const T* px_r = nullptr;           // (G,) or (B, G) log inverse dispersion
+  bool px_r_rows = false;            // px_r is (B, G)
+  const T* dropout = nullptr;        // (B, G) zero-inflation logits, or nullptr: NB
+  const int64_t* indptr = nullptr;   // (B + 1,) CSR row pointer of the counts
+  const I* indices = nullptr;        // (nnz,) gene of each stored count
+  const T* values = nullptr;         // (nnz,) stored counts
+  double eps = 1e-8;                 // scvi-tools' floor inside the logarithms
+  const T* row_weight = nullptr;     // (B,) weights of a (G,) px_r gradient; nullptr = 1
+  T* loglik = nullptr;               // out (B,): per-cell log-likelihood
+  T* grad_logits = nullptr;          // out (B, G) or nullptr: d loglik_b / d logits_b
+  T* sum_a = nullptr;                // out (B,) or nullptr: d loglik_b / d l_b
+  T* grad_px_r = nullptr;            // out, px_r's shape, or nullptr: (B, G) d loglik_b /
+                                     // d px_r_b, or (G,) sum_b w_b d loglik_b / d px_r
+  T* grad_dropout = nullptr;         // out (B, G) or nullptr: d loglik_b / d dropout_b
+  int n_threads = 1;
+};
+
 #define SCVI_FAST_DECLARE_KERNELS(NS)                                                     \
   namespace NS {                                                                         \
   template <typename T, typename I>                                                      \
@@ -49,6 +75,18 @@ struct NbArgs {
                               const T* dy, T* dW, int n_threads);                        \
   template <typename T, typename I>                                                      \
   int64_t nb_softmax_loglik_fwd(const NbArgs<T, I>& a);                                   \
+  template <typename T, typename I>                                                      \
+  int64_t zinb_softmax_loglik_fwd(const ZinbArgs<T, I>& a);                               \
+  template <typename T, typename I>                                                      \
+  int64_t poisson_softmax_loglik_fwd(int64_t B, int64_t G, const T* logits,              \
+                                     const T* log_library, const int64_t* indptr,        \
+                                     const I* indices, const T* values, T* loglik,       \
+                                     T* lse, T* sum_x, int n_threads);                   \
+  template <typename T, typename I>                                                      \
+  int64_t poisson_softmax_loglik_bwd(int64_t B, int64_t G, const T* logits, const T* lse, \
+                                     const T* sum_x, const T* w, const int64_t* indptr,  \
+                                     const I* indices, const T* values, T* grad,         \
+                                     int n_threads);                                     \
   template <typename T>                                                                  \
   void reparam_kl_fwd(int64_t B, int64_t Z, const T* q_m, const T* q_v_raw,              \
                       const T* noise, double var_eps, T* z, T* kl, int n_threads);        \

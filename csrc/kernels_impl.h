@@ -615,6 +615,30 @@ int64_t sparse_linear_bwd_w(int64_t B, int64_t G, int64_t H, const int64_t* indp
 // ---------------------------------------------------------------------------
 
 static constexpr int64_t kBlock = 512;
+
+// The softmax denominator of one row of G >= 1 logits: mx = max_g lg[g] and
+// s = sum_g exp(lg[g] - mx), the exps summed in T per block of kBlock and the blocks in
+// double; with STORE the exps are written to e.
+template <typename T, bool STORE>
+static inline double row_exp_sum(const T* __restrict lg, int64_t G, T* __restrict e, T& mx) {
+  T m = lg[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t g = 0; g < G; ++g) m = lg[g] > m ? lg[g] : m;
+  double s = 0.0;
+  for (int64_t g0 = 0; g0 < G; g0 += kBlock) {
+    const int64_t g1 = min_(G, g0 + kBlock);
+    T sb = T(0);
+#pragma omp simd reduction(+ : sb)
+    for (int64_t g = g0; g < g1; ++g) {
+      const T v = vexp(lg[g] - m);
+      if (STORE) e[g] = v;
+      sb += v;
+    }
+    s += static_cast<double>(sb);
+  }
+  mx = m;
+  return s;
+}
 // Counts 1..kCountTable (most of the non-zeros of a count matrix) take their lgamma and
 // digamma differences from a per-gene table.
 static constexpr int kCountTable = 4;
@@ -642,22 +666,8 @@ static int64_t nb_rows(const NbArgs<T, I>& a, const T* theta, const T* log_te, c
       T* __restrict buf = a.grad_logits != nullptr ? a.grad_logits + r * G : scratch;
       const T w = a.row_weight != nullptr ? a.row_weight[r] : T(1);
 
-      T mx = lg[0];
-#pragma omp simd reduction(max : mx)
-      for (int64_t g = 0; g < G; ++g) mx = lg[g] > mx ? lg[g] : mx;
-
-      double s = 0.0;
-      for (int64_t g0 = 0; g0 < G; g0 += kBlock) {
-        const int64_t g1 = min_(G, g0 + kBlock);
-        T sb = T(0);
-#pragma omp simd reduction(+ : sb)
-        for (int64_t g = g0; g < g1; ++g) {
-          T e = vexp(lg[g] - mx);
-          buf[g] = e;
-          sb += e;
-        }
-        s += static_cast<double>(sb);
-      }
+      T mx;
+      const double s = row_exp_sum<T, true>(lg, G, buf, mx);
       const double l = static_cast<double>(a.log_library[r]);
       const double scale_d = std::exp(l - std::log(s));  // mu_g = scale e_g
       const T scale = static_cast<T>(scale_d);
@@ -915,3 +925,5 @@ void dropout_apply(int64_t n, const T* x, uint64_t seed, uint32_t threshold, dou
     }
   }
 }
+
+#include "likelihood_impl.h"

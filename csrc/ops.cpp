@@ -96,6 +96,27 @@ void check_bad(int64_t bad, const char* op, const char* what) {
   TORCH_CHECK(bad == 0, op, ": ", bad, " ", what, " out of range");
 }
 
+// Calls fn(indices pointer) with the pointer of the CSR indices' type (int32 or int64).
+template <typename F>
+void with_indices(const at::Tensor& indices, F&& fn) {
+  if (indices.scalar_type() == at::kInt) fn(indices.data_ptr<int32_t>());
+  else fn(indices.data_ptr<int64_t>());
+}
+
+// Validates the (B, G) float32 / float64 logits and the (B,) log library (or another per-cell
+// input, named lib_name) of a likelihood op.
+void check_logits_library(const at::Tensor& logits, const at::Tensor& log_library,
+                          const char* op, const char* lib_name = "log_library") {
+  check_tensor(logits, op, "logits");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": logits must be float32 or float64; got ", dtype);
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, G); got ", logits.sizes());
+  check_float(log_library, dtype, op, lib_name);
+  TORCH_CHECK(log_library.numel() == logits.size(0), op, ": ", lib_name, " must have ",
+              logits.size(0), " elements; got shape ", log_library.sizes());
+}
+
 // ---------------------------------------------------------------------------
 // sparse_linear
 // ---------------------------------------------------------------------------
@@ -204,15 +225,9 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
     bool want_grad_px_r, const std::optional<at::Tensor>& grad_logits_out,
     bool want_grad_colsum) {
   const char* op = "nb_softmax_loglik";
-  check_tensor(logits, op, "logits");
+  check_logits_library(logits, log_library, op);
   const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
-              ": logits must be float32 or float64; got ", dtype);
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, G); got ", logits.sizes());
   const int64_t B = logits.size(0), G = logits.size(1);
-  check_float(log_library, dtype, op, "log_library");
-  TORCH_CHECK(log_library.numel() == B, op, ": log_library must have ", B,
-              " elements; got shape ", log_library.sizes());
   check_float(px_r, dtype, op, "px_r");
   TORCH_CHECK(px_r.dim() == 1 && px_r.numel() == G, op, ": px_r must have shape (", G,
               ",); got ", px_r.sizes());
@@ -243,7 +258,7 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
   int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "nb_softmax_loglik_forward", [&] {
     using T = scalar_t;
-    auto run = [&](auto* idx) {
+    with_indices(indices, [&](auto* idx) {
       using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
       NbArgs<T, I> a;
       a.B = B;
@@ -265,12 +280,144 @@ std::vector<at::Tensor> nb_softmax_loglik_forward(
       auto fn = use_avx2() ? &avx2::nb_softmax_loglik_fwd<T, I>
                            : &generic::nb_softmax_loglik_fwd<T, I>;
       bad = fn(a);
-    };
-    if (indices.scalar_type() == at::kInt) run(indices.data_ptr<int32_t>());
-    else run(indices.data_ptr<int64_t>());
+    });
   });
   check_bad(bad, op, "gene indices");
   return {loglik, grad_logits, sum_a, grad_px_r, grad_colsum};
+}
+
+// ---------------------------------------------------------------------------
+// zinb_softmax_loglik (NB without dropout) and poisson_softmax_loglik
+// ---------------------------------------------------------------------------
+
+// Returns (loglik (B,), grad_logits (B, G), sum_a (B,), grad_px_r (px_r's shape),
+// grad_dropout (B, G)), each empty unless asked for. A (G,) px_r gradient is summed over
+// cells with weights row_weight (ones when None); every other gradient is per cell.
+std::vector<at::Tensor> zinb_softmax_loglik_forward(
+    const at::Tensor& logits, const at::Tensor& log_library, const at::Tensor& px_r,
+    const std::optional<at::Tensor>& dropout, const at::Tensor& indptr,
+    const at::Tensor& indices, const at::Tensor& values, double eps,
+    const std::optional<at::Tensor>& row_weight, bool want_grad_logits, bool want_sum_a,
+    bool want_grad_px_r, bool want_grad_dropout) {
+  const char* op = dropout.has_value() ? "zinb_softmax_loglik" : "nb_softmax_loglik";
+  check_logits_library(logits, log_library, op);
+  const auto dtype = logits.scalar_type();
+  const int64_t B = logits.size(0), G = logits.size(1);
+  check_float(px_r, dtype, op, "px_r");
+  const bool rows = px_r.dim() == 2;
+  TORCH_CHECK((px_r.dim() == 1 && px_r.numel() == G) ||
+                  (rows && px_r.size(0) == B && px_r.size(1) == G),
+              op, ": px_r must have shape (", G, ",) or (", B, ", ", G, "); got ", px_r.sizes());
+  if (dropout.has_value()) {
+    check_float(*dropout, dtype, op, "dropout_logits");
+    TORCH_CHECK(dropout->dim() == 2 && dropout->size(0) == B && dropout->size(1) == G, op,
+                ": dropout_logits must have shape (", B, ", ", G, "); got ", dropout->sizes());
+  }
+  TORCH_CHECK(!want_grad_dropout || dropout.has_value(), op,
+              ": a dropout gradient needs dropout logits");
+  TORCH_CHECK(eps > 0.0, op, ": eps must be positive; got ", eps);
+  check_csr(indptr, indices, values, B, dtype, op);
+  if (row_weight.has_value()) {
+    check_float(*row_weight, dtype, op, "row_weight");
+    TORCH_CHECK(row_weight->numel() == B, op, ": row_weight must have ", B, " elements");
+  }
+  auto opts = logits.options();
+  at::Tensor loglik = at::empty({B}, opts);
+  at::Tensor grad_logits = want_grad_logits ? at::empty({B, G}, opts) : at::Tensor();
+  at::Tensor sum_a = want_sum_a ? at::empty({B}, opts) : at::Tensor();
+  at::Tensor grad_px_r = want_grad_px_r ? at::empty(px_r.sizes(), opts) : at::Tensor();
+  at::Tensor grad_dropout = want_grad_dropout ? at::empty({B, G}, opts) : at::Tensor();
+  if (want_grad_px_r && !rows && B == 0) grad_px_r.zero_();
+  int64_t bad = 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "zinb_softmax_loglik_forward", [&] {
+    using T = scalar_t;
+    with_indices(indices, [&](auto* idx) {
+      using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
+      ZinbArgs<T, I> a;
+      a.B = B;
+      a.G = G;
+      a.logits = logits.data_ptr<T>();
+      a.log_library = log_library.data_ptr<T>();
+      a.px_r = px_r.data_ptr<T>();
+      a.px_r_rows = rows;
+      a.dropout = dropout.has_value() ? dropout->data_ptr<T>() : nullptr;
+      a.indptr = indptr.data_ptr<int64_t>();
+      a.indices = idx;
+      a.values = values.data_ptr<T>();
+      a.eps = eps;
+      a.row_weight = row_weight.has_value() ? row_weight->data_ptr<T>() : nullptr;
+      a.loglik = loglik.data_ptr<T>();
+      a.grad_logits = want_grad_logits ? grad_logits.data_ptr<T>() : nullptr;
+      a.sum_a = want_sum_a ? sum_a.data_ptr<T>() : nullptr;
+      a.grad_px_r = want_grad_px_r ? grad_px_r.data_ptr<T>() : nullptr;
+      a.grad_dropout = want_grad_dropout ? grad_dropout.data_ptr<T>() : nullptr;
+      a.n_threads = n_threads();
+      auto fn = use_avx2() ? &avx2::zinb_softmax_loglik_fwd<T, I>
+                           : &generic::zinb_softmax_loglik_fwd<T, I>;
+      bad = fn(a);
+    });
+  });
+  check_bad(bad, op, "gene indices");
+  return {loglik, grad_logits, sum_a, grad_px_r, grad_dropout};
+}
+
+// Returns (loglik (B,), lse (B,), X = sum of the counts (B,)).
+std::vector<at::Tensor> poisson_softmax_loglik_forward(
+    const at::Tensor& logits, const at::Tensor& log_library, const at::Tensor& indptr,
+    const at::Tensor& indices, const at::Tensor& values) {
+  const char* op = "poisson_softmax_loglik";
+  check_logits_library(logits, log_library, op);
+  const auto dtype = logits.scalar_type();
+  const int64_t B = logits.size(0), G = logits.size(1);
+  check_csr(indptr, indices, values, B, dtype, op);
+  at::Tensor loglik = at::empty({B}, logits.options());
+  at::Tensor lse = at::empty({B}, logits.options());
+  at::Tensor sum_x = at::empty({B}, logits.options());
+  int64_t bad = 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "poisson_softmax_loglik_forward", [&] {
+    using T = scalar_t;
+    with_indices(indices, [&](auto* idx) {
+      using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
+      auto fn = use_avx2() ? &avx2::poisson_softmax_loglik_fwd<T, I>
+                           : &generic::poisson_softmax_loglik_fwd<T, I>;
+      bad = fn(B, G, logits.data_ptr<T>(), log_library.data_ptr<T>(),
+               indptr.data_ptr<int64_t>(), idx, values.data_ptr<T>(), loglik.data_ptr<T>(),
+               lse.data_ptr<T>(), sum_x.data_ptr<T>(), n_threads());
+    });
+  });
+  check_bad(bad, op, "gene indices");
+  return {loglik, lse, sum_x};
+}
+
+// d (sum_b w_b loglik_b) / d logits, from the saved lse and X.
+at::Tensor poisson_softmax_loglik_backward(const at::Tensor& logits, const at::Tensor& lse,
+                                           const at::Tensor& sum_x, const at::Tensor& w,
+                                           const at::Tensor& indptr, const at::Tensor& indices,
+                                           const at::Tensor& values) {
+  const char* op = "poisson_softmax_loglik backward";
+  check_logits_library(logits, lse, op, "lse");
+  const auto dtype = logits.scalar_type();
+  const int64_t B = logits.size(0), G = logits.size(1);
+  for (auto* t : {&sum_x, &w}) {
+    check_float(*t, dtype, op, "per-cell input");
+    TORCH_CHECK(t->numel() == B, op, ": per-cell inputs must have ", B, " elements");
+  }
+  check_csr(indptr, indices, values, B, dtype, op);
+  at::Tensor grad = at::empty({B, G}, logits.options());
+  int64_t bad = 0;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "poisson_softmax_loglik_backward", [&] {
+    using T = scalar_t;
+    with_indices(indices, [&](auto* idx) {
+      using I = std::remove_const_t<std::remove_pointer_t<decltype(idx)>>;
+      auto fn = use_avx2() ? &avx2::poisson_softmax_loglik_bwd<T, I>
+                           : &generic::poisson_softmax_loglik_bwd<T, I>;
+      bad = fn(B, G, logits.data_ptr<T>(), lse.data_ptr<T>(), sum_x.data_ptr<T>(),
+               w.data_ptr<T>(), indptr.data_ptr<int64_t>(), idx, values.data_ptr<T>(),
+               grad.data_ptr<T>(), n_threads());
+    });
+  });
+  check_bad(bad, op, "gene indices");
+  return grad;
 }
 
 // ---------------------------------------------------------------------------
@@ -370,6 +517,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear_forward", &sparse_linear_forward);
   m.def("sparse_linear_backward_weight", &sparse_linear_backward_weight);
   m.def("nb_softmax_loglik_forward", &nb_softmax_loglik_forward);
+  m.def("zinb_softmax_loglik_forward", &zinb_softmax_loglik_forward);
+  m.def("poisson_softmax_loglik_forward", &poisson_softmax_loglik_forward);
+  m.def("poisson_softmax_loglik_backward", &poisson_softmax_loglik_backward);
   m.def("reparam_kl_forward", &reparam_kl_forward);
   m.def("reparam_kl_backward", &reparam_kl_backward);
   m.def("dropout_apply", &dropout_apply_op);

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 
 _SOURCES = ("ops.cpp", "kernels_generic.cpp", "kernels_avx2.cpp")
-_HEADERS = ("kernels.h", "kernels_impl.h", "kernels_instantiate.inc")
+_HEADERS = ("kernels.h", "kernels_impl.h", "likelihood_impl.h", "kernels_instantiate.inc")
 _EXT_NAME = "scvi_fast_native"
 # -fno-trapping-math lets the kernels' branch-free selects vectorise;
 # -fno-math-errno lets sqrt and friends inline. Neither changes results.

@@ -106,6 +106,27 @@ TOL: dict[tuple[str, str], Rel | VsTorch | Terms | Pointwise] = {
     # large relative error in any order, a small one against the largest gene's).
     ("nb_px_r_order", "float64"): Rel(1e-13),
     ("nb_px_r_order", "float32"): Rel(1e-6),
+    # ---- zinb_softmax_loglik (and nb_softmax_loglik with a (B, G) px_r, the same kernel)
+    # The NB sums plus the softplus pair of each zero count, judged like nb_softmax_loglik
+    # against the sum of |terms| of each output (zinb_term_magnitudes), which adds the rounding
+    # of nb0 = theta (log(theta+eps) - log(theta+mu+eps)) to the terms that depend on it through
+    # sigmoid(nb0 - pi) (at theta ~ 4e5 that rounding is ~1e-10 in float64 and ~3e2 u in
+    # float32 of a quantity of order 1).
+    # float64: as nb_softmax_loglik (u = 1.1e-16, plain-Triton lgamma / digamma ~1e-14).
+    ("zinb_softmax_loglik", "float64"): Terms(5e-13),
+    # float32: the dense pass in float32 with < 2 ulp exp / log / log1p polynomials (native)
+    # or libdevice / plain Triton, the non-zeros in double (native) or float32 (Triton):
+    # the k of nb_softmax_loglik.
+    ("zinb_softmax_loglik", "float32"): Terms(2e-6),
+    # bfloat16 logits (Triton reads them as they are): the logits' gradient is one bfloat16
+    # rounding of a float32-accurate value, as for nb_softmax_loglik.
+    ("zinb_softmax_loglik", "bfloat16"): Terms(2e-6, rel=2.0**-7),
+    # ---- poisson_softmax_loglik: sums of x log(rate) - lgamma(x+1) over the non-zeros and
+    # X - exp(l) (which cancel when the library matches the counts), judged against the sum of
+    # |terms| (poisson_term_magnitudes); the same k as the NB op, whose sums are of the same kind.
+    ("poisson_softmax_loglik", "float64"): Terms(5e-13),
+    ("poisson_softmax_loglik", "float32"): Terms(2e-6),
+    ("poisson_softmax_loglik", "bfloat16"): Terms(2e-6, rel=2.0**-7),
     # ---- nb_softmax_loglik_linear (output layer + likelihood; compared value and gradients
     # to h, weight, bias, log library and px_r, so norm-wise)
     # float64: the NB kernel's error plus GEMMs over H (a few ulps times H) for the logits and
@@ -184,7 +205,11 @@ def error_ratio(
     truth = truth.double()
     diff = (got.double() - truth).abs()
     if isinstance(tol, Terms):
-        allowed = tol.k * scale.double() + tol.rel * truth.abs() + 1e-300
+        # an absolute floor of 2^10 smallest normal numbers of the result's dtype: the
+        # float32 kernels' exp flushes to 0 below exp(-87.3) ~ tiny, and a ZINB gradient is
+        # such an exp (sigmoid(nb0 - pi) at large pi) times factors up to ~1e3
+        tiny = 1024 * torch.finfo(got.dtype).tiny if got.is_floating_point() else 1e-300
+        allowed = tol.k * scale.double() + tol.rel * truth.abs() + tiny
         return (diff / allowed).max().item()
     if isinstance(tol, Pointwise):
         return (diff / (tol.rtol * truth.abs().clamp_min(1.0))).max().item()
@@ -238,7 +263,7 @@ def nb_term_magnitudes(logits, log_library, px_r, X_csr, w, eps=1e-8) -> list[to
     up, in float64 (dense ``B x G``: small shapes or a GPU); the ``scale`` of a :class:`Terms`
     entry.
 
-    Returns ``[loglik (B,), dlogits (B, G), dlog_library (B,), dpx_r (G,)]`` for upstream
+    Returns ``[loglik (B,), dlogits (B, G), dlog_library (B,), dpx_r (px_r's shape)]`` for upstream
     gradient ``w``, following the formulas of :mod:`scvi_fast.reference._nb` and the
     gradients in ``kernels/triton/_nb_loglik.py``'s docstring (lgamma and digamma terms only
     at the non-zeros, where the kernels evaluate them).
@@ -248,7 +273,7 @@ def nb_term_magnitudes(logits, log_library, px_r, X_csr, w, eps=1e-8) -> list[to
     x = csr_to_dense(indptr, indices, values.double(), z.shape[1])
     rho = torch.softmax(z, -1)
     mu = torch.exp(lib.reshape(-1, 1)) * rho
-    th = torch.exp(r.reshape(-1))
+    th = torch.exp(r if r.dim() == 2 else r.reshape(-1))  # (G,) or per-cell (B, G)
     d = th + mu + eps
     nz = x > 0
     lgam = torch.lgamma(x + th).abs() + torch.lgamma(th).abs() + torch.lgamma(x + 1).abs()
@@ -268,5 +293,76 @@ def nb_term_magnitudes(logits, log_library, px_r, X_csr, w, eps=1e-8) -> list[to
         ll,
         w[:, None] * (c_abs + rho * c_sum),
         w * c_sum[:, 0],
-        th * (w[:, None] * t_abs).sum(0),
+        th * w[:, None] * t_abs if r.dim() == 2 else th * (w[:, None] * t_abs).sum(0),
     ]
+
+
+def zinb_term_magnitudes(logits, log_library, px_r, dropout_logits, X_csr, w, eps=1e-8):
+    """Per output element of the ZINB op, the sum of the absolute values of the terms it adds
+    up, in float64 (dense ``B x G``: small shapes or a GPU); the ``scale`` of a :class:`Terms`
+    entry.
+
+    Returns ``[loglik (B,), dlogits (B, G), dlog_library (B,), dpx_r (px_r's shape),
+    ddropout (B, G)]`` for upstream gradient ``w``, following the formulas of
+    ``csrc/likelihood_impl.h``. The zero-count parts go through ``s_z = sigmoid(nb0 - pi)``,
+    ``nb0 = theta (log(theta+eps) - log(theta+mu+eps))``, whose own rounding (``u`` times
+    ``|theta log(theta+eps)| + |theta log(theta+mu+eps)|``, large for large theta) reaches
+    them with the factor ``s_z (1 - s_z)``: it is added to their magnitudes.
+    """
+    indptr, indices, values = csr_parts(X_csr)
+    z, lib, r, pi = (t.detach().double() for t in (logits, log_library, px_r, dropout_logits))
+    x = csr_to_dense(indptr, indices, values.double(), z.shape[1])
+    rho = torch.softmax(z, -1)
+    mu = torch.exp(lib.reshape(-1, 1)) * rho
+    th = torch.exp(r).expand_as(z)
+    d = th + mu + eps
+    lte, ld = torch.log(th + eps), torch.log(d)
+    nb0 = th * (lte - ld)
+    nb0_abs = (th * lte).abs() + (th * ld).abs()
+    s_z = torch.sigmoid(nb0 - pi)
+    amp = s_z * (1 - s_z) * nb0_abs  # relative error that nb0's rounding gives s_z-weighted terms
+    sp = torch.nn.functional.softplus
+    nz = x > 0
+    lgam = torch.lgamma(x + th).abs() + torch.lgamma(th).abs() + torch.lgamma(x + 1).abs()
+    # the reference's -softplus(-pi) - pi, and its gradient sigmoid(-pi) - 1
+    ll_nz = (sp(-pi) + pi.abs() + nb0_abs + (x * torch.log(mu + eps)).abs() + (x * ld).abs() + lgam)
+    ll_z = sp(nb0 - pi) + sp(-pi) + s_z * nb0_abs
+    ll = torch.where(nz, ll_nz, ll_z).sum(-1)
+    c_nz = x * mu / (mu + eps) + (th + x) * mu / d
+    c_z = (s_z + amp) * th * mu / d
+    c_abs = torch.where(nz, c_nz, c_z)
+    c_sum = c_abs.sum(-1, keepdim=True)
+    wc = w.detach().double().abs().reshape(-1, 1)
+    digam = torch.where(nz, torch.digamma(x + th).abs() + torch.digamma(th).abs(), 0)
+    t_abs = th * (lte.abs() + ld.abs() + th / (th + eps) + (th + x) / d + x / d + digam)
+    t_abs = torch.where(nz, t_abs, (s_z + amp) * t_abs)
+    dr = wc * t_abs
+    dpi = torch.where(nz, 1 + torch.sigmoid(-pi), torch.sigmoid(-pi) + s_z + amp)
+    return [
+        ll,
+        wc * (c_abs + rho * c_sum),
+        wc[:, 0] * c_sum[:, 0],
+        dr if px_r.dim() == 2 else dr.sum(0),
+        wc * dpi,
+    ]
+
+
+def poisson_term_magnitudes(logits, log_library, X_csr, w) -> list[torch.Tensor]:
+    """Per output element of the Poisson op, the sum of the absolute values of its terms, in
+    float64: ``[loglik (B,), dlogits (B, G), dlog_library (B,)]`` for upstream gradient
+    ``w`` (``log(rate) = l + z - lse`` and ``sum_g rate_g = exp(l)``, see
+    ``kernels/native/poisson_softmax_loglik.py``)."""
+    indptr, indices, values = csr_parts(X_csr)
+    z, lib = (t.detach().double() for t in (logits, log_library))
+    x = csr_to_dense(indptr, indices, values.double(), z.shape[1])
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    l = lib.reshape(-1, 1)
+    log_rate_abs = l.abs() + z.abs() + lse.abs()
+    X = x.sum(-1, keepdim=True)
+    ll = (x * log_rate_abs + torch.lgamma(x + 1)).sum(-1) + torch.exp(l[:, 0])
+    wc = w.detach().double().abs().reshape(-1, 1)
+    # the reference's gradient to the logits adds mu dL/dmu = x - mu over genes (the rate's
+    # own cancellation, even where the exact result is 0, as in a cell without counts)
+    rho = torch.softmax(z, -1)
+    c_sum = X + torch.exp(l)
+    return [ll, wc * (x + torch.exp(l) * rho + rho * c_sum), wc[:, 0] * c_sum[:, 0]]

@@ -30,7 +30,7 @@ pytestmark = [
     ),
 ]
 
-INT_POINTERS = {"indptr_ptr", "indices_ptr", "seg_ptr", "idx_ptr", "cov_ptr"}
+INT_POINTERS = {"indptr_ptr", "indices_ptr", "seg_ptr", "idx_ptr", "cov_ptr", "gnz_ptr"}
 G, H, Z = 8000, 512, 50  # the Census shape
 
 
@@ -155,6 +155,55 @@ def _nb_cases(part):
     return fwd if part == "fwd" else bwd
 
 
+# (logits dtype, zero-inflated, (B, G) px_r): every combination in float32; bfloat16 and
+# float64 differ from it only in pointer types and register use, so fewer of them
+_LIKELIHOOD_VARIANTS = [("fp32", zi, rows) for zi in (True, False) for rows in (False, True)]
+_LIKELIHOOD_VARIANTS += [("bf16", True, False), ("bf16", True, True), ("fp64", True, False),
+                         ("fp64", True, True), ("fp64", False, True)]
+
+
+def _likelihood_cases(part):
+    """ZINB (and NB with a (B, G) dispersion: ZI off) and Poisson kernels, every candidate."""
+    from scvi_fast.kernels.triton import _poisson_loglik as pois
+    from scvi_fast.kernels.triton import _zinb_bwd as zb
+    from scvi_fast.kernels.triton import _zinb_fwd as zf
+
+    cases = []
+    for zt, zi, rows in _LIKELIHOOD_VARIANTS if part != "poisson" else ():
+        ty = "fp64" if zt == "fp64" else "fp32"
+        dt = _torch_dtype(zt)
+        zp = {"logits_ptr": zt}
+        tag = f"{zt}-zi{int(zi)}-rows{int(rows)}"
+        flags = dict(EPS=1e-8, ZI=zi, PX_ROWS=rows, ACC=_acc(ty))
+        need = dict(NEED_DZ=True, NEED_DPI=zi, NEED_DR=True)
+        if part == "zinb_fwd":
+            for i, cfg in enumerate(zf.fwd_candidates(G, dt)):
+                idx = "i32" if i % 2 else "i64"
+                cases.append((f"zinb_fwd-{tag}-{i}", zf._zinb_fwd_kernel, ty,
+                              dict(flags, **cfg), dict(zp, indices_ptr=idx, indptr_ptr=idx)))
+            continue
+        if part == "zinb_bwd_dense":
+            for i, cfg in enumerate(zb.bwd_dense_candidates(dt)):
+                cases.append((f"zinb_bwd_dense-{tag}-{i}", zb._zinb_bwd_dense_kernel, ty,
+                              dict(flags, **need, **cfg), dict(zp, dz_ptr=zt)))
+            continue
+        for i, cfg in enumerate(zb.bwd_sparse_candidates(dt)):
+            cases.append((f"zinb_bwd_sparse-{tag}-{i}", zb._zinb_bwd_sparse_kernel, ty,
+                          dict(flags, **need, NEED_DL=True, **cfg), dict(zp, dz_ptr=zt)))
+    for zt in ("fp32", "bf16", "fp64") if part == "poisson" else ():
+        ty = "fp64" if zt == "fp64" else "fp32"
+        zp = {"logits_ptr": zt}
+        for i, cfg in enumerate(pois.fwd_candidates(G, _torch_dtype(zt))):
+            cases.append((f"poisson_fwd-{zt}-{i}", pois._poisson_fwd_kernel, ty,
+                          dict(ACC=_acc(ty), **cfg), zp))
+        cases.append((f"poisson_bwd_dense-{zt}", pois._poisson_bwd_dense_kernel, ty,
+                      dict(ACC=_acc(ty), **pois.BWD_DENSE_CONFIG), dict(zp, dz_ptr=zt)))
+        cases.append((f"poisson_bwd_sparse-{zt}", pois._poisson_bwd_sparse_kernel, ty,
+                      dict(NEED_DZ=True, NEED_DL=True, ACC=_acc(ty), **pois.BWD_SPARSE_CONFIG),
+                      dict(zp, dz_ptr=zt)))
+    return cases
+
+
 def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
     """Per-thread stack (register spills) of a cubin, from cuobjdump; None without it."""
     import triton.backends.nvidia as nv
@@ -169,11 +218,16 @@ def _stack_bytes(cubin: bytes, tmp_path) -> int | None:
     return int(found.group(1)) if found else None
 
 
-@pytest.mark.parametrize("group", ["small_ops", "sparse_linear", "nb_fwd", "nb_bwd"])
+@pytest.mark.parametrize("group", ["small_ops", "sparse_linear", "nb_fwd", "nb_bwd", "zinb_fwd",
+                                   "zinb_bwd_dense", "zinb_bwd_sparse", "poisson"])
 def test_all_kernels_compile_for_sm90_without_spills(group, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when it is unset
     cases = {"small_ops": _small_op_cases, "sparse_linear": _sparse_linear_cases,
-             "nb_fwd": lambda: _nb_cases("fwd"), "nb_bwd": lambda: _nb_cases("bwd")}[group]()
+             "nb_fwd": lambda: _nb_cases("fwd"), "nb_bwd": lambda: _nb_cases("bwd"),
+             "zinb_fwd": lambda: _likelihood_cases("zinb_fwd"),
+             "zinb_bwd_dense": lambda: _likelihood_cases("zinb_bwd_dense"),
+             "zinb_bwd_sparse": lambda: _likelihood_cases("zinb_bwd_sparse"),
+             "poisson": lambda: _likelihood_cases("poisson")}[group]()
     failures = []
     for name, kernel, float_ty, config, pointers in cases:
         try:

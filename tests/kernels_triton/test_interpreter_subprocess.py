@@ -2,7 +2,7 @@
 
 Only active without a GPU and without ``TRITON_INTERPRET`` set for this run (see conftest.py);
 otherwise those modules are collected and run directly and this test skips. Few processes: each
-start-up (torch + triton) costs several seconds on a small machine; the two slowest modules get
+start-up (torch + triton) costs several seconds on a small machine; the slowest modules get
 one each, so that no single test runs for long.
 """
 
@@ -19,7 +19,7 @@ from _triton_helpers import HAS_TRITON, RUN_HERE
 
 HERE = Path(__file__).resolve().parent
 MODULES = sorted(p.name for p in HERE.glob("test_triton_*.py"))
-ALONE = ["test_triton_model.py", "test_triton_sparse_linear.py"]
+ALONE = ["test_triton_model.py", "test_triton_sparse_linear.py", "test_triton_zinb_poisson.py"]
 GROUPS = [[m] for m in ALONE] + [[m for m in MODULES if m not in ALONE]]
 
 

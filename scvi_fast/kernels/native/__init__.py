@@ -5,7 +5,7 @@ The extension is loaded, or built just in time, on the first call of
 package compiles nothing. Each op lives in its own module with its
 ``autograd.Function``, with the signature of the back-end contract (see
 :mod:`scvi_fast.functional`). Every op has a fused kernel; ``nb_softmax_loglik_linear``
-(under autocast or for mixed dtypes) and ``dropout`` (under autocast or for dtypes other
+(under autocast, for mixed dtypes or a ``(B, G)`` px_r) and ``dropout`` (under autocast or for dtypes other
 than float32 / float64) fall back to the reference's composition in their own module.
 """
 
@@ -13,8 +13,10 @@ from scvi_fast._native import is_available, load, unavailable_reason
 from scvi_fast.kernels.native.dropout import dropout
 from scvi_fast.kernels.native.nb_linear_loglik import nb_softmax_loglik_linear
 from scvi_fast.kernels.native.nb_softmax_loglik import nb_softmax_loglik
+from scvi_fast.kernels.native.poisson_softmax_loglik import poisson_softmax_loglik
 from scvi_fast.kernels.native.reparam_kl import reparam_kl
 from scvi_fast.kernels.native.sparse_linear import sparse_linear
+from scvi_fast.kernels.native.zinb_softmax_loglik import zinb_softmax_loglik
 
 __all__ = [
     "dropout",
@@ -28,8 +30,3 @@ __all__ = [
     "sparse_linear",
     "unavailable_reason",
 ]
-
-
-# The zero-inflated NB and Poisson likelihoods run as the reference's dense composition on this
-# back-end until their fused kernels land.
-from scvi_fast.reference import poisson_softmax_loglik, zinb_softmax_loglik  # noqa: E402

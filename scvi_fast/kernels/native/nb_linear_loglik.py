@@ -27,7 +27,8 @@ from scvi_fast import reference
 from scvi_fast._native import load
 from scvi_fast.kernels import _gemm
 from scvi_fast.kernels._scratch import POOL
-from scvi_fast.kernels.native.nb_softmax_loglik import kernel_args, nb_softmax_loglik
+from scvi_fast.kernels.native._args import kernel_args
+from scvi_fast.kernels.native.nb_softmax_loglik import nb_softmax_loglik
 
 
 def _logits(h, weight, bias) -> tuple[torch.Tensor, bool]:
@@ -120,11 +121,13 @@ def nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps=1e-8
     Under autocast (whose layer runs in bfloat16) and for any other dtypes, this is the
     composition :func:`scvi_fast.reference.linear_then_nb` with the native
     :func:`~scvi_fast.kernels.native.nb_softmax_loglik`: torch's ``F.linear`` applies its
-    dtype rules, and the likelihood reads the logits in float32.
+    dtype rules, and the likelihood reads the logits in float32. So is a ``(B, G)`` ``px_r``
+    (per-cell dispersions), whose likelihood the native NB op evaluates with the ZINB kernel.
     """
     dtype = h.dtype
     if (
-        torch.is_autocast_enabled(h.device.type)
+        px_r.dim() == 2
+        or torch.is_autocast_enabled(h.device.type)
         or dtype not in (torch.float32, torch.float64)
         or weight.dtype != dtype
         or (bias is not None and bias.dtype != dtype)

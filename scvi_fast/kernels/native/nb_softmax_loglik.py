@@ -31,6 +31,8 @@ import torch
 
 from scvi_fast import reference
 from scvi_fast._native import load
+from scvi_fast.kernels.native._args import kernel_args
+from scvi_fast.kernels.native.zinb_softmax_loglik import nb_softmax_loglik_rows
 
 
 class NBSoftmaxLoglikFunction(torch.autograd.Function):
@@ -83,26 +85,14 @@ def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     Counts are cast to the dtype of ``logits`` as in the reference (exact for
     integers up to 2^24 in float32); the non-zero terms are evaluated in double.
     Stored indices must be unique within a row (canonical CSR). bfloat16 / float16 logits
-    are evaluated in float32, as by the reference.
+    are evaluated in float32, as by the reference. A ``(B, G)`` ``px_r`` (per-cell
+    dispersions) runs the ZINB kernel without zero inflation
+    (:func:`~scvi_fast.kernels.native.zinb_softmax_loglik.nb_softmax_loglik_rows`).
     """
+    if px_r.dim() == 2:
+        return nb_softmax_loglik_rows(logits, log_library, px_r, X_csr, eps)
     if logits.dtype in reference.LOW_PRECISION:
         logits = logits.float()
     return NBSoftmaxLoglikFunction.apply(
         logits.contiguous(), *kernel_args(log_library, px_r, X_csr, eps, logits.dtype)
-    )
-
-
-def kernel_args(log_library, px_r, X_csr, eps, dtype) -> tuple:
-    """``(log_library, px_r, indptr, indices, values, eps)`` as the C++ kernel takes them:
-    contiguous, floats in ``dtype``, ``indptr`` int64, ``indices`` int32 or int64."""
-    indptr, indices, values = reference.csr_parts(X_csr)
-    if indices.dtype not in (torch.int32, torch.int64):
-        indices = indices.to(torch.int64)
-    return (
-        log_library.to(dtype).reshape(-1).contiguous(),
-        px_r.to(dtype).contiguous(),
-        indptr.to(torch.int64).contiguous(),
-        indices.contiguous(),
-        values.to(dtype).contiguous(),
-        float(eps),
     )

@@ -6,15 +6,19 @@ Exposes ``is_available()``, ``unavailable_reason()`` and every op of the back-en
     sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform, method)
     nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
     nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps)
+    zinb_softmax_loglik(logits, log_library, px_r, dropout_logits, X_csr, eps)
+    poisson_softmax_loglik(logits, log_library, X_csr)
     reparam_kl(q_m, q_v_raw, eps_noise, var_eps)
     dropout(x, p, training)
 
-``sparse_linear``, ``nb_softmax_loglik`` and ``reparam_kl`` have Triton kernels.
+``sparse_linear``, ``nb_softmax_loglik``, ``zinb_softmax_loglik``, ``poisson_softmax_loglik``
+and ``reparam_kl`` have Triton kernels.
 ``nb_softmax_loglik_linear`` is the composition :func:`scvi_fast.reference.linear_then_nb`
 (torch's GEMM, cuBLAS, then the NB kernels, which read bfloat16 logits as they are), and
 ``dropout`` is the reference's ``F.dropout``: on a GPU neither gains from a kernel of its own.
 
-Each op lives in its own file (``_sparse_linear.py``, ``_nb_loglik.py``, ``_reparam_kl.py``,
+Each op lives in its own file (``_sparse_linear.py``, ``_nb_loglik.py``, ``_zinb_loglik.py``,
+``_poisson_loglik.py``, ``_reparam_kl.py``,
 special functions in ``_math.py``) in three tiers: ``@triton.jit`` kernels, host launchers, an
 ``autograd.Function``. Launch configurations (a default and a few measured candidates per
 kernel, ``SCVI_FAST_AUTOTUNE``) are in ``_configs.py``. Importing this package never imports
@@ -103,8 +107,26 @@ def sparse_linear(
 def nb_softmax_loglik(logits, log_library, px_r, X_csr, eps=1e-8):
     """Per-cell NB log-likelihood under ``mu = exp(l) softmax(logits)``; see
     :func:`scvi_fast.reference.nb_softmax_loglik`. Gradients flow to ``logits``, ``px_r`` and
-    ``log_library``. bfloat16 logits are read as they are (float32 result)."""
+    ``log_library``. bfloat16 logits are read as they are (float32 result). A ``(B, G)``
+    ``px_r`` (per-cell dispersions) runs the ZINB kernels without zero inflation."""
+    if px_r.dim() == 2:
+        return _kernels("_zinb_loglik").nb_softmax_loglik_rows(logits, log_library, px_r,
+                                                               X_csr, eps)
     return _kernels("_nb_loglik").nb_softmax_loglik(logits, log_library, px_r, X_csr, eps)
+
+
+def zinb_softmax_loglik(logits, log_library, px_r, dropout_logits, X_csr, eps=1e-8):
+    """Per-cell zero-inflated NB log-likelihood; see
+    :func:`scvi_fast.reference.zinb_softmax_loglik` (``px_r`` ``(G,)`` or ``(B, G)``). Gradients
+    flow to ``logits``, ``log_library``, ``px_r`` and ``dropout_logits``."""
+    return _kernels("_zinb_loglik").zinb_softmax_loglik(logits, log_library, px_r,
+                                                        dropout_logits, X_csr, eps)
+
+
+def poisson_softmax_loglik(logits, log_library, X_csr):
+    """Per-cell Poisson log-likelihood; see :func:`scvi_fast.reference.poisson_softmax_loglik`.
+    Gradients flow to ``logits`` and ``log_library``."""
+    return _kernels("_poisson_loglik").poisson_softmax_loglik(logits, log_library, X_csr)
 
 
 def nb_softmax_loglik_linear(h, weight, bias, log_library, px_r, X_csr, eps=1e-8):
@@ -125,7 +147,3 @@ def dropout(x, p, training=True):
     """The reference's dropout (``F.dropout``); see :func:`scvi_fast.reference.dropout`."""
     return reference.dropout(x, p, training)
 
-
-# The zero-inflated NB and Poisson likelihoods run as the reference's dense composition on this
-# back-end until their fused kernels land.
-from scvi_fast.reference import poisson_softmax_loglik, zinb_softmax_loglik  # noqa: E402
