@@ -133,17 +133,15 @@ def reconstruction_loss(likelihood: str, scale, hidden: torch.Tensor, log_librar
 
     ``scale`` is the output layer (``weight``, ``bias``; logits ``h @ weight.T + bias``),
     ``dropout_head`` the zero-inflation layer (ZINB only), ``px_r`` the log inverse dispersion
-    ``(G,)`` or ``(B, G)``. NB with a per-gene ``px_r`` runs the output layer fused into the
-    likelihood (the ``B x G`` logits are never formed here); the other cases form the logits
-    and call the likelihood op. NB with a per-cell ``px_r`` (gene-batch, gene-label,
-    gene-cell) goes through the reference NB, whose fused kernels take a per-gene ``px_r``.
+    ``(G,)`` or ``(B, G)``. NB runs the output layer with the likelihood as one op (fused on
+    the CPU for a per-gene ``px_r``, see :func:`scvi_fast.functional.nb_softmax_loglik_linear`;
+    the ``B x G`` logits are never formed here); ZINB and Poisson form the logits (and the
+    dropout logits) and call their fused likelihood op.
     """
-    if likelihood == "nb" and px_r.dim() == 1:
+    if likelihood == "nb":
         return -F_ops.nb_softmax_loglik_linear(hidden, scale.weight, scale.bias, log_library,
                                                px_r, x, impl=impl)
     logits = scale(hidden)
-    if likelihood == "nb":
-        return -F_ops.nb_softmax_loglik(logits, log_library, px_r, x, impl="torch")
     if likelihood == "zinb":
         return -F_ops.zinb_softmax_loglik(logits, log_library, px_r, dropout_head(hidden), x,
                                           impl=impl)
