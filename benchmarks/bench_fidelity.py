@@ -104,7 +104,9 @@ def run_scvi_fast(adata, batch_key, epochs: int, seed: int, out: Path) -> dict:
     import scvi_fast
 
     scvi_fast.SCVI.setup_anndata(adata, batch_key=batch_key)
-    model = scvi_fast.SCVI(adata, seed=seed)  # the seed of the initial weights, as scvi-tools'
+    # NB on both sides whatever the default likelihood; the seed fixes the initial weights, as
+    # scvi.settings.seed does
+    model = scvi_fast.SCVI(adata, gene_likelihood="nb", seed=seed)
     t0 = time.perf_counter()
     model.train(max_epochs=epochs, seed=seed, progress_bar=False)
     info = {"train_time_s": time.perf_counter() - t0, "version": scvi_fast.__version__,
@@ -149,17 +151,24 @@ def permutation_p(a, b) -> float:
     return float(np.mean(np.asarray(diffs) >= observed - 1e-12))
 
 
-def compare(a, b) -> dict:
-    """Means, standard deviations and the tests of ``a`` (scvi_fast) against ``b`` (scvi-tools)."""
+def compare(a, b, pairs=None) -> dict:
+    """Means, standard deviations and the tests of ``a`` (scvi_fast) against ``b`` (scvi-tools);
+    with ``pairs`` (``(a_i, b_i)`` of the seeds both sides ran: the same train/validation split)
+    also the paired t-test of the per-seed differences."""
     from scipy import stats
 
     a, b = np.asarray(a, float), np.asarray(b, float)
     out = {"mean_a": a.mean(), "sd_a": a.std(ddof=1) if a.size > 1 else math.nan,
            "mean_b": b.mean(), "sd_b": b.std(ddof=1) if b.size > 1 else math.nan,
-           "diff": a.mean() - b.mean(), "welch_p": math.nan, "perm_p": math.nan}
+           "diff": a.mean() - b.mean(), "welch_p": math.nan, "perm_p": math.nan,
+           "paired_n": 0, "paired_diff": math.nan, "paired_p": math.nan}
     if a.size > 1 and b.size > 1:
         out["welch_p"] = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
         out["perm_p"] = permutation_p(a, b)
+    if pairs is not None and len(pairs) > 1:
+        pa, pb = np.asarray(pairs, float).T
+        out |= {"paired_n": len(pairs), "paired_diff": float(np.mean(pa - pb)),
+                "paired_p": float(stats.ttest_rel(pa, pb).pvalue)}
     return {k: float(v) for k, v in out.items()}
 
 
@@ -241,18 +250,22 @@ def main(argv=None) -> int:
             for metric in METRICS:
                 a = [r[metric] for r in runs["scvi_fast"]]
                 b = [r[metric] for r in runs["scvi-tools"]]
-                cmp = compare(a, b)
+                by_seed = {r["seed"]: r[metric] for r in runs["scvi-tools"]}
+                pairs = [(r[metric], by_seed[r["seed"]]) for r in runs["scvi_fast"]
+                         if r["seed"] in by_seed]
+                cmp = compare(a, b, pairs)
                 table.append({"data": name, "metric": metric, "n_a": len(a), "n_b": len(b), **cmp})
                 rows.append(C.result_row(f"fidelity:{name}", "scvi_fast-scvi-tools", metric, "",
                                          cmp["diff"], mode="mean_difference",
                                          config=config | cmp | {"n_a": len(a), "n_b": len(b)}))
     if table:
         print("\nscvi_fast (a) vs scvi-tools (b): mean, sd over seeds; Welch and exact "
-              "permutation p of the difference of means")
+              "permutation p of the difference of means; paired t-test over the seeds both ran")
         for t in table:
             print(f"{t['data']:13s} {t['metric']:16s} a {t['mean_a']:9.4f} +- {t['sd_a']:.4f} "
                   f"(n={t['n_a']})  b {t['mean_b']:9.4f} +- {t['sd_b']:.4f} (n={t['n_b']})  "
-                  f"diff {t['diff']:+.4f}  welch p {t['welch_p']:.3f}  perm p {t['perm_p']:.3f}")
+                  f"diff {t['diff']:+.4f}  welch p {t['welch_p']:.3f}  perm p {t['perm_p']:.3f}  "
+                  f"paired (n={t['paired_n']:.0f}) {t['paired_diff']:+.4f} p {t['paired_p']:.3f}")
     if args.record and rows:
         path = C.record("fidelity.csv", rows, device="cpu")
         print(f"appended {len(rows)} rows to {path}")
