@@ -347,6 +347,10 @@ def _get(q: queue.Queue, stop: threading.Event):
 _DONE = object()
 
 
+#: rows per shuffled block when a source is read from disk (see ``CSRLoader(block_size=...)``)
+DISK_BLOCK_SIZE = 32
+
+
 class CSRLoader:
     """Iterate CSR minibatches over a source, shuffled by blocks, prefetched on a thread.
 
@@ -371,6 +375,10 @@ class CSRLoader:
         the same number of minibatches (see :class:`BlockShuffleSampler`).
     block_size
         Contiguous rows read together; larger is faster to read, smaller mixes better.
+        Default: 1 for sources gathered straight from memory (in-memory matrices: every epoch
+        is a full permutation of the rows, as scvi-tools' ``RandomSampler``, at no cost),
+        :data:`DISK_BLOCK_SIZE` for sources read from disk (stores, HDF5 files), where
+        contiguous reads are what makes shuffled training fast.
     buffer_size
         Rows shuffled together; host memory grows with it.
     prefetch
@@ -404,13 +412,15 @@ class CSRLoader:
 
     def __init__(self, source, batch_size: int = 1024, shuffle: bool = True, seed: int = 0,
                  indices=None, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 block_size: int = 32, buffer_size: int = 16384, prefetch: bool = True,
+                 block_size: int | None = None, buffer_size: int = 16384, prefetch: bool = True,
                  emit_batches: int = 4, stage: bool | None = None, pin_memory: bool = False,
                  num_threads: int | None = None, layer: str | None = None, batch_codes=None, labels_codes=None,
                  batch_key: str | None = None, labels_key: str | None = None):
         self.source = as_source(source, layer=layer, batch_codes=batch_codes,
                                 labels_codes=labels_codes, batch_key=batch_key,
                                 labels_key=labels_key)
+        if block_size is None:
+            block_size = 1 if self.source.direct_gather else DISK_BLOCK_SIZE
         self.sampler = BlockShuffleSampler(
             self.source.n_cells, batch_size=batch_size, indices=indices, shuffle=shuffle,
             seed=seed, block_size=block_size, buffer_size=buffer_size, drop_last=drop_last,

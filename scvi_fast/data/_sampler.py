@@ -31,6 +31,13 @@ def shard_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
 class BlockShuffleSampler:
     """Which rows go into which buffer and minibatch, per epoch and rank.
 
+    The epoch's stream is the rows in shuffled blocks of ``block_size`` contiguous rows, cut
+    into buffers of ``buffer_size`` rows whose rows are permuted. With ``block_size=1``, or
+    when one buffer holds every row, the epoch's order is a uniformly random permutation of
+    the rows (what scvi-tools' ``RandomSampler`` draws); otherwise rows of one block always
+    share a buffer, and each minibatch is a random sample of its buffer (a small departure
+    from a full permutation that makes reads from disk contiguous).
+
     Parameters
     ----------
     n_rows
@@ -45,7 +52,7 @@ class BlockShuffleSampler:
     seed
         The epoch's order is drawn from ``np.random.default_rng(seed + epoch)``.
     block_size
-        Rows per contiguous block.
+        Rows per contiguous block (1: a full permutation of the rows every epoch).
     buffer_size
         Rows per shuffle buffer (rounded up to a multiple of ``batch_size``).
     drop_last
@@ -100,9 +107,13 @@ class BlockShuffleSampler:
         return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
 
     def _block_stream(self, rng):
-        """Block order and cumulative lengths of the epoch's stream."""
-        nb = math.ceil(self.n / self.block_size) if self.n else 0
-        order = rng.permutation(nb) if self.shuffle else np.arange(nb)
+        """Block order and cumulative lengths of the epoch's stream (none without shuffling;
+        no lengths for blocks of one row: the order is then the epoch's permutation of the rows)."""
+        if not self.shuffle:
+            return None, None, None
+        order = rng.permutation(math.ceil(self.n / self.block_size) if self.n else 0)
+        if self.block_size == 1:
+            return order, None, None
         lens = np.minimum(self.block_size, self.n - order * self.block_size)
         return order, np.cumsum(lens), lens
 
@@ -111,6 +122,8 @@ class BlockShuffleSampler:
         p = np.arange(a, b, dtype=np.int64) % self.n
         if not self.shuffle:
             return p
+        if cum is None:
+            return order[p]
         blk = np.searchsorted(cum, p, side="right")
         return order[blk] * self.block_size + (p - (cum[blk] - lens[blk]))
 

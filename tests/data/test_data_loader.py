@@ -89,6 +89,83 @@ def test_batches_mix_blocks(rng):
     assert np.unique(mb.obs_idx // 16).size > 40
 
 
+def _epoch_batches(sampler, epoch):
+    """The minibatches (source rows, in emission order) of one epoch of ``sampler``."""
+    sampler.set_epoch(epoch)
+    order = np.concatenate([rows[perm] for rows, perm in sampler.buffers()])
+    return np.split(order, np.arange(sampler.batch_size, order.size, sampler.batch_size))
+
+
+def _adjacent_same_batch_rate(sampler, n_epochs):
+    """How often rows ``i`` and ``i + 1`` (neighbours on disk) share a minibatch, over epochs
+    and ``i``; and its expectation under a uniformly random permutation of the rows."""
+    n, hits = sampler.n, 0
+    for epoch in range(n_epochs):
+        batches = _epoch_batches(sampler, epoch)
+        where = np.empty(n, dtype=np.int64)
+        for b, rows in enumerate(batches):
+            where[rows] = b
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(n))  # each row once
+        hits += int(np.sum(where[1:] == where[:-1]))
+    sizes = np.array([len(b) for b in batches], dtype=float)
+    expected = float(np.sum(sizes * (sizes - 1)) / (n * (n - 1)))
+    return hits / (n_epochs * (n - 1)), expected, n_epochs * (n - 1)
+
+
+@pytest.mark.parametrize("n, block_size, buffer_size", [
+    (1000, 1, 200),  # blocks of one row: a full permutation whatever the buffer
+    (200, 32, 256),  # one buffer holds every row: a full permutation whatever the blocks
+    (1000, 32, 1024),
+])
+def test_epoch_order_is_a_uniform_permutation(n, block_size, buffer_size):
+    # scvi-tools draws a fresh uniform permutation of the training cells every epoch; rows
+    # next to each other on disk (cells sorted by type or batch) must then share a minibatch
+    # no more often than any two rows. 6 binomial standard deviations of the pair count.
+    s = BlockShuffleSampler(n, batch_size=50 if n == 1000 else 64, block_size=block_size,
+                            buffer_size=buffer_size, seed=4)
+    rate, expected, trials = _adjacent_same_batch_rate(s, 100)
+    assert abs(rate - expected) <= 6 * np.sqrt(expected * (1 - expected) / trials), (rate, expected)
+
+
+def test_block_shuffle_departs_from_a_permutation_when_buffers_are_smaller():
+    # the control of the test above: blocks of 32 rows cut into buffers of 200 keep disk
+    # neighbours together (in the same buffer 31 times in 32, then in the same minibatch of
+    # 50 with probability 49/199), which the statistic sees
+    s = BlockShuffleSampler(1000, batch_size=50, block_size=32, buffer_size=200, seed=4)
+    rate, expected, _ = _adjacent_same_batch_rate(s, 20)
+    assert expected < 0.05 and rate > 0.2
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_single_row_blocks_cover_every_row_per_rank(world_size):
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world_size):
+            s = BlockShuffleSampler(1001, batch_size=64, block_size=1, buffer_size=256, seed=9,
+                                    rank=rank, world_size=world_size, drop_last=False)
+            seen.append(np.concatenate(_epoch_batches(s, epoch)))
+            assert len(_epoch_batches(s, epoch)) == len(s)
+        allids = np.concatenate(seen)
+        assert set(allids.tolist()) == set(range(1001))
+        assert allids.size == world_size * -(-1001 // world_size)
+
+
+def test_block_size_default_follows_where_rows_live(rng, tmp_path):
+    from scvi_fast.data import CSRStore
+    from scvi_fast.data._loader import DISK_BLOCK_SIZE
+
+    X = random_counts(rng, 300, 20, density=0.5)
+    assert CSRLoader(X, batch_size=64).sampler.block_size == 1  # in memory: full permutation
+    store = CSRStore.create(tmp_path / "s", X)
+    assert CSRLoader(store, batch_size=64).sampler.block_size == DISK_BLOCK_SIZE == 32
+    assert CSRLoader(X, batch_size=64, block_size=8).sampler.block_size == 8
+    # an in-memory epoch is a permutation of every row, gathered with the right contents
+    loader = CSRLoader(X, batch_size=64, buffer_size=128, seed=1)
+    for mb in loader:
+        _check_batch(mb, X)
+    np.testing.assert_array_equal(np.sort(_ids(loader)), np.arange(300))
+
+
 @pytest.mark.parametrize("n_cells", [1000, 1001, 130])
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("shuffle", [True, False])
