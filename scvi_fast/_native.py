@@ -86,7 +86,9 @@ def _jit_build(verbose: bool = False) -> ModuleType:
     src = source_dir()
     if src is None:
         raise ImportError("the C++ sources (csrc/) are not shipped with this installation")
-    out = build_dir()
+    # one folder per source digest: checkouts or versions with other sources never share (or
+    # race on) a build, and a header-only change can never reuse a stale module
+    out = build_dir() / source_hash(src)
     out.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=_EXT_NAME,
