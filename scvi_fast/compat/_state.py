@@ -27,23 +27,46 @@ def _n_layers(state: dict, prefix: str) -> int:
     return max(found) + 1
 
 
-def scvi_tools_config_from_state(state: dict) -> dict:
-    """Architecture (n_input, n_hidden, n_latent, n_layers, n_batch) read off the tensor shapes."""
+#: the covariate settings of a model with no covariates beyond the batch
+NO_COVARIATES = {"n_cats_per_cov": (), "n_continuous_cov": 0, "encode_covariates": False,
+                 "deeply_inject_covariates": True}
+
+
+def _covariates(covariates: dict | None) -> dict:
+    cov = {**NO_COVARIATES, **(covariates or {})}
+    cov["n_cats_per_cov"] = tuple(int(k) for k in cov["n_cats_per_cov"])
+    return cov
+
+
+def scvi_tools_config_from_state(state: dict, covariates: dict | None = None) -> dict:
+    """Architecture (n_input, n_hidden, n_latent, n_layers, n_batch) read off the tensor shapes.
+
+    ``covariates`` (``n_cats_per_cov``, ``n_continuous_cov``, ``encode_covariates``,
+    ``deeply_inject_covariates``, from the model's ``init_params_`` and registry) says how the
+    extra input columns split; without it the model must have none beyond the batch.
+    """
+    cov = _covariates(covariates)
+    n_cont = int(cov["n_continuous_cov"])
+    n_cats = sum(k for k in cov["n_cats_per_cov"] if k > 1)
     n_layers = _n_layers(state, "z_encoder.encoder")
     w0 = state[_ENC.format(i=0, j=0, p="weight")]
-    n_hidden, n_input = int(w0.shape[0]), int(w0.shape[1])
+    n_hidden = int(w0.shape[0])
+    n_input = int(state["px_r"].shape[0])
     n_latent = int(state["z_encoder.mean_encoder.weight"].shape[0])
     dec0 = state[_DEC.format(i=0, j=0, p="weight")]
-    n_cov = int(dec0.shape[1]) - n_latent
+    n_cov = int(dec0.shape[1]) - n_latent - n_cont - n_cats  # the batch's one-hot columns
     if _n_layers(state, "decoder.px_decoder") != n_layers:
         raise ValueError("encoder and decoder depths differ; only symmetric SCVI models are supported")
-    if any(k.startswith("z_encoder.encoder.fc_layers.Layer 0.0") for k in state) and int(
-        w0.shape[1]
-    ) != int(state["px_r"].shape[0]):
+    if n_cov < 0 or n_cov == 1:
         raise ValueError(
-            "the encoder's first layer takes covariates (encode_covariates=True), which "
-            "scvi_fast does not support"
-        )
+            f"the decoder's first layer has {int(dec0.shape[1])} inputs, which do not split into "
+            f"{n_latent} latent dims, {n_cont} continuous and {n_cats} categorical covariate "
+            "columns and a batch; the recorded covariates do not fit the weights")
+    n_enc = n_input + (n_cont + n_cats + n_cov if cov["encode_covariates"] else 0)
+    if int(w0.shape[1]) != n_enc:
+        raise ValueError(
+            f"the encoder's first layer has {int(w0.shape[1])} inputs; {n_enc} expected for "
+            f"{n_input} genes with encode_covariates={cov['encode_covariates']}")
     if state["px_r"].dim() != 1:
         raise ValueError(
             "only dispersion='gene' is supported (px_r has shape "
@@ -58,13 +81,34 @@ def scvi_tools_config_from_state(state: dict) -> dict:
     }
 
 
-def scvi_tools_state_to_module(state: dict) -> tuple[dict, dict, dict]:
+def _split(w: torch.Tensor, n_in: int, n_cont: int) -> tuple:
+    """``(H, n_in + n_cont + K)`` -> ``(weight, weight_cont (H, n_cont), weight_cov (K, H))``,
+    the last two None when empty."""
+    cont = w[:, n_in:n_in + n_cont].contiguous() if n_cont else None
+    cov = w[:, n_in + n_cont:].t().contiguous() if w.shape[1] > n_in + n_cont else None
+    return w[:, :n_in].contiguous(), cont, cov
+
+
+def _join(w: torch.Tensor, cont: torch.Tensor | None, cov: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`_split`."""
+    parts = [w] + ([cont] if cont is not None else []) + ([cov.t()] if cov is not None else [])
+    return torch.cat(parts, dim=1).contiguous() if len(parts) > 1 else w
+
+
+def scvi_tools_state_to_module(state: dict, covariates: dict | None = None
+                               ) -> tuple[dict, dict, dict]:
     """Split an scvi-tools VAE ``state_dict`` into scvi_fast's module state.
 
     Returns ``(module_state, passthrough, config)``; ``passthrough`` holds every
-    scvi-tools tensor that has no place in the scvi_fast module, unchanged.
+    scvi-tools tensor that has no place in the scvi_fast module, unchanged. ``covariates``: see
+    :func:`scvi_tools_config_from_state`. scvi-tools' layer inputs are ``[h, cont,
+    onehot(batch), onehot(cat_1), ...]``: the continuous columns become ``weight_cont``
+    (``(n_cont, H)`` gene-major in the encoder's first layer, ``(H, n_cont)`` elsewhere), the
+    one-hot columns one stacked ``weight_cov`` table ``(K, H)``.
     """
-    cfg = scvi_tools_config_from_state(state)
+    cfg = scvi_tools_config_from_state(state, covariates)
+    cov = _covariates(covariates)
+    n_cont = int(cov["n_continuous_cov"])
     L, n_latent, n_hidden = cfg["n_layers"], cfg["n_latent"], cfg["n_hidden"]
     used: set[str] = set()
 
@@ -72,12 +116,22 @@ def scvi_tools_state_to_module(state: dict) -> tuple[dict, dict, dict]:
         used.add(key)
         return state[key]
 
+    def put(prefix: str, w: torch.Tensor, n_in: int, n_cont: int, first_gene_major=False):
+        w, cont, cats = _split(w, n_in, n_cont)
+        out[f"{prefix}.weight"] = w.t().contiguous() if first_gene_major else w
+        if cont is not None:
+            out[f"{prefix}.weight_cont"] = cont.t().contiguous() if first_gene_major else cont
+        if cats is not None:
+            out[f"{prefix}.weight_cov"] = cats
+
     out: dict[str, torch.Tensor] = {}
-    out["encoder.first.weight"] = take(_ENC.format(i=0, j=0, p="weight")).t().contiguous()
+    enc_cont = n_cont if cov["encode_covariates"] else 0
+    put("encoder.first", take(_ENC.format(i=0, j=0, p="weight")), cfg["n_input"], enc_cont,
+        first_gene_major=True)
     out["encoder.first.bias"] = take(_ENC.format(i=0, j=0, p="bias"))
     for i in range(L):
         if i > 0:
-            out[f"encoder.linears.{i - 1}.weight"] = take(_ENC.format(i=i, j=0, p="weight"))
+            put(f"encoder.linears.{i - 1}", take(_ENC.format(i=i, j=0, p="weight")), n_hidden, 0)
             out[f"encoder.linears.{i - 1}.bias"] = take(_ENC.format(i=i, j=0, p="bias"))
         for p in _BN:
             out[f"encoder.blocks.{i}.norm.{p}"] = take(_ENC.format(i=i, j=1, p=p))
@@ -85,11 +139,8 @@ def scvi_tools_state_to_module(state: dict) -> tuple[dict, dict, dict]:
         out[f"encoder.mean.{p}"] = take(f"z_encoder.mean_encoder.{p}")
         out[f"encoder.var.{p}"] = take(f"z_encoder.var_encoder.{p}")
     for i in range(L):
-        n_in = n_latent if i == 0 else n_hidden
-        w = take(_DEC.format(i=i, j=0, p="weight"))
-        out[f"decoder.linears.{i}.weight"] = w[:, :n_in].contiguous()
-        if w.shape[1] > n_in:
-            out[f"decoder.linears.{i}.weight_cov"] = w[:, n_in:].t().contiguous()
+        put(f"decoder.linears.{i}", take(_DEC.format(i=i, j=0, p="weight")),
+            n_latent if i == 0 else n_hidden, n_cont if i == 0 else 0)
         out[f"decoder.linears.{i}.bias"] = take(_DEC.format(i=i, j=0, p="bias"))
         for p in _BN:
             out[f"decoder.blocks.{i}.norm.{p}"] = take(_DEC.format(i=i, j=1, p=p))
@@ -109,12 +160,19 @@ def module_state_to_scvi_tools(module_state: dict, passthrough: dict, n_layers: 
     trained from scratch.
     """
     s = module_state
+
+    def joined(prefix: str, gene_major: bool = False) -> torch.Tensor:
+        w, cont = s[f"{prefix}.weight"], s.get(f"{prefix}.weight_cont")
+        if gene_major:
+            w, cont = w.t(), (cont.t() if cont is not None else None)
+        return _join(w, cont, s.get(f"{prefix}.weight_cov")).contiguous()
+
     out: dict[str, torch.Tensor] = {"px_r": s["px_r"]}
-    out[_ENC.format(i=0, j=0, p="weight")] = s["encoder.first.weight"].t().contiguous()
+    out[_ENC.format(i=0, j=0, p="weight")] = joined("encoder.first", gene_major=True)
     out[_ENC.format(i=0, j=0, p="bias")] = s["encoder.first.bias"]
     for i in range(n_layers):
         if i > 0:
-            out[_ENC.format(i=i, j=0, p="weight")] = s[f"encoder.linears.{i - 1}.weight"]
+            out[_ENC.format(i=i, j=0, p="weight")] = joined(f"encoder.linears.{i - 1}")
             out[_ENC.format(i=i, j=0, p="bias")] = s[f"encoder.linears.{i - 1}.bias"]
         for p in _BN:
             out[_ENC.format(i=i, j=1, p=p)] = s[f"encoder.blocks.{i}.norm.{p}"]
@@ -122,11 +180,7 @@ def module_state_to_scvi_tools(module_state: dict, passthrough: dict, n_layers: 
         for p in ("weight", "bias"):
             out[f"z_encoder.{theirs}.{p}"] = s[f"encoder.{ours}.{p}"]
     for i in range(n_layers):
-        w = s[f"decoder.linears.{i}.weight"]
-        cov = s.get(f"decoder.linears.{i}.weight_cov")
-        out[_DEC.format(i=i, j=0, p="weight")] = (
-            torch.cat([w, cov.t()], dim=1) if cov is not None else w
-        ).contiguous()
+        out[_DEC.format(i=i, j=0, p="weight")] = joined(f"decoder.linears.{i}")
         out[_DEC.format(i=i, j=0, p="bias")] = s[f"decoder.linears.{i}.bias"]
         for p in _BN:
             out[_DEC.format(i=i, j=1, p=p)] = s[f"decoder.blocks.{i}.norm.{p}"]
