@@ -30,11 +30,25 @@ def _batch_tensor(x_batch: torch.Tensor, code: int | None, n: int) -> torch.Tens
 
 
 def _posterior(module, x, library: bool = False):
-    """``(q_m, q_v)`` of a minibatch, and its observed library ``(B, 1)`` when asked."""
+    """``(q_m, q_v)`` of a minibatch, and its observed library ``(B, 1)`` (its size factors
+    for a model with ``use_size_factor_key``) when asked."""
     q_m, q_v = module.posterior(x)
     if not library:
         return q_m, q_v, None
-    return q_m, q_v, x.library.to(q_m.dtype).reshape(-1, 1)
+    lib = x.size_factor if getattr(module, "use_size_factor_key", False) else x.library
+    return q_m, q_v, lib.to(q_m.dtype).reshape(-1, 1)
+
+
+def _covariates(x, rows=None) -> dict:
+    """The extra covariates of minibatch ``x`` (of cells ``rows``: a slice or an index
+    tensor), as :meth:`~scvi_fast.module.VAE.decode_scale` takes them beside the batch."""
+    out = {}
+    for name in ("cat_covs", "cont_covs"):
+        t = getattr(x, name, None)
+        if t is not None and rows is not None:
+            t = t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+        out[name] = t
+    return out
 
 
 def _as_index(gene_idx) -> torch.Tensor | None:
@@ -92,7 +106,7 @@ def normalized_expression(
             expr = None
             for code in transform_codes:
                 codes = _batch_tensor(x.batch[c0:c1], code, c1 - c0).repeat(rows // (c1 - c0))
-                e = module.decode_scale(z, codes)
+                e = module.decode_scale(z, codes, **_covariates(x, slice(c0, c1)))
                 if gidx is not None:
                     e = e.index_select(-1, gidx.to(e.device))
                 expr = e if expr is None else expr.add_(e)
@@ -163,7 +177,8 @@ def sample_scales(
                              generator=generator)
                 codes = (x.batch.reshape(-1).index_select(0, local) if transform_code is None
                          else _batch_tensor(x.batch, transform_code, len(pair)))
-                out[pair] = module.decode_scale(z, codes).float().cpu().numpy()
+                rho = module.decode_scale(z, codes, **_covariates(x, local))
+                out[pair] = rho.float().cpu().numpy()
         pos += b
     if pos != n_cells:
         raise RuntimeError(f"the minibatches held {pos} cells, expected {n_cells}")
@@ -199,7 +214,7 @@ def posterior_predictive(
         acc = None
         for code in transform_codes:
             codes = _batch_tensor(x.batch, code, b).repeat(n_samples)
-            rho = module.decode_scale(z, codes).reshape(n_samples, b, -1)
+            rho = module.decode_scale(z, codes, **_covariates(x)).reshape(n_samples, b, -1)
             if gidx is not None:
                 rho = rho.index_select(-1, gidx.to(rho.device))
             mu = lib * rho

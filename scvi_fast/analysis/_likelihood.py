@@ -114,7 +114,7 @@ def likelihood_parameters(module, batches: Iterable, n_samples: int = 1, give_me
     for _, x in batches:
         q_m, q_v = module.posterior(x)
         z = z_fn(q_m, q_v, None if n_samples == 1 else n_samples)
-        gen = module.generative(z, x.batch, logits=True)
+        gen = module.generative(z, x.batch, logits=True, **module.covariates_of(x))
         for k, v in lik.parameters(module, gen, observed_library(x)).items():
             parts.setdefault(k, []).append(v.float().cpu().numpy())
     out = {k: np.concatenate(v, axis=-2) for k, v in parts.items()}
@@ -139,7 +139,7 @@ def log_joint_terms(module, x, z: torch.Tensor, q_m, q_v, lik: Likelihood, n_gen
     out = []
     for s0 in range(0, z.shape[0], per):
         zs = z[s0 : s0 + per]
-        gen = module.generative(zs, x.batch, logits=True)
+        gen = module.generative(zs, x.batch, logits=True, **module.covariates_of(x))
         log_px = lik.log_prob(counts, lik.parameters(module, gen, library))
         log_pz = _log_normal(zs, torch.zeros_like(zs), torch.ones_like(zs))
         out.append(log_pz + log_px - _log_normal(zs, q_m, q_v))
@@ -222,7 +222,7 @@ def denoised_samples(module, batches: Iterable, n_samples: int, rna_size_factor:
         b = int(mb.n_cells)
         codes = (x.batch.reshape(-1)[:b] if transform_code is None
                  else torch.full((b,), int(transform_code), dtype=torch.int64, device=q_m.device))
-        gen = module.generative(z, codes, logits=True)
+        gen = module.generative(z, codes, logits=True, **module.covariates_of(x))
         params = lik.parameters(module, gen, torch.ones_like(observed_library(x)))
         if "dispersions" not in params:
             raise NotImplementedError("denoised samples need a dispersion (NB or ZINB)")

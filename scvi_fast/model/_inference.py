@@ -26,7 +26,8 @@ def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progr
     batch_size = batch_size or analysis.default_batch_size(model.device)
     source = model._source(adata)
     ctx = _distributed.active()
-    if ctx is not None:
+    # an encoder that reads covariates needs whole minibatches, not the CSR-only fast path
+    if ctx is not None or model.module.encode_covariates:
         rows = (np.arange(source.n_cells) if indices is None
                 else np.asarray(indices, dtype=np.int64))
         Z = model.module.n_latent

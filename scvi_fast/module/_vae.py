@@ -84,6 +84,14 @@ def kl_weight(
     return max_kl_weight
 
 
+def _tile(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-cell rows ``t`` repeated (whole, in order) to ``n`` rows: the inputs of cells decoded
+    for several samples of ``z`` at once (``(S, B, Z)`` flattened sample-major)."""
+    if t.shape[0] == n:
+        return t
+    return t.repeat(n // t.shape[0], *([1] * (t.dim() - 1)))
+
+
 @dataclass
 class LossOutput:
     """Per-cell loss terms of a minibatch and the weighted scalar to optimise."""
@@ -360,14 +368,13 @@ class VAE(nn.Module):
         """
         lead = z.shape[:-1]
         z2 = z.reshape(-1, z.shape[-1])
-        codes = self.covariate_codes(batch, cat_covs)
-        if codes is not None and codes.shape[0] != z2.shape[0]:
-            codes = codes.repeat(z2.shape[0] // codes.shape[0], *([1] * (codes.dim() - 1)))
+        n = z2.shape[0]
+        if batch is not None:
+            batch = _tile(batch.reshape(-1), n)
+        codes = self.covariate_codes(batch, None if cat_covs is None else _tile(cat_covs, n))
         cont = self._continuous(cont_covs)
         if cont is not None:
-            cont = cont.to(z2.dtype)
-            if cont.shape[0] != z2.shape[0]:
-                cont = cont.repeat(z2.shape[0] // cont.shape[0], 1)
+            cont = _tile(cont.to(z2.dtype), n)
         h = self.decoder.hidden(z2, codes, cont)
         out = {"hidden": h.reshape(*lead, -1), "px_r": self.px_r}
         if logits:

@@ -1,0 +1,118 @@
+"""SCVI with extra covariates: setup, minibatches, training, save/load, refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scvi_fast
+from scvi_fast.data import CSRLoader, synthetic_anndata
+
+TRAIN = dict(max_epochs=2, batch_size=64, progress_bar=False, device="cpu")
+COVS = dict(categorical_covariate_keys=["site", "phase"], continuous_covariate_keys=["pct", "age"])
+
+
+@pytest.fixture
+def adata():
+    ad = synthetic_anndata(n_cells=240, n_genes=60, n_batches=3, n_cell_types=3, seed=3)
+    ad = ad[np.asarray(ad.X.sum(1)).ravel() > 0].copy()
+    rng = np.random.default_rng(0)
+    ad.obs["site"] = pd.Categorical(rng.choice(["a", "b", "c", "d"], ad.n_obs))
+    ad.obs["phase"] = rng.choice(["G1", "S"], ad.n_obs)  # plain strings: categorised
+    ad.obs["pct"] = rng.uniform(0, 1, ad.n_obs)
+    ad.obs["age"] = rng.integers(20, 80, ad.n_obs)
+    ad.obs["sf"] = rng.uniform(0.5, 2, ad.n_obs)
+    return ad
+
+
+def test_setup_records_categories_and_minibatches_carry_covariates(adata):
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf", **COVS)
+    model = scvi_fast.SCVI(adata, n_hidden=16, n_latent=4, encode_covariates=True)
+    reg = model.registry
+    assert reg.categorical_covariate_categories == (("a", "b", "c", "d"), ("G1", "S"))
+    assert reg.continuous_covariate_keys == ("pct", "age") and reg.size_factor_key == "sf"
+    src = model._source()
+    seen = 0
+    for mb in CSRLoader(src, batch_size=50, shuffle=True, seed=1):
+        obs = adata.obs.iloc[mb.obs_idx]
+        np.testing.assert_array_equal(
+            mb.cat_covs, np.stack([obs["site"].cat.codes, pd.Categorical(
+                obs["phase"], categories=["G1", "S"]).codes], 1))
+        np.testing.assert_array_equal(mb.cont_covs, obs[["pct", "age"]].to_numpy(np.float32))
+        np.testing.assert_array_equal(mb.size_factor, obs["sf"].to_numpy(np.float32))
+        t = mb.to("cpu")
+        assert t.cat_covs.dtype == torch.int64 and t.cont_covs.shape == (mb.n_cells, 2)
+        seen += mb.n_cells
+    assert seen == adata.n_obs
+    # the setup survives in adata.uns: a model made from it later has the same registry
+    assert scvi_fast.SCVI(adata, n_hidden=16, n_latent=4).registry == reg
+
+
+@pytest.mark.parametrize("encode, deep", [(True, True), (False, False)])
+def test_train_save_load_embeds_identically(adata, tmp_path, encode, deep):
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", **COVS)
+    model = scvi_fast.SCVI(adata, n_hidden=16, n_latent=4, n_layers=2, encode_covariates=encode,
+                           deeply_inject_covariates=deep)
+    first = model.module.encoder.first
+    assert (first.weight_cov is not None) == encode and (first.weight_cont is not None) == encode
+    assert (model.module.decoder.linears[1].weight_cov is not None) == deep
+    model.train(**TRAIN)
+    assert np.isfinite(model.history_["elbo_train"]).all()
+    z = model.get_latent_representation()
+    model.save(tmp_path / "m")
+    loaded = scvi_fast.SCVI.load(tmp_path / "m", adata=adata)
+    assert loaded.init_params_["encode_covariates"] == encode
+    assert loaded.registry == model.registry
+    np.testing.assert_array_equal(loaded.get_latent_representation(), z)
+    # the covariates change the decoder's output
+    rho = model.get_normalized_expression(return_numpy=True)
+    other = adata.copy()
+    other.obs["pct"] = other.obs["pct"] + 1.0
+    assert not np.allclose(model.get_normalized_expression(other, return_numpy=True), rho)
+
+
+def test_size_factor_training_is_finite(adata):
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf")
+    model = scvi_fast.SCVI(adata, n_hidden=16, n_latent=4)
+    assert model.module.use_size_factor_key
+    model.train(**TRAIN)
+    assert np.isfinite(model.get_elbo())
+
+
+def test_bad_covariates_are_refused(adata):
+    with pytest.raises(KeyError, match="categorical_covariate_keys='nope'"):
+        scvi_fast.SCVI.setup_anndata(adata, categorical_covariate_keys=["nope"])
+    with pytest.raises(TypeError, match="a list of obs columns"):
+        scvi_fast.SCVI.setup_anndata(adata, categorical_covariate_keys="site")
+    adata.obs["txt"] = "x"
+    with pytest.raises(TypeError, match="must be numeric"):
+        scvi_fast.SCVI.setup_anndata(adata, continuous_covariate_keys=["txt"])
+    adata.obs["bad"] = adata.obs["pct"].to_numpy().copy()
+    adata.obs.iloc[5, adata.obs.columns.get_loc("bad")] = np.nan
+    with pytest.raises(ValueError, match="missing or infinite"):
+        scvi_fast.SCVI.setup_anndata(adata, continuous_covariate_keys=["bad"])
+    adata.obs["neg"] = -adata.obs["sf"]
+    with pytest.raises(ValueError, match="size factors <= 0"):
+        scvi_fast.SCVI.setup_anndata(adata, size_factor_key="neg")
+
+
+def test_unknown_category_at_inference_is_refused(adata):
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", **COVS)
+    model = scvi_fast.SCVI(adata, n_hidden=16, n_latent=4)
+    other = adata.copy()
+    other.obs["site"] = other.obs["site"].cat.add_categories("zz")
+    other.obs.iloc[0, other.obs.columns.get_loc("site")] = "zz"
+    with pytest.raises(ValueError, match="categories the model was not trained on: \\['zz'\\]"):
+        model.get_latent_representation(other)
+
+
+def test_store_is_refused_for_a_model_with_covariates(adata, tmp_path):
+    from scvi_fast.data import CSRStore
+
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", **COVS)
+    model = scvi_fast.SCVI(adata, n_hidden=16, n_latent=4)
+    store = CSRStore.create(tmp_path / "s", adata, batch_key="batch")
+    with pytest.raises(ValueError, match="a CSR store does not record"):
+        model.get_latent_representation(store)
