@@ -190,18 +190,21 @@ def module_state_to_scvi_tools(module_state: dict, passthrough: dict, n_layers: 
     return out
 
 
-def unused_scvi_tools_heads(n_input: int, n_hidden: int, n_layers: int, n_batch: int) -> dict:
+def unused_scvi_tools_heads(n_input: int, n_hidden: int, n_layers: int, n_batch: int,
+                            n_encoder_input: int | None = None) -> dict:
     """Freshly initialised tensors for the scvi-tools parameters scvi_fast never computes.
 
     A model trained in scvi_fast has no library encoder, ``px_dropout_decoder``
     or ``px_r_decoder``; scvi-tools' ``load_state_dict`` still wants them. With
     NB likelihood and the observed library size none of them affects any output,
     so ``nn.Linear``/``nn.BatchNorm1d`` default initialisations are written.
+    ``n_encoder_input``: the library encoder's inputs (genes, plus the covariate columns with
+    ``encode_covariates=True``; default ``n_input``).
     """
     from torch import nn
 
     out: dict[str, torch.Tensor] = {}
-    lin = nn.Linear(n_input, n_hidden)  # library encoder: one hidden layer, no covariates
+    lin = nn.Linear(n_encoder_input or n_input, n_hidden)  # library encoder: one hidden layer
     bn = nn.BatchNorm1d(n_hidden, eps=1e-3, momentum=0.01)
     for p, t in lin.state_dict().items():
         out[f"l_encoder.encoder.fc_layers.Layer 0.0.{p}"] = t

@@ -129,9 +129,6 @@ def _rewrite(src, dst, edit):
         (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(dispersion="gene-batch"), "dispersion"),
         (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(latent_distribution="ln"), "latent_distribution"),
         (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(use_observed_lib_size=False), "use_observed_lib_size"),
-        (lambda c: c["attr_dict"]["init_params_"]["kwargs"]["kwargs"].update(encode_covariates=True), "encode_covariates"),
-        (lambda c: c["attr_dict"]["registry_"]["setup_args"].update(categorical_covariate_keys=["x"]), "categorical_covariate_keys"),
-        (lambda c: c["attr_dict"]["registry_"]["setup_args"].update(continuous_covariate_keys=["y"]), "continuous_covariate_keys"),
         (lambda c: c["attr_dict"]["registry_"].update(model_name="SCANVI"), "SCANVI"),
     ],
 )
