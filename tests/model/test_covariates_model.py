@@ -116,3 +116,38 @@ def test_store_is_refused_for_a_model_with_covariates(adata, tmp_path):
     store = CSRStore.create(tmp_path / "s", adata, batch_key="batch")
     with pytest.raises(ValueError, match="a CSR store does not record"):
         model.get_latent_representation(store)
+
+
+def test_query_mapping_extends_every_covariate_block(adata):
+    """New batch and covariate categories get new rows at the end of their own block of every
+    stacked table; the reference's rows stay in place; only one-hot rows train by default."""
+    ref_cells = (adata.obs["batch"] != adata.obs["batch"].cat.categories[-1]).to_numpy() & (
+        adata.obs["site"] != "d").to_numpy()
+    ref_data = adata[ref_cells].copy()
+    ref_data.obs["site"] = ref_data.obs["site"].cat.remove_unused_categories()
+    scvi_fast.SCVI.setup_anndata(ref_data, batch_key="batch", **COVS)
+    ref = scvi_fast.SCVI(ref_data, n_hidden=16, n_latent=4, n_layers=2, encode_covariates=True)
+    ref.train(**TRAIN)
+    assert ref.module.n_batch == 2 and ref.module.n_cats_per_cov == (3, 2)
+    query = adata[~ref_cells].copy()
+    model = scvi_fast.SCVI.load_query_data(query, ref)
+    assert model.module.n_batch == 3 and model.module.n_cats_per_cov == (4, 2)
+    assert model.registry.categorical_covariate_categories[0] == ("a", "b", "c", "d")
+    ref_state, state = ref.module.state_dict(), model.module.state_dict()
+    for key, table in state.items():
+        if key.endswith("weight_cov"):
+            old = ref_state[key]
+            # blocks: batch 2 -> 3 rows, site 3 -> 4 rows, phase 2 rows
+            torch.testing.assert_close(table[0:2], old[0:2], rtol=0, atol=0)
+            torch.testing.assert_close(table[3:6], old[2:5], rtol=0, atol=0)
+            torch.testing.assert_close(table[7:9], old[5:7], rtol=0, atol=0)
+            assert table.shape[0] == 9
+    before = {k: v.clone() for k, v in state.items()}
+    model.train(max_epochs=2, batch_size=32, progress_bar=False, device="cpu",
+                plan_kwargs={"weight_decay": 0.0})
+    after = model.module.state_dict()
+    assert not torch.equal(after["decoder.linears.0.weight_cov"], before["decoder.linears.0.weight_cov"])
+    for key in ("decoder.linears.0.weight", "decoder.linears.0.weight_cont",
+                "encoder.first.weight_cont", "encoder.first.weight"):
+        assert torch.equal(after[key], before[key]), key
+    assert np.isfinite(model.get_latent_representation()).all()
