@@ -147,8 +147,9 @@ class Registry:
             labels_categories=names(d.get("labels_categories"), NO_CATEGORIES),
             layer=key("layer"),
             categorical_covariate_keys=names(d.get("categorical_covariate_keys")),
-            categorical_covariate_categories=tuple(
-                names(c) for c in d.get("categorical_covariate_categories") or ()),
+            categorical_covariate_categories=_per_key(
+                d.get("categorical_covariate_categories"), names(d.get("categorical_covariate_keys")),
+                names),
             continuous_covariate_keys=names(d.get("continuous_covariate_keys")),
             size_factor_key=key("size_factor_key"),
         )
@@ -156,10 +157,15 @@ class Registry:
     def write_setup(self, adata) -> None:
         """Record this setup in ``adata.uns`` (what ``setup_anndata`` leaves behind)."""
         d = self.to_dict()
-        adata.uns[SETUP_KEY] = {k: d[k] for k in (
-            "batch_key", "labels_key", "layer", "batch_categories", "labels_categories",
-            "categorical_covariate_keys", "categorical_covariate_categories",
-            "continuous_covariate_keys", "size_factor_key") if k in d}
+        keys = ["batch_key", "labels_key", "layer", "batch_categories", "labels_categories"]
+        if self.has_covariates:  # (a setup without them keeps its earlier, smaller record)
+            keys += ["categorical_covariate_keys", "categorical_covariate_categories",
+                     "continuous_covariate_keys", "size_factor_key"]
+        setup = {k: d[k] for k in keys}
+        if self.has_covariates:  # ragged lists do not fit in an .h5ad: one entry per key
+            setup["categorical_covariate_categories"] = dict(zip(
+                self.categorical_covariate_keys, d["categorical_covariate_categories"]))
+        adata.uns[SETUP_KEY] = setup
 
     # --------------------------------------------------------------------- coding --
     def key_of(self, which: Field) -> str | None:
@@ -307,6 +313,16 @@ def open_data(data):
     if isinstance(data, (str, os.PathLike)):
         return _data.CSRStore.open(data)
     return data
+
+
+def _per_key(categories, keys, names) -> tuple[tuple[str, ...], ...]:
+    """Categories per categorical covariate, from a list of lists (``config.json``) or a dict
+    keyed by covariate (``adata.uns``, where ragged lists cannot be written)."""
+    if categories is None or len(categories) == 0:
+        return ()
+    if isinstance(categories, dict):
+        return tuple(names(categories[k]) for k in keys)
+    return tuple(names(c) for c in categories)
 
 
 def _key_list(keys, what: str) -> tuple[str, ...]:

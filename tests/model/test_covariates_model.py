@@ -151,3 +151,15 @@ def test_query_mapping_extends_every_covariate_block(adata):
                 "encoder.first.weight_cont", "encoder.first.weight"):
         assert torch.equal(after[key], before[key]), key
     assert np.isfinite(model.get_latent_representation()).all()
+
+
+def test_covariate_setup_survives_an_h5ad_round_trip(adata, tmp_path):
+    import anndata
+
+    from scvi_fast.data import write_h5ad
+    from scvi_fast.model import Registry
+
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", size_factor_key="sf", **COVS)
+    write_h5ad(adata, tmp_path / "a.h5ad")
+    back = anndata.read_h5ad(tmp_path / "a.h5ad")
+    assert Registry.from_anndata(back) == Registry.from_anndata(adata)
