@@ -271,6 +271,10 @@ def setup_summary(registry, data=None, hide_state_registries: bool = False) -> s
                                  ("labels", registry.labels_key, registry.labels_categories)):
             lines.append(f"{field} State Registry ({'adata.obs[' + repr(key) + ']' if key else 'none'})")
             lines += [f"  {c!s:<26} {i}" for i, c in enumerate(cats)]
+        for key, cats in zip(registry.categorical_covariate_keys,
+                             registry.categorical_covariate_categories):
+            lines.append(f"extra_categorical_covs State Registry (adata.obs[{key!r}])")
+            lines += [f"  {c!s:<26} {i}" for i, c in enumerate(cats)]
     return "\n".join(lines)
 
 

@@ -163,3 +163,11 @@ def test_covariate_setup_survives_an_h5ad_round_trip(adata, tmp_path):
     write_h5ad(adata, tmp_path / "a.h5ad")
     back = anndata.read_h5ad(tmp_path / "a.h5ad")
     assert Registry.from_anndata(back) == Registry.from_anndata(adata)
+
+
+def test_view_anndata_setup_lists_covariate_categories(adata, capsys):
+    scvi_fast.SCVI.setup_anndata(adata, batch_key="batch", **COVS)
+    scvi_fast.SCVI(adata, n_hidden=16, n_latent=4).view_anndata_setup()
+    out = capsys.readouterr().out
+    assert "extra_categorical_covs State Registry (adata.obs['site'])" in out
+    assert "n_extra_continuous_covs    2" in out
