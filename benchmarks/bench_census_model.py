@@ -91,8 +91,9 @@ def make_census_shape_model(folder: Path, var_names, fmt: str = "scvi-tools") ->
     cats = tuple(f"batch_{i}" for i in range(CENSUS_SHAPE["n_batch"]))
     registry = Registry(var_names=tuple(str(v) for v in var_names), batch_key="batch",
                         batch_categories=cats)
-    model = scvi_fast.SCVI(registry, **{k: CENSUS_SHAPE[k] for k in
-                                       ("n_hidden", "n_latent", "n_layers", "dropout_rate")})
+    model = scvi_fast.SCVI(registry, gene_likelihood="nb",  # the Census model is NB
+                           **{k: CENSUS_SHAPE[k] for k in
+                              ("n_hidden", "n_latent", "n_layers", "dropout_rate")})
     with torch.no_grad():
         for name, buf in model.module.named_buffers():
             if name.endswith("running_mean"):

@@ -44,7 +44,7 @@ def _worker(cfg: dict):
     from scvi_fast.train import _distributed
 
     model = scvi_fast.SCVI(cfg["store"], n_hidden=cfg["n_hidden"], n_latent=cfg["n_latent"],
-                           n_layers=cfg["n_layers"], impl=cfg["impl"])
+                           n_layers=cfg["n_layers"], gene_likelihood="nb", impl=cfg["impl"])
     kwargs = dict(strategy="ddp", device=cfg["device"], batch_size=cfg["batch_size"],
                   train_size=1.0, progress_bar=False, n_epochs_kl_warmup=None)
     model.train(max_epochs=1, **kwargs)  # warm-up: numba/kernel caches, first-touch pages

@@ -108,7 +108,7 @@ def _worker_scvi_fast(a) -> dict:
     else:
         data = anndata.read_h5ad(a.data)
         scvi_fast.SCVI.setup_anndata(data, batch_key="batch")
-    model = scvi_fast.SCVI(data, impl=a.impl, **ARCH)
+    model = scvi_fast.SCVI(data, impl=a.impl, gene_likelihood="nb", **ARCH)
     model.device = torch.device(a.device)
     cuda = model.device.type == "cuda"
     out_path = Path(a.workdir) / f"latent_{os.getpid()}.npy"

@@ -81,7 +81,8 @@ def _worker_scvi_fast(a):
         scvi_fast.SCVI.setup_anndata(data, batch_key=a.batch_key)
     for precision in a.precisions.split(","):
         model = scvi_fast.SCVI(data, n_hidden=a.n_hidden, n_latent=a.n_latent,
-                               n_layers=a.n_layers, impl=a.impl, seed=a.seed)
+                               n_layers=a.n_layers, gene_likelihood=a.gene_likelihood,
+                               impl=a.impl, seed=a.seed)
         kw = train_kwargs(precision, a.cuda_graph)
         t0 = time.perf_counter()
         model.train(max_epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
@@ -126,10 +127,9 @@ def _worker_scvi_tools(a):
     ad = anndata.read_h5ad(a.data)
     scvi.model.SCVI.setup_anndata(ad, batch_key=a.batch_key)
     for precision in a.precisions.split(","):
-        # scvi-tools defaults to ZINB; scvi_fast is scVI with the NB likelihood (as the Census
-        # model)
+        # the same likelihood on both sides (scvi-tools' own default would be ZINB)
         model = scvi.model.SCVI(ad, n_hidden=a.n_hidden, n_latent=a.n_latent,
-                                n_layers=a.n_layers, gene_likelihood="nb")
+                                n_layers=a.n_layers, gene_likelihood=a.gene_likelihood)
         timer = EpochTimer()
         torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         t0 = time.perf_counter()
@@ -158,6 +158,7 @@ def worker(argv) -> None:
     p.add_argument("--precisions", default="32")
     p.add_argument("--cuda-graph", default="auto", choices=sorted(CUDA_GRAPH))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gene-likelihood", default="nb", choices=["zinb", "nb", "poisson"])
     for k in ARCH_KEYS:
         p.add_argument(f"--{k.replace('_', '-')}", type=int, dest=k)
     p.add_argument("--lr", type=float)
@@ -213,6 +214,8 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", default="/tmp/scvi_fast_bench")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--notes", default="")
+    p.add_argument("--gene-likelihood", default="nb", choices=["zinb", "nb", "poisson"],
+                   help="gene likelihood of both frameworks' models (nb: the Census model)")
     a = p.parse_args(argv)
     precisions = a.precisions.split(",")
     for prec in precisions:
@@ -235,7 +238,8 @@ def main(argv=None) -> None:
              for src in sources]
     if have_scvi:
         cases.append(("scvi-tools", "scvi-tools", "memory", "32"))
-    common = ["--batch-key", batch_key, "--device", a.device, "--cuda-graph", a.cuda_graph]
+    common = ["--batch-key", batch_key, "--device", a.device, "--cuda-graph", a.cuda_graph,
+              "--gene-likelihood", a.gene_likelihood]
     if h5ad is not None:
         common += ["--data", str(h5ad)]
     if store is not None:
@@ -244,7 +248,8 @@ def main(argv=None) -> None:
         common += [f"--{k.replace('_', '-')}", str(s[k])]
     common += ["--lr", str(s["lr"])]
     config = {k: s[k] for k in ARCH_KEYS} | {"lr": s["lr"], "suite": a.suite,
-                                            "repeats": a.repeats}
+                                            "repeats": a.repeats,
+                                            "gene_likelihood": a.gene_likelihood}
     what = f"train:{a.suite}"
     results: dict[tuple, list] = {}
     load_start = C.load_avg()

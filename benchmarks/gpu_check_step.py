@@ -35,6 +35,12 @@ def _data(n_cells, n_genes, n_batches, density, seed=0):
     return ad, ad.obs["batch"].cat.codes.to_numpy().astype(np.int64)
 
 
+def _options(a) -> dict:
+    """The model options of the check (gene-label reads the labels, all 0 here)."""
+    return {"gene_likelihood": a.gene_likelihood, "dispersion": a.dispersion,
+            "latent_distribution": a.latent_distribution}
+
+
 def _train(ad, codes, mode, device, a, state=None):
     import torch
 
@@ -44,7 +50,7 @@ def _train(ad, codes, mode, device, a, state=None):
 
     torch.manual_seed(0)
     module = VAE(ad.n_vars, n_batch=a.n_batches, n_hidden=a.n_hidden, n_latent=a.n_latent,
-                 n_layers=a.n_layers, impl=a.impl)
+                 n_layers=a.n_layers, impl=a.impl, **_options(a))
     if state is not None:
         module.load_state_dict(state)
     n = ad.n_obs
@@ -77,6 +83,11 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--precision", default="32", choices=["32", "tf32", "bf16-mixed"])
     p.add_argument("--impl", default="auto")
+    p.add_argument("--gene-likelihood", default="nb", choices=["zinb", "nb", "poisson"],
+                   help="the model's gene likelihood (nb: the Census model)")
+    p.add_argument("--dispersion", default="gene",
+                   choices=["gene", "gene-batch", "gene-label", "gene-cell"])
+    p.add_argument("--latent-distribution", default="normal", choices=["normal", "ln"])
     a = p.parse_args(argv)
     if a.cpu:
         a.n_cells, a.n_genes, a.n_batches, a.epochs = 600, 300, 4, 2
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
     from scvi_fast.module import VAE
 
     init = VAE(ad.n_vars, n_batch=a.n_batches, n_hidden=a.n_hidden, n_latent=a.n_latent,
-               n_layers=a.n_layers).state_dict()
+               n_layers=a.n_layers, **_options(a)).state_dict()
     results, failures = {}, []
     shape = {"B": a.batch_size, "G": a.n_genes, "H": a.n_hidden, "Z": a.n_latent,
              "layers": a.n_layers, "cells": a.n_cells}

@@ -274,12 +274,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _arch(args) -> dict:
-    return {
-        k: v
-        for k, v in dict(n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers,
-                         encode_covariates=args.encode_covariates or None).items()
-        if v is not None
-    }
+    given = dict(n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers,
+                 gene_likelihood=args.gene_likelihood, dispersion=args.dispersion,
+                 latent_distribution=args.latent_distribution,
+                 encode_covariates=args.encode_covariates or None)
+    if args.no_observed_lib_size:
+        given["use_observed_lib_size"] = False
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _check_embed(args) -> None:
@@ -436,11 +437,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encode-covariates", action="store_true",
                    help="feed the batch and covariates to the encoder too")
     t.add_argument("--preset", choices=["census"],
-                   help="census: the CZ CELLxGENE Census recipe (512 hidden, 50 latent, 2 "
-                   "layers, lr 1e-4, batch 1024, 100 epochs)")
+                   help="census: the CZ CELLxGENE Census recipe (NB likelihood, 512 hidden, "
+                   "50 latent, 2 layers, lr 1e-4, batch 1024, 100 epochs)")
     t.add_argument("--n-hidden", type=_positive, help="hidden units per layer (default 128)")
     t.add_argument("--n-latent", type=_positive, help="latent dimensions (default 10)")
     t.add_argument("--n-layers", type=_positive, help="hidden layers (default 1)")
+    t.add_argument("--gene-likelihood", choices=["zinb", "nb", "poisson"],
+                   help="gene likelihood (default zinb, as scvi-tools; nb with --preset census)")
+    t.add_argument("--dispersion", choices=["gene", "gene-batch", "gene-label", "gene-cell"],
+                   help="what the NB / ZINB dispersion depends on (default gene)")
+    t.add_argument("--latent-distribution", choices=["normal", "ln"],
+                   help="normal (default) or ln (logistic normal)")
+    t.add_argument("--no-observed-lib-size", action="store_true",
+                   help="model the library size with an encoder and a per-batch prior "
+                   "(scvi-tools' use_observed_lib_size=False) instead of the observed totals")
     t.add_argument("--max-epochs", type=_positive,
                    help="epochs to train (default: scvi-tools' rule by data size; 100 for the "
                    "synthetic data)")

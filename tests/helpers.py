@@ -55,10 +55,17 @@ def module_from_fixture(name: str, impl: str = "torch", dtype=torch.float32):
 
     arrays, cfg = load_fixture(name)
     state = {k[len("state/"):]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("state/")}
-    mod_state, passthrough, arch = scvi_tools_state_to_module(state)
+    options = {k: cfg.get(k, d) for k, d in (("gene_likelihood", "nb"), ("dispersion", "gene"),
+                                            ("latent_distribution", "normal"),
+                                            ("use_observed_lib_size", True))}
+    mod_state, passthrough, arch = scvi_tools_state_to_module(
+        state, options["gene_likelihood"], options["dispersion"], options["use_observed_lib_size"])
     vae = VAE(
-        arch["n_input"], n_batch=arch["n_batch"], n_hidden=arch["n_hidden"],
-        n_latent=arch["n_latent"], n_layers=arch["n_layers"], dropout_rate=cfg["dropout_rate"], impl=impl,
+        arch["n_input"], n_batch=arch["n_batch"], n_labels=cfg.get("n_labels", 0),
+        n_hidden=arch["n_hidden"], n_latent=arch["n_latent"], n_layers=arch["n_layers"],
+        dropout_rate=cfg["dropout_rate"], impl=impl,
+        library_log_means=mod_state.get("library_log_means"),
+        library_log_vars=mod_state.get("library_log_vars"), **options,
     )
     vae.load_state_dict(mod_state)
     return vae.to(dtype).eval(), arrays, cfg, passthrough

@@ -236,3 +236,26 @@ def test_covariate_options_refuse_a_store(capsys, tmp_path, h5ad):
     CSRStore.create(tmp_path / "s", h5ad, batch_key="batch")
     _fails(capsys, ["train", str(tmp_path / "s"), "--size-factor-key", "sf",
                     "--out", str(tmp_path / "o")], "need an .h5ad input")
+
+
+def test_train_takes_the_model_options(capsys, tmp_path, h5ad):
+    """--gene-likelihood, --dispersion, --latent-distribution and --no-observed-lib-size reach
+    the model and its saved config; a store trains with a library encoder too (its prior
+    computed from the store's cells)."""
+    out = tmp_path / "run"
+    assert main(["train", str(h5ad), "--batch-key", "batch", "--labels-key", "cell_type",
+                 "--gene-likelihood", "poisson", "--dispersion", "gene-label",
+                 "--latent-distribution", "ln", "--no-observed-lib-size", "--max-epochs", "1",
+                 "--n-hidden", "8", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    model = scvi_fast.SCVI.load(out / "model", adata=None)
+    assert {k: model.init_params_[k] for k in ("gene_likelihood", "dispersion",
+                                               "latent_distribution", "use_observed_lib_size")} == {
+        "gene_likelihood": "poisson", "dispersion": "gene-label", "latent_distribution": "ln",
+        "use_observed_lib_size": False}
+    assert model.module.library_log_means.shape == (1, 2)
+    assert main(["convert", str(h5ad), "--out", str(tmp_path / "s"), "--batch-key", "batch"]) == 0
+    assert main(["train", str(tmp_path / "s"), "--gene-likelihood", "zinb",
+                 "--no-observed-lib-size", "--max-epochs", "1", "--n-hidden", "8", "--quiet",
+                 "--device", "cpu", "--out", str(tmp_path / "run2")]) == 0
+    capsys.readouterr()
+    _fails(capsys, ["train", str(h5ad), "--gene-likelihood", "normal"], "--gene-likelihood")

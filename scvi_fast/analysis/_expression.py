@@ -17,6 +17,8 @@ import torch
 
 from scvi_fast.module import sample_z
 
+from ._likelihood import has_library_encoder, library_draw
+
 from ._checks import check_finite
 
 #: decode at most this many (cell, sample) rows at once: ``max_rows x n_genes`` floats
@@ -29,12 +31,16 @@ def _batch_tensor(x_batch: torch.Tensor, code: int | None, n: int) -> torch.Tens
     return torch.full((n,), int(code), dtype=torch.int64, device=x_batch.device)
 
 
-def _posterior(module, x, library: bool = False):
-    """``(q_m, q_v)`` of a minibatch, and its observed library ``(B, 1)`` (its size factors
-    for a model with ``use_size_factor_key``) when asked."""
+def _posterior(module, x, library: bool = False, n_samples: int = 1, generator=None):
+    """``(q_m, q_v)`` of a minibatch, and when asked its library: the observed one ``(B, 1)``
+    (its size factors for a model with ``use_size_factor_key``), or for a library encoder
+    ``n_samples`` posterior draws ``(n_samples, B, 1)``."""
     q_m, q_v = module.posterior(x)
     if not library:
         return q_m, q_v, None
+    if has_library_encoder(module):
+        lib = library_draw(module, x, max(n_samples, 1), generator)
+        return q_m, q_v, lib.to(q_m.dtype).unsqueeze(-1)
     lib = x.size_factor if getattr(module, "use_size_factor_key", False) else x.library
     return q_m, q_v, lib.to(q_m.dtype).reshape(-1, 1)
 
@@ -93,7 +99,7 @@ def normalized_expression(
     pos = 0
     for mb, x in batches:
         b = int(mb.n_cells)
-        q_m, q_v, lib = _posterior(module, x, library=library_size == "latent")
+        q_m, q_v, lib = _posterior(module, x, library_size == "latent", s_total, generator)
         acc = None if keep_samples else torch.zeros(b, n_out_genes, dtype=torch.float32, device=q_m.device)
         # chunk cells so that (samples x cells) rows decoded at once stay below max_rows
         step = max(1, max_rows // s_total)
@@ -112,7 +118,7 @@ def normalized_expression(
                 expr = e if expr is None else expr.add_(e)
             expr = expr.div_(len(transform_codes)).reshape(-1, c1 - c0, n_out_genes)
             if lib is not None:
-                expr = expr * lib[c0:c1].unsqueeze(0)
+                expr = expr * (lib[:, c0:c1] if lib.dim() == 3 else lib[c0:c1].unsqueeze(0))
             elif library_size != 1:
                 expr = expr * float(library_size)
             if keep_samples:
@@ -195,32 +201,48 @@ def posterior_predictive(
     generator: torch.Generator | None = None,
     max_poisson_rate: float = 1e8,
 ):
-    """Yield, per minibatch, counts drawn from ``p(x_hat | x)``: ``z ~ q(z|x)``, ``x_hat ~ NB``.
+    """Yield, per minibatch, counts drawn from ``p(x_hat | x)``: ``z ~ q(z|x)`` (and the library
+    from the library encoder's posterior where the model has one), ``x_hat ~ p(x | z, l)``.
 
-    NB draws are Gamma-Poisson, as scvi-tools: ``w ~ Gamma(theta, rate=theta/mu)``,
+    As scvi-tools: NB draws are Gamma-Poisson, ``w ~ Gamma(theta, rate=theta/mu)``,
     ``x_hat ~ Poisson(min(w, max_poisson_rate))`` with ``mu = exp(l) * rho`` and
-    ``theta = exp(px_r)``. With several ``transform_codes`` the draws are averaged over
-    them (scvi-tools does the same). Yields ``(obs_idx, samples)`` with ``samples`` a
-    float32 tensor ``(B, G)`` for one sample, else ``(B, G, n_samples)``.
+    ``theta = exp(px_r)``; ZINB sets a draw to zero where a uniform draw is at most the
+    zero-inflation probability ``sigmoid(px_dropout)``; Poisson draws
+    ``Poisson(min(mu, max_poisson_rate))``. With several ``transform_codes`` the draws are
+    averaged over them (scvi-tools does the same). Yields ``(obs_idx, samples)`` with
+    ``samples`` a float32 tensor ``(B, G)`` for one sample, else ``(B, G, n_samples)``.
     """
     gidx = _as_index(gene_idx)
-    theta_all = torch.exp(module.px_r)
+    likelihood = getattr(module, "gene_likelihood", "nb")
     for mb, x in batches:
         b = int(mb.n_cells)
-        q_m, q_v, lib = _posterior(module, x, library=True)
-        lib = lib.reshape(1, -1, 1)
+        q_m, q_v, lib = _posterior(module, x, True, n_samples, generator)
+        lib = lib.reshape(-1, b, 1)
         z = sample_z(q_m, q_v, n_samples, generator).reshape(-1, q_m.shape[1])
-        theta = theta_all if gidx is None else theta_all.index_select(0, gidx.to(theta_all.device))
+        labels = getattr(x, "labels", None)
+        labels = None if labels is None else labels.reshape(-1)[:b]
         acc = None
         for code in transform_codes:
             codes = _batch_tensor(x.batch, code, b).repeat(n_samples)
-            rho = module.decode_scale(z, codes, **_covariates(x)).reshape(n_samples, b, -1)
-            if gidx is not None:
-                rho = rho.index_select(-1, gidx.to(rho.device))
-            mu = lib * rho
-            conc = theta.expand_as(mu).contiguous()
-            w = torch._standard_gamma(conc, generator=generator) * mu / conc
-            s = torch.poisson(torch.clamp(w, max=max_poisson_rate), generator=generator)
+            gen = module.generative(module.z_transformation(z), codes, logits=True,
+                                    labels=labels, **_covariates(x))
+            pick = (lambda t: t) if gidx is None else (
+                lambda t: t.index_select(-1, gidx.to(t.device)))
+            mu = lib * pick(module.px_scale(gen["logits"]).reshape(n_samples, b, -1))
+            if likelihood == "poisson":
+                s = torch.poisson(torch.clamp(mu, max=max_poisson_rate), generator=generator)
+            else:
+                theta = pick(torch.exp(gen["px_r"].float()))
+                if theta.dim() > 1:  # per-cell dispersions, (samples x cells, G)
+                    theta = theta.reshape(n_samples, b, -1)
+                conc = theta.expand_as(mu).contiguous()
+                w = torch._standard_gamma(conc, generator=generator) * mu / conc
+                s = torch.poisson(torch.clamp(w, max=max_poisson_rate), generator=generator)
+                if likelihood == "zinb":
+                    pi = torch.sigmoid(pick(gen["px_dropout"].float()).reshape(n_samples, b, -1))
+                    u = torch.rand(pi.shape, dtype=pi.dtype, device=pi.device,
+                                   generator=generator)
+                    s = torch.where(u <= pi, torch.zeros_like(s), s)
             acc = s if acc is None else acc + s
         acc = acc / len(transform_codes)
         acc = acc[0] if n_samples == 1 else acc.permute(1, 2, 0)

@@ -26,6 +26,7 @@ from ._likelihood import (
     _default_z,
     _log_normal,
     dense_counts,
+    has_library_encoder,
     likelihood_of,
     marginal_ll,
     observed_library,
@@ -65,6 +66,10 @@ def importance_sample(module, iter_batches: Callable, rows: np.ndarray, n_sample
     ``(S * N,)`` too with ``return_weights``.
     """
     lik = likelihood_of(module)
+    if has_library_encoder(module) or getattr(module, "latent_distribution", "normal") != "normal":
+        raise NotImplementedError(
+            "weights='importance' is implemented for models with the observed library size and "
+            "latent_distribution='normal'; use weights='uniform'")
     n = len(rows)
     if n < 1:
         raise ValueError("cannot sample the posterior of an empty cell group")
@@ -78,7 +83,8 @@ def importance_sample(module, iter_batches: Callable, rows: np.ndarray, n_sample
         b = int(mb.n_cells)
         codes = (x.batch.reshape(-1)[:b] if transform_code is None
                  else torch.full((b,), int(transform_code), dtype=torch.int64, device=q_m.device))
-        gen = module.generative(z, codes, logits=True, **module.covariates_of(x))
+        gen = module.generative(z, codes, logits=True, labels=getattr(x, "labels", None),
+                                **module.covariates_of(x))
         scale = lik.scale(module, gen)  # (S, B, G)
         params = lik.parameters(module, gen, torch.ones_like(observed_library(x)))
         expr = (observed_library(x).reshape(1, -1, 1) * scale if library_size == "latent"

@@ -125,16 +125,20 @@ def latent_fn(
     give_mean: bool = True,
     return_dist: bool = False,
     precision: Literal["32", "bf16-mixed"] = "32",
+    mc_samples: int = 5000,
 ) -> Callable:
     """The per-minibatch embedding: a device minibatch -> ``(B, Z)`` float32 tensor.
 
     ``give_mean``: the posterior mean (mean head only), else one sample
     (:func:`~scvi_fast.module.sample_z`, global generator). ``return_dist``: ``(B, 2Z)``,
-    the mean and the variance side by side. ``precision="bf16-mixed"`` runs the encoder under
-    bfloat16 autocast on CUDA (ignored on the CPU); the outputs stay float32.
+    the mean and the variance side by side (of the normal, untransformed). For
+    ``latent_distribution="ln"``, as scvi-tools: a sample is the softmax of a normal draw and
+    the mean is the average softmax of ``mc_samples`` draws. ``precision="bf16-mixed"`` runs
+    the encoder under bfloat16 autocast on CUDA (ignored on the CPU); the outputs stay float32.
     """
     _check_precision(precision)
-    need_var = return_dist or not give_mean
+    ln = getattr(module, "latent_distribution", "normal") == "ln"
+    need_var = return_dist or not give_mean or ln
 
     def fn(x) -> torch.Tensor:
         dev = x.values.device
@@ -144,11 +148,25 @@ def latent_fn(
             q_m, q_v = module.posterior(x, need_var=need_var)
         if return_dist:
             return torch.cat([q_m, q_v], dim=1)
+        if ln and give_mean:
+            return _mean_softmax(q_m, q_v, mc_samples)
         if give_mean:
             return q_m
-        return sample_z(q_m, q_v)
+        return module.z_transformation(sample_z(q_m, q_v)) if ln else sample_z(q_m, q_v)
 
     return fn
+
+
+def _mean_softmax(q_m: torch.Tensor, q_v: torch.Tensor, mc_samples: int,
+                  max_elements: int = 1 << 24) -> torch.Tensor:
+    """``mean_s softmax(z_s)``, ``z_s ~ N(q_m, q_v)``: the logistic-normal mean scvi-tools
+    reports, drawn in chunks of samples that bound the ``S x B x Z`` temporaries."""
+    total = torch.zeros_like(q_m)
+    per = max(1, max_elements // max(1, q_m.numel()))
+    for s0 in range(0, mc_samples, per):
+        n = min(per, mc_samples - s0)
+        total += torch.softmax(sample_z(q_m, q_v, n), dim=-1).sum(0)
+    return total / mc_samples
 
 
 @torch.inference_mode()
@@ -164,6 +182,7 @@ def latent_representation(
     precision: Literal["32", "bf16-mixed"] = "32",
     progress_bar: bool = False,
     max_pending: int = 3,
+    mc_samples: int = 5000,
 ):
     """Posterior mean (or a sample, or mean and variance) of ``z`` for every cell.
 
@@ -180,7 +199,7 @@ def latent_representation(
         Number of cells ``batches`` yields.
     device
         Where the encoder runs.
-    give_mean, return_dist, precision
+    give_mean, return_dist, precision, mc_samples
         See :func:`latent_fn`.
     out
         Path of a ``.npy`` file to stream the embedding into (float32, ``(n_cells, n_latent)``);
@@ -198,7 +217,8 @@ def latent_representation(
     if out is not None and return_dist:
         raise ValueError("return_dist=True cannot be combined with out=")
     device = torch.device(device)
-    fn = latent_fn(module, give_mean=give_mean, return_dist=return_dist, precision=precision)
+    fn = latent_fn(module, give_mean=give_mean, return_dist=return_dist, precision=precision,
+                   mc_samples=mc_samples)
     module.to(device).eval()
     n_latent = int(module.n_latent)
     n_cols = 2 * n_latent if return_dist else n_latent

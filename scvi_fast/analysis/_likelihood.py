@@ -5,8 +5,13 @@ likelihood, and what is built on them (scvi-tools' ``get_likelihood_parameters``
 Everything reads the module's generative outputs (``module.generative(z, batch,
 logits=True)``) through one table, :data:`LIKELIHOODS`, keyed by ``module.gene_likelihood``
 (``"nb"`` when the module has no such attribute). An entry gives the parameter dict
-scvi-tools returns for that likelihood and the per-cell log-density of counts under it; a
-likelihood without an entry raises :class:`NotImplementedError` naming it.
+scvi-tools returns for that likelihood (NB: ``mean``, ``dispersions``; ZINB: also
+``dropout``, the zero-inflation probability; Poisson: ``mean``) and the per-cell
+log-density of counts under it; a likelihood without an entry raises
+:class:`NotImplementedError` naming it. Posterior draws of ``z`` are decoded after the
+module's ``z_transformation`` (the softmax of a logistic-normal model), and the library is
+the observed total count or, for a model with a library encoder, a draw of its posterior
+(:func:`library_draw`), as scvi-tools' ``inference`` gives them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 
 from scvi_fast.module import sample_z
-from scvi_fast.reference import csr_to_dense, log_nb_positive
+from scvi_fast.reference import csr_to_dense, log_nb_positive, log_zinb_positive
 
 #: elements of ``(samples x cells x genes)`` evaluated at once
 MAX_ELEMENTS = 1 << 24
@@ -42,6 +47,9 @@ class Likelihood:
     scale: Callable
     with_library: Callable
     log_prob: Callable
+    #: the entries of ``parameters`` that ``get_likelihood_parameters`` returns (the others
+    #: are kept for ``log_prob``)
+    public: tuple = ("mean", "dispersions")
 
 
 def _nb_scale(module, gen: dict) -> torch.Tensor:
@@ -63,9 +71,47 @@ def _nb_log_prob(x: torch.Tensor, params: dict) -> torch.Tensor:
     return log_nb_positive(x, params["mean"], params["dispersions"]).sum(-1)
 
 
+def _zinb_parameters(module, gen: dict, library: torch.Tensor) -> dict[str, torch.Tensor]:
+    logits = gen["px_dropout"].float()
+    return _zinb_with_library({"dispersions": torch.exp(gen["px_r"].float()),
+                               "dropout": torch.sigmoid(logits), "dropout_logits": logits},
+                              _nb_scale(module, gen), library)
+
+
+def _zinb_with_library(params: dict, scale: torch.Tensor, library: torch.Tensor) -> dict:
+    out = _nb_with_library(params, scale, library)
+    for k in ("dropout", "dropout_logits"):
+        out[k] = params[k].expand_as(out["mean"])
+    return out
+
+
+def _zinb_log_prob(x: torch.Tensor, params: dict) -> torch.Tensor:
+    # scvi-tools' ZeroInflatedNegativeBinomial(mu, theta, zi_logits).log_prob
+    return log_zinb_positive(x, params["mean"], params["dispersions"],
+                             params["dropout_logits"]).sum(-1)
+
+
+def _poisson_parameters(module, gen: dict, library: torch.Tensor) -> dict[str, torch.Tensor]:
+    return _poisson_with_library({}, _nb_scale(module, gen), library)
+
+
+def _poisson_with_library(params: dict, scale: torch.Tensor, library: torch.Tensor) -> dict:
+    return {"mean": library.unsqueeze(-1) * scale}
+
+
+def _poisson_log_prob(x: torch.Tensor, params: dict) -> torch.Tensor:
+    # torch's Poisson(rate).log_prob, which scvi-tools' Poisson inherits
+    rate = params["mean"]
+    return (torch.xlogy(x, rate) - rate - torch.lgamma(x + 1)).sum(-1)
+
+
 #: gene likelihood -> how to read it; other likelihoods add their entry here
 LIKELIHOODS: dict[str, Likelihood] = {
     "nb": Likelihood(_nb_parameters, _nb_scale, _nb_with_library, _nb_log_prob),
+    "zinb": Likelihood(_zinb_parameters, _nb_scale, _zinb_with_library, _zinb_log_prob,
+                       public=("mean", "dispersions", "dropout")),
+    "poisson": Likelihood(_poisson_parameters, _nb_scale, _poisson_with_library,
+                          _poisson_log_prob, public=("mean",)),
 }
 
 
@@ -82,6 +128,35 @@ def likelihood_of(module) -> Likelihood:
 def observed_library(x) -> torch.Tensor:
     """``(B,)`` total counts of a device minibatch (scVI's observed library size)."""
     return x.library.reshape(-1).float()
+
+
+def has_library_encoder(module) -> bool:
+    """Whether ``module`` models the library with an encoder (``use_observed_lib_size=False``)."""
+    return getattr(module, "l_encoder", None) is not None
+
+
+def library_draw(module, x, n: int | None = None, generator: torch.Generator | None = None,
+                 log: bool = False) -> torch.Tensor:
+    """The library of each cell of a device minibatch, ``(B,)`` (``n`` None) or ``(n, B)``:
+    the observed total counts, or for a model with a library encoder ``exp(l)`` with ``l``
+    drawn from its posterior ``N(ql_m, ql_v)`` (``log``: ``l`` itself)."""
+    if not has_library_encoder(module):
+        # the observed total counts, or the size factors of a model that reads them
+        lib = torch.exp(module.log_library(x)) if hasattr(module, "log_library") else observed_library(x)
+        lib = lib if n is None else lib.expand(n, -1)
+        return torch.log(lib) if log else lib
+    ql_m, ql_v = module.library_posterior(x)
+    shape = ql_m.shape if n is None else (n, *ql_m.shape)
+    eps = torch.randn(shape, dtype=ql_m.dtype, device=ql_m.device, generator=generator)
+    l = ql_m + torch.sqrt(ql_v) * eps
+    return l if log else torch.exp(l)
+
+
+def decode(module, z: torch.Tensor, batch, labels=None, **covariates) -> dict:
+    """``module.generative`` of posterior draws ``z`` of the normal (transformed first);
+    ``covariates``: the minibatch's ``cat_covs`` / ``cont_covs`` (``module.covariates_of``)."""
+    return module.generative(module.z_transformation(z), batch, logits=True, labels=labels,
+                             **covariates)
 
 
 def dense_counts(x, n_genes: int) -> torch.Tensor:
@@ -103,9 +178,10 @@ def likelihood_parameters(module, batches: Iterable, n_samples: int = 1, give_me
     """scvi-tools' ``get_likelihood_parameters``: for each cell, ``n_samples`` posterior draws
     of ``z`` decoded into the likelihood's parameters.
 
-    Returns ``{"mean": ..., "dispersions": ...}`` (NB), float32 arrays ``(n_cells, n_genes)``
-    for one sample, else ``(n_samples, n_cells, n_genes)``, averaged over the samples when
-    ``give_mean``. ``z_fn(q_m, q_v, n)`` draws ``z`` (None: one ``(B, Z)`` draw; default
+    Returns ``{"mean": ..., "dispersions": ...}`` (NB; ZINB adds ``"dropout"``, Poisson has
+    only ``"mean"``), float32 arrays ``(n_cells, n_genes)`` for one sample, else
+    ``(n_samples, n_cells, n_genes)``, averaged over the samples when ``give_mean``.
+    ``z_fn(q_m, q_v, n)`` draws ``z`` (None: one ``(B, Z)`` draw; default
     :func:`~scvi_fast.module.sample_z`).
     """
     lik = likelihood_of(module)
@@ -113,10 +189,13 @@ def likelihood_parameters(module, batches: Iterable, n_samples: int = 1, give_me
     parts: dict[str, list[np.ndarray]] = {}
     for _, x in batches:
         q_m, q_v = module.posterior(x)
-        z = z_fn(q_m, q_v, None if n_samples == 1 else n_samples)
-        gen = module.generative(z, x.batch, logits=True, **module.covariates_of(x))
-        for k, v in lik.parameters(module, gen, observed_library(x)).items():
-            parts.setdefault(k, []).append(v.float().cpu().numpy())
+        n = None if n_samples == 1 else n_samples
+        z = z_fn(q_m, q_v, n)
+        gen = decode(module, z, x.batch, getattr(x, "labels", None),
+                     **module.covariates_of(x))
+        params = lik.parameters(module, gen, library_draw(module, x, n))
+        for k in lik.public:
+            parts.setdefault(k, []).append(params[k].float().cpu().numpy())
     out = {k: np.concatenate(v, axis=-2) for k, v in parts.items()}
     if give_mean and n_samples > 1:
         out = {k: v.mean(0) for k, v in out.items()}
@@ -130,20 +209,45 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch
     return (-((z - mean) ** 2) / (2 * var) - scale.log() - math.log(math.sqrt(2 * math.pi))).sum(-1)
 
 
-def log_joint_terms(module, x, z: torch.Tensor, q_m, q_v, lik: Likelihood, n_genes: int):
-    """``log p(z) + log p(x | z) - log q(z | x)`` for ``z`` of shape ``(S, B, Z)``: ``(S, B)``,
-    evaluated in chunks of samples that bound the ``S x B x G`` temporaries."""
+def log_joint_terms(module, x, z: torch.Tensor, q_m, q_v, lik: Likelihood, n_genes: int,
+                    log_library: torch.Tensor | None = None):
+    """``log p(z) + log p(x | z, l) - log q(z | x)`` for draws ``z`` of the posterior normal,
+    ``(S, B, Z)``: ``(S, B)``, evaluated in chunks of samples that bound the ``S x B x G``
+    temporaries.
+
+    As scvi-tools' ``marginal_ll``, the densities of ``z`` are evaluated at the decoder's input
+    (for ``"ln"`` the softmax of the draw). With a library encoder ``log_library`` holds the
+    ``(S, B)`` draws of ``l`` and ``log p(l) - log q(l | x)`` is added (the per-batch prior).
+    """
     counts = dense_counts(x, n_genes)
-    library = observed_library(x)
+    library = observed_library(x) if log_library is None else None
+    if log_library is not None:
+        ql_m, ql_v = module.library_posterior(x)
+        p_m, p_v = library_prior_of(module, x)
     per = max(1, MAX_ELEMENTS // max(1, z.shape[1] * n_genes))
     out = []
     for s0 in range(0, z.shape[0], per):
-        zs = z[s0 : s0 + per]
-        gen = module.generative(zs, x.batch, logits=True, **module.covariates_of(x))
-        log_px = lik.log_prob(counts, lik.parameters(module, gen, library))
+        zs = module.z_transformation(z[s0 : s0 + per])
+        gen = module.generative(zs, x.batch, logits=True, labels=getattr(x, "labels", None),
+                                 **module.covariates_of(x))
+        lib = library if log_library is None else torch.exp(log_library[s0 : s0 + per])
+        log_px = lik.log_prob(counts, lik.parameters(module, gen, lib))
         log_pz = _log_normal(zs, torch.zeros_like(zs), torch.ones_like(zs))
-        out.append(log_pz + log_px - _log_normal(zs, q_m, q_v))
+        term = log_pz + log_px - _log_normal(zs, q_m, q_v)
+        if log_library is not None:
+            ls = log_library[s0 : s0 + per].unsqueeze(-1)
+            term = (term + _log_normal(ls, p_m.unsqueeze(-1), p_v.unsqueeze(-1))
+                    - _log_normal(ls, ql_m.unsqueeze(-1), ql_v.unsqueeze(-1)))
+        out.append(term)
     return torch.cat(out, 0)
+
+
+def library_prior_of(module, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, var)`` ``(B,)`` of each cell's log-library prior (library encoder models)."""
+    from scvi_fast.module._generative import library_prior
+
+    return library_prior(module.library_log_means, module.library_log_vars,
+                         getattr(x, "batch", None))
 
 
 @torch.inference_mode()
@@ -171,7 +275,8 @@ def marginal_ll(module, batches: Iterable, n_mc_samples: int = 1000,
     for _, x in batches:
         q_m, q_v = module.posterior(x)
         z = z_fn(q_m, q_v, total)
-        terms = log_joint_terms(module, x, z, q_m, q_v, lik, module.n_input)
+        log_library = library_draw(module, x, total, log=True) if has_library_encoder(module) else None
+        terms = log_joint_terms(module, x, z, q_m, q_v, lik, module.n_input, log_library)
         ll = torch.logsumexp(terms, dim=0) - np.log(n_mc_samples)
         results.append(float(ll.mean()) if return_mean else ll.float().cpu())
     if return_mean:
@@ -186,11 +291,19 @@ def latent_library_size(module, batches: Iterable, give_mean: bool = True) -> np
 
     With the observed library (``use_observed_lib_size``, scVI's default) there is no
     posterior of the library: ``give_mean=False`` returns the observed total counts and
-    ``give_mean=True`` raises scvi-tools' error.
+    ``give_mean=True`` raises scvi-tools' error. With a library encoder: ``give_mean`` gives
+    the log-normal posterior mean ``exp(ql_m + ql_v / 2)``, else ``exp`` of a draw.
     """
-    if not getattr(module, "use_observed_lib_size", True):
-        raise NotImplementedError("get_latent_library_size of a library encoder "
-                                  "(use_observed_lib_size=False) is not implemented yet")
+    if has_library_encoder(module):
+        parts = []
+        for _, x in batches:
+            if give_mean:
+                ql_m, ql_v = module.library_posterior(x)
+                lib = torch.exp(ql_m + ql_v / 2)  # LogNormal(ql_m, sqrt(ql_v)).mean
+            else:
+                lib = library_draw(module, x)
+            parts.append(lib.reshape(-1, 1).cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, 1), dtype=np.float32)
     if give_mean:
         raise RuntimeError(
             "The module for this model does not compute the posterior distribution for the "
@@ -222,7 +335,7 @@ def denoised_samples(module, batches: Iterable, n_samples: int, rna_size_factor:
         b = int(mb.n_cells)
         codes = (x.batch.reshape(-1)[:b] if transform_code is None
                  else torch.full((b,), int(transform_code), dtype=torch.int64, device=q_m.device))
-        gen = module.generative(z, codes, logits=True, **module.covariates_of(x))
+        gen = decode(module, z, codes, getattr(x, "labels", None), **module.covariates_of(x))
         params = lik.parameters(module, gen, torch.ones_like(observed_library(x)))
         if "dispersions" not in params:
             raise NotImplementedError("denoised samples need a dispersion (NB or ZINB)")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from scvi_fast.compat._pickle import safe_load_checkpoint
+from scvi_fast.module._generative import DISPERSIONS, GENE_LIKELIHOODS, LATENT_DISTRIBUTIONS
 from scvi_fast.compat._state import (
     module_state_to_scvi_tools,
     scvi_tools_state_to_module,
@@ -33,12 +34,15 @@ from scvi_fast.compat._state import (
 #: the scvi-tools release whose file layout :func:`save_scvi_tools` writes
 SCVI_TOOLS_FORMAT_VERSION = "1.4.2"
 
+#: scvi-tools constructor arguments scvi_fast implements at every value of this list
+_OPTIONS = {
+    "gene_likelihood": GENE_LIKELIHOODS,
+    "dispersion": DISPERSIONS,
+    "latent_distribution": LATENT_DISTRIBUTIONS,
+    "use_observed_lib_size": (True, False),
+}
 #: scvi-tools constructor arguments scvi_fast implements only at this value
 _REQUIRED = {
-    "gene_likelihood": "nb",
-    "dispersion": "gene",
-    "latent_distribution": "normal",
-    "use_observed_lib_size": True,
     "log_variational": True,
     "batch_representation": "one-hot",
     "use_batch_norm": "both",
@@ -46,8 +50,8 @@ _REQUIRED = {
     "use_size_factor_key": False,
     "var_activation": None,
 }
-#: arguments that change nothing scvi_fast computes (the library prior is unused
-#: with the observed library size; autotune payloads are bookkeeping)
+#: arguments that change nothing scvi_fast computes (the library prior is read from the
+#: weights; autotune payloads are bookkeeping)
 _IGNORED = {"library_log_means", "library_log_vars", "extra_payload_autotune", "n_batch", "n_labels"}
 _ARCH = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "encode_covariates",
          "deeply_inject_covariates")
@@ -77,13 +81,16 @@ def _flat_init_params(init_params: dict) -> dict:
 
 def _check_supported(params: dict, setup_args: dict, where: str) -> None:
     problems = []
+    for key, allowed in _OPTIONS.items():
+        if key in params and params[key] not in allowed:
+            problems.append(f"{key}={params[key]!r} (scvi_fast supports {list(allowed)})")
     for key, want in _REQUIRED.items():
         if key in params and params[key] != want:
             problems.append(f"{key}={params[key]!r} (scvi_fast supports {want!r})")
     for key in ("extra_encoder_kwargs", "extra_decoder_kwargs", "batch_embedding_kwargs"):
         if params.get(key):
             problems.append(f"{key}={params[key]!r} (scvi_fast supports none)")
-    unknown = set(params) - set(_REQUIRED) - set(_IGNORED) - set(_ARCH) - {
+    unknown = set(params) - set(_OPTIONS) - set(_REQUIRED) - set(_IGNORED) - set(_ARCH) - {
         "extra_encoder_kwargs", "extra_decoder_kwargs", "batch_embedding_kwargs", "kwargs",
     }
     if unknown:
@@ -113,8 +120,9 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
     ``{"config", "state", "registry"}``, as ``SCVI._from_parts`` takes them: ``config`` holds
     the architecture (``init_params``), ``is_trained``, ``history``, the split's indices and
     scvi-tools' category mappings; ``state`` the module's tensors (``module.*``) and the
-    scvi-tools tensors scvi_fast never computes with (``passthrough.*``: library encoder,
-    ``px_dropout`` and ``px_r`` decoder heads, written back unchanged on export);
+    scvi-tools tensors a model of these options never computes with (``passthrough.*``:
+    library encoder, ``px_dropout`` and ``px_r`` decoder heads where unused, written back
+    unchanged on export);
     ``registry`` a registry dict. Raises ``NotImplementedError`` for configurations
     scvi_fast does not implement and :class:`~scvi_fast.compat.UnsafeCheckpointError` for
     files that need more than data to unpickle.
@@ -140,15 +148,20 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
     _check_supported(params, setup_args, str(path))
 
     state = {k: v for k, v in ckpt["model_state_dict"].items() if isinstance(v, torch.Tensor)}
+    options = {k: params[k] for k in _OPTIONS}
+    options["use_observed_lib_size"] = bool(options["use_observed_lib_size"])
     fields = registry.get("field_registries", {})
     covariates = _covariate_setup(setup_args, fields, str(path))
     encode = bool(params.get("encode_covariates", False))
     deep = bool(params.get("deeply_inject_covariates", True))
     try:
-        module_state, passthrough, arch = scvi_tools_state_to_module(state, {
-            "n_cats_per_cov": [len(c) for c in covariates["categorical_covariate_categories"]],
-            "n_continuous_cov": len(covariates["continuous_covariate_keys"]),
-            "encode_covariates": encode, "deeply_inject_covariates": deep})
+        module_state, passthrough, arch = scvi_tools_state_to_module(
+            state, options["gene_likelihood"], options["dispersion"],
+            options["use_observed_lib_size"], covariates={
+                "n_cats_per_cov": [len(c) for c in
+                                   covariates["categorical_covariate_categories"]],
+                "n_continuous_cov": len(covariates["continuous_covariate_keys"]),
+                "encode_covariates": encode, "deeply_inject_covariates": deep})
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
     batch_cats = _mapping(fields, "batch")
@@ -177,6 +190,7 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
                 "n_hidden": arch["n_hidden"], "n_latent": arch["n_latent"],
                 "n_layers": arch["n_layers"], "dropout_rate": float(params["dropout_rate"]),
                 "encode_covariates": encode, "deeply_inject_covariates": deep,
+                **options,
             },
             "is_trained": bool(attr.get("is_trained_", True)),
             "history": _history_lists(attr.get("history_")),
@@ -319,7 +333,7 @@ def scvi_tools_registry(model, n_obs: int) -> dict:
     }
 
 
-_KEY_ORDER = ("px_r", "z_encoder.", "l_encoder.", "decoder.px_decoder.", "decoder.px_scale_decoder.",
+_KEY_ORDER = ("px_r", "library_log_means", "library_log_vars", "z_encoder.", "l_encoder.", "decoder.px_decoder.", "decoder.px_scale_decoder.",
               "decoder.px_r_decoder.", "decoder.px_dropout_decoder.")
 
 
@@ -334,11 +348,15 @@ def scvi_tools_state(model) -> dict[str, torch.Tensor]:
     """The scvi-tools ``VAE.state_dict()`` of ``model`` (CPU tensors, scvi-tools' key order)."""
     vae = model.module
     module_state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
+    options = (vae.gene_likelihood, vae.dispersion, vae.use_observed_lib_size)
+    own = set(module_state_to_scvi_tools(module_state, {}, vae.n_layers, *options))
     first = vae.encoder.first
     heads = unused_scvi_tools_heads(vae.n_input, vae.n_hidden, vae.n_layers, vae.n_batch,
                                     n_encoder_input=first.n_in + first.n_cov + first.n_cont)
-    passthrough = {k: v.detach().cpu() for k, v in model.passthrough.items()}
+    passthrough = {k: v.detach().cpu() for k, v in model.passthrough.items() if k not in own}
     for k, v in heads.items():
+        if k in own:
+            continue
         if k not in passthrough:
             passthrough[k] = v
         elif tuple(passthrough[k].shape) != tuple(v.shape):
@@ -346,7 +364,7 @@ def scvi_tools_state(model) -> dict[str, torch.Tensor]:
                 f"passthrough tensor {k} has shape {tuple(passthrough[k].shape)}, expected "
                 f"{tuple(v.shape)}"
             )
-    state = module_state_to_scvi_tools(module_state, passthrough, vae.n_layers)
+    state = module_state_to_scvi_tools(module_state, passthrough, vae.n_layers, *options)
     ordered = sorted(state, key=_rank)  # stable: keeps the per-layer order within a group
     return {k: state[k] for k in ordered}
 
@@ -366,7 +384,7 @@ def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
 
     ``scvi.model.SCVI.load(folder, adata=...)`` opens it and gives the same latent
     representation. A model trained in scvi_fast gets freshly initialised tensors
-    for the heads scvi-tools keeps but never uses with NB and the observed library
+    for the heads scvi-tools keeps but a model of its options never uses
     (:func:`~scvi_fast.compat.unused_scvi_tools_heads`).
     """
     folder = Path(folder)
@@ -388,10 +406,10 @@ def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
                 "n_latent": int(arch["n_latent"]),
                 "n_layers": int(arch["n_layers"]),
                 "dropout_rate": float(arch["dropout_rate"]),
-                "dispersion": "gene",
-                "gene_likelihood": "nb",
-                "use_observed_lib_size": True,
-                "latent_distribution": "normal",
+                "dispersion": str(arch["dispersion"]),
+                "gene_likelihood": str(arch["gene_likelihood"]),
+                "use_observed_lib_size": bool(arch["use_observed_lib_size"]),
+                "latent_distribution": str(arch["latent_distribution"]),
             },
         },
         "is_trained_": bool(model.is_trained),

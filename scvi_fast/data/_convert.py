@@ -23,8 +23,9 @@ from ._open import as_source
 from ._source import ArraySource, Source
 from ._atomic import WriteJob, check_destination, replace_into
 from ._checksum import crc32c
-from ._store import (_CHUNK_CRC, _CRC_BLOCK, CHUNK_ROWS, FORMAT, FORMAT_VERSION, CSRStore,
-                     StoreSource, _file_crc, is_store, manifest_crc)
+from ._store import CSRStore, StoreSource, is_store
+from ._store_checks import _file_crc, manifest_crc
+from ._store_format import _CHUNK_CRC, _CRC_BLOCK, CHUNK_ROWS, FORMAT, FORMAT_VERSION
 
 
 def smallest_uint(max_value: int) -> np.dtype:

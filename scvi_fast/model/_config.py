@@ -15,15 +15,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-#: architecture and training defaults of the CZ CELLxGENE Census scVI recipe
+from scvi_fast.module._generative import check_options
+
+#: architecture and training defaults of the CZ CELLxGENE Census scVI recipe (the published
+#: Census model has a negative-binomial likelihood)
 PRESETS: dict[str, dict] = {
     "census": {
-        "model": {"n_hidden": 512, "n_latent": 50, "n_layers": 2, "dropout_rate": 0.1},
+        "model": {"n_hidden": 512, "n_latent": 50, "n_layers": 2, "dropout_rate": 0.1,
+                  "gene_likelihood": "nb"},
         "train": {"lr": 1e-4, "batch_size": 1024, "max_epochs": 100, "n_epochs_kl_warmup": 20},
     },
 }
 #: scvi-tools' defaults, used where neither the call nor a preset says otherwise
 MODEL_DEFAULTS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "dropout_rate": 0.1,
+                  "dispersion": "gene", "gene_likelihood": "zinb",
+                  "latent_distribution": "normal", "use_observed_lib_size": True,
                   "encode_covariates": False, "deeply_inject_covariates": True}
 TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 128, "max_epochs": None, "n_epochs_kl_warmup": 400}
 #: cells per minibatch when a model reads data for inference
@@ -36,9 +42,10 @@ def check_preset(preset: str | None) -> None:
 
 
 def architecture(preset: str | None = None, **given) -> dict:
-    """``n_hidden``, ``n_latent``, ``n_layers``, ``dropout_rate``, ``encode_covariates``,
-    ``deeply_inject_covariates``: the call's values where given (not None), else the preset's,
-    else scvi-tools' defaults."""
+    """``n_hidden``, ``n_latent``, ``n_layers``, ``dropout_rate``, the generative options
+    (``dispersion``, ``gene_likelihood``, ``latent_distribution``, ``use_observed_lib_size``)
+    and the covariate options (``encode_covariates``, ``deeply_inject_covariates``): the call's
+    values where given (not None), else the preset's, else scvi-tools' defaults."""
     check_preset(preset)
     arch = dict(MODEL_DEFAULTS)
     if preset:
@@ -48,7 +55,11 @@ def architecture(preset: str | None = None, **given) -> dict:
         raise TypeError(f"unknown architecture settings {unknown}; known: {sorted(MODEL_DEFAULTS)}")
     arch.update({k: v for k, v in given.items() if v is not None})
     for name, value in arch.items():
-        check_arch_value(name, value)
+        if name in ARCH_BOUNDS:
+            check_arch_value(name, value)
+    check_options(arch["gene_likelihood"], arch["dispersion"], arch["latent_distribution"],
+                  arch["use_observed_lib_size"])
+    arch["use_observed_lib_size"] = bool(arch["use_observed_lib_size"])
     return arch
 
 

@@ -15,6 +15,7 @@ import torch
 from scvi_fast import data as _data
 from scvi_fast.model._config import INFERENCE_BATCH_SIZE, prefetch_default
 from scvi_fast.model._registry import Registry, open_data
+from scvi_fast.module._generative import init_library_size
 
 
 def source_for(registry: Registry, data, trusted: bool = False) -> _data.Source:
@@ -86,6 +87,17 @@ def batches(module, device: torch.device, source, indices=None, batch_size: int 
     module.to(device).eval()
     for mb in loader(source, device, indices=indices, batch_size=batch_size):
         yield mb, mb.to(device, non_blocking=True)
+
+
+def library_size_prior(registry: Registry, data) -> tuple[np.ndarray, np.ndarray]:
+    """The library prior of a model with a library encoder, from ``data``'s cells:
+    scvi-tools' ``_init_library_size`` (per batch, mean and variance of the log totals)."""
+    totals, codes = [], []
+    for mb in loader(source_for(registry, data, trusted=True), torch.device("cpu"),
+                     prefetch=False):
+        totals.append(np.asarray(mb.library, dtype=np.float64))
+        codes.append(np.asarray(mb.batch, dtype=np.int64))
+    return init_library_size(np.concatenate(totals), np.concatenate(codes), registry.n_batch)
 
 
 def n_rows(data, indices=None) -> int:

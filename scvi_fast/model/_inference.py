@@ -21,7 +21,7 @@ from scvi_fast.train import _distributed
 
 
 def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progress_bar,
-           precision):
+           precision, mc_samples=5000):
     """``get_latent_representation``: one process, or this rank's share of a job."""
     batch_size = batch_size or analysis.default_batch_size(model.device)
     source = model._source(adata)
@@ -35,7 +35,7 @@ def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progr
         with torch.inference_mode():
             res = analysis.map_rows(
                 analysis.latent_fn(model.module, give_mean=give_mean, return_dist=return_dist,
-                                   precision=precision),
+                                   precision=precision, mc_samples=mc_samples),
                 lambda idx: model._loader(source, indices=idx, batch_size=batch_size), rows,
                 2 * Z if return_dist else Z, model.device, ctx=ctx, out=out,
             )
@@ -50,7 +50,7 @@ def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progr
                                 pin_memory=model.device.type == "cuda")
     return analysis.latent_representation(
         model.module, batches, n, model.device, give_mean=give_mean, return_dist=return_dist,
-        out=out, precision=precision, progress_bar=progress_bar,
+        out=out, precision=precision, progress_bar=progress_bar, mc_samples=mc_samples,
     )
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
 from scvi_fast import data as _data
 from scvi_fast.compat import safe_load_checkpoint
+from scvi_fast.model import _data as _access
 from scvi_fast.model._registry import Registry
 from scvi_fast.module import FREEZE_DEFAULTS, load_reference_state, set_online_update
 
@@ -148,7 +150,12 @@ def load_query_data(cls, adata, reference, device, flags: dict, inplace_subset_q
                               "seed": seed},
               "is_trained": False}
     model = cls._from_parts(config, None, registry)
-    load_reference_state(model.module, ref.module.state_dict(), [reg.n_batch, *reg.n_cats_per_cov])
+    if model.module.l_encoder is not None:  # the query's prior, as scvi-tools' query model
+        means, variances = _access.library_size_prior(registry, adata)
+        model.module.library_log_means.copy_(torch.as_tensor(means))
+        model.module.library_log_vars.copy_(torch.as_tensor(variances))
+    load_reference_state(model.module, ref.module.state_dict(),
+                         [reg.n_batch, *reg.n_cats_per_cov])
     model.passthrough = {k: v.detach().cpu().clone() for k, v in ref.passthrough.items()}
     model.scvi_tools_mappings = dict(ref.scvi_tools_mappings)
     model.query_flags_ = {**FREEZE_DEFAULTS, **flags}

@@ -33,7 +33,7 @@ from scvi_fast.train import resolve_device
 
 
 class SCVI:
-    """scVI (Lopez et al. 2018) with a negative-binomial likelihood, on fused kernels.
+    """scVI (Lopez et al. 2018) on fused kernels, with scvi-tools' likelihoods and options.
 
     Parameters
     ----------
@@ -43,8 +43,17 @@ class SCVI:
         that setup holding no data).
     n_hidden, n_latent, n_layers, dropout_rate
         Architecture; scvi-tools' defaults 128 / 10 / 1 / 0.1.
-    dispersion, gene_likelihood, latent_distribution
-        Only ``"gene"``, ``"nb"`` and ``"normal"`` are supported.
+    dispersion
+        ``"gene"`` (default), ``"gene-batch"``, ``"gene-label"`` or ``"gene-cell"``, as
+        scvi-tools.
+    gene_likelihood
+        ``"zinb"`` (scvi-tools' default), ``"nb"`` or ``"poisson"``. The census preset is
+        NB (the published CELLxGENE Census model is) unless this is given.
+    use_observed_lib_size
+        True (default): the observed total counts are the library; False: a library encoder
+        with scvi-tools' per-batch log-normal prior, its parameters computed from the data.
+    latent_distribution
+        ``"normal"`` or ``"ln"`` (logistic normal: ``z`` is the softmax of the sample).
     preset
         ``"census"``: the CZ CELLxGENE Census recipe (512 / 50 / 2; ``train`` then
         defaults to lr 1e-4, batch 1024, 100 epochs, 20 warm-up epochs).
@@ -64,8 +73,9 @@ class SCVI:
     registry
         The :class:`~scvi_fast.model.Registry` (genes, covariate keys and categories, layer).
     passthrough
-        scvi-tools tensors scvi_fast never computes with (library encoder, unused heads),
-        kept so that an export writes them back unchanged.
+        scvi-tools tensors this model's options never compute with (e.g. the library encoder
+        with the observed library, ``px_dropout_decoder`` unless ZINB), kept so that an export
+        writes them back unchanged.
     scvi_tools_mappings
         scvi-tools' own category mappings of an imported model (e.g. integer batch ids),
         written back as they were on export.
@@ -73,34 +83,49 @@ class SCVI:
 
     def __init__(self, adata=None, n_hidden: int | None = None, n_latent: int | None = None,
                  n_layers: int | None = None, dropout_rate: float | None = None,
-                 dispersion: Literal["gene"] = "gene", gene_likelihood: Literal["nb"] = "nb",
-                 latent_distribution: Literal["normal"] = "normal",
+                 dispersion: Literal["gene", "gene-batch", "gene-label", "gene-cell"] = "gene",
+                 gene_likelihood: Literal["zinb", "nb", "poisson"] | None = None,
+                 use_observed_lib_size: bool = True,
+                 latent_distribution: Literal["normal", "ln"] = "normal",
                  preset: Literal["census"] | None = None,
                  impl: Literal["auto", "triton", "native", "torch"] = "auto", seed: int = 0,
                  encode_covariates: bool | None = None,
                  deeply_inject_covariates: bool | None = None):
-        if dispersion != "gene" or gene_likelihood != "nb" or latent_distribution != "normal":
-            raise NotImplementedError(
-                "scvi_fast implements scVI with dispersion='gene', gene_likelihood='nb' and "
-                "latent_distribution='normal'; use scvi-tools for other variants"
-            )
         if adata is None:
             raise ValueError("pass an AnnData registered with SCVI.setup_anndata, or a store")
-        registry = adata if isinstance(adata, Registry) else Registry.from_data(adata)
         arch = architecture(preset, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
-                            dropout_rate=dropout_rate, encode_covariates=encode_covariates,
+                            dropout_rate=dropout_rate, dispersion=dispersion,
+                            gene_likelihood=gene_likelihood,
+                            latent_distribution=latent_distribution,
+                            use_observed_lib_size=use_observed_lib_size,
+                            encode_covariates=encode_covariates,
                             deeply_inject_covariates=deeply_inject_covariates)
-        self._build(registry, arch, preset, impl, seed)
+        registry = adata if isinstance(adata, Registry) else Registry.from_data(adata)
+        library = None
+        if not arch["use_observed_lib_size"]:
+            if isinstance(adata, Registry):
+                raise ValueError("use_observed_lib_size=False computes the library prior from "
+                                 "the data; pass the AnnData or store, not a registry")
+            library = _access.library_size_prior(registry, adata)
+        self._build(registry, arch, preset, impl, seed, library)
         self.adata = None if isinstance(adata, Registry) else adata
 
-    def _build(self, registry: Registry, arch: dict, preset, impl: str, seed: int) -> None:
+    def _build(self, registry: Registry, arch: dict, preset, impl: str, seed: int,
+               library: tuple | None = None) -> None:
+        """``library``: the library prior's ``(means, vars)`` for ``use_observed_lib_size=False``
+        (None: placeholders, for a model whose saved state is loaded next)."""
         self.registry, self.preset = registry, preset
+        if not arch["use_observed_lib_size"] and library is None:
+            k = max(registry.n_batch, 1)
+            library = (np.zeros((1, k)), np.ones((1, k)))
+        means, variances = library if library is not None else (None, None)
         # Weights are initialised from their own seeded stream so that a model
         # (and a CPU training run) is reproducible without touching the global RNG.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = VAE(n_input=len(registry.var_names), n_batch=registry.n_batch,
-                              n_labels=registry.n_labels, impl=impl,
+                              n_labels=registry.n_labels, impl=impl, library_log_means=means,
+                              library_log_vars=variances,
                               n_cats_per_cov=registry.n_cats_per_cov,
                               n_continuous_cov=len(registry.continuous_covariate_keys),
                               use_size_factor_key=registry.size_factor_key is not None, **arch)
@@ -128,6 +153,8 @@ class SCVI:
         """
         params = dict(config["init_params"])
         preset, impl, seed = params.pop("preset", None), params.pop("impl", "auto"), params.pop("seed", 0)
+        # models saved before the likelihood was a setting are NB
+        params.setdefault("gene_likelihood", "nb")
         model = cls.__new__(cls)
         model._build(registry, architecture(preset, **params), preset, impl, seed)
         if state is not None:
@@ -192,6 +219,8 @@ class SCVI:
         return (
             f"SCVI model with n_hidden={a['n_hidden']}, n_latent={a['n_latent']}, "
             f"n_layers={a['n_layers']}, dropout_rate={a['dropout_rate']}, "
+            f"dispersion={a['dispersion']}, gene_likelihood={a['gene_likelihood']}, "
+            f"latent_distribution={a['latent_distribution']}, "
             f"{len(self.registry.var_names)} genes, {self.registry.n_batch} batch categories; "
             f"trained: {self.is_trained_}"
         )
@@ -351,12 +380,15 @@ class SCVI:
         ``.h5ad`` or a CSR store of any size). ``batch_size`` defaults to 16384 on a GPU,
         1024 on the CPU; ``return_dist`` returns ``(q_m, q_v)``; ``out`` writes a ``.npy`` file
         block by block and returns it as a read-only memory map; ``precision="bf16-mixed"``
-        runs the encoder's GEMMs under bfloat16 autocast (CUDA only). Under a distributed job
+        runs the encoder's GEMMs under bfloat16 autocast (CUDA only). For
+        ``latent_distribution="ln"`` a sample is the softmax of a normal draw and the mean the
+        average softmax of ``mc_samples`` draws (``return_dist``: the normal's mean and
+        variance), as scvi-tools. Under a distributed job
         this is a collective: each rank embeds a contiguous share of the cells, writing its
         rows of ``out`` or gathering the whole array on every rank.
         """
         return _inference.latent(self, adata, indices, give_mean, batch_size, return_dist, out,
-                                 progress_bar, precision)
+                                 progress_bar, precision, mc_samples)
 
     def get_normalized_expression(self, adata=None, indices: Sequence[int] | None = None,
                                   transform_batch=None, gene_list: Sequence[str] | None = None,
@@ -427,7 +459,7 @@ class SCVI:
                                     transform_batch=None, n_samples: int = 1,
                                     gene_list: Sequence[str] | None = None,
                                     batch_size: int | None = None, silent: bool = True):
-        """Counts drawn from the posterior predictive ``p(x_hat | x)`` (negative binomial).
+        """Counts drawn from the posterior predictive ``p(x_hat | x)`` (the gene likelihood).
 
         As scvi-tools 1.4, sparse: a ``scipy.sparse.csr_array`` ``(n_cells, n_genes)`` for
         one sample, else a ``coo_array`` ``(n_cells, n_genes, n_samples)``; float32 values
@@ -442,10 +474,10 @@ class SCVI:
                                   **data_loader_kwargs) -> dict[str, np.ndarray]:
         """Parameters of ``p(x | z)`` for ``z`` drawn from the posterior (scvi-tools).
 
-        NB: ``{"mean": exp(l) * rho, "dispersions": theta}``, float32 arrays ``(n_cells,
+        NB: ``{"mean": exp(l) * rho, "dispersions": theta}``; ZINB adds ``"dropout"`` (the
+        zero-inflation probability); Poisson: ``{"mean"}``. Float32 arrays ``(n_cells,
         n_genes)`` for ``n_samples=1``, else ``(n_samples, n_cells, n_genes)`` unless
-        ``give_mean`` averages the samples. Other likelihoods add their entry to
-        :data:`scvi_fast.analysis.LIKELIHOODS`.
+        ``give_mean`` averages the samples (:data:`scvi_fast.analysis.LIKELIHOODS`).
         """
         _inference.no_dataloader(dataloader, data_loader_kwargs)
         return _inference.likelihood_parameters(self, adata, indices, int(n_samples or 1),
@@ -471,7 +503,8 @@ class SCVI:
                                 dataloader=None, **data_loader_kwargs) -> np.ndarray:
         """Library size of each cell, ``(n_cells, 1)``: the observed total counts with
         ``give_mean=False``; scVI's observed library has no posterior, so ``give_mean=True``
-        raises scvi-tools' RuntimeError."""
+        raises scvi-tools' RuntimeError. With a library encoder
+        (``use_observed_lib_size=False``): the log-normal posterior mean, or a draw."""
         _inference.no_dataloader(dataloader, data_loader_kwargs)
         return _inference.latent_library_size(self, adata, indices, give_mean, batch_size)
 

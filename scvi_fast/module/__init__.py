@@ -12,6 +12,7 @@ from scvi_fast.module._state import (
     StateMismatchError,
     check_state,
     state_checksums,
+    tensor_crc32,
     verify_checksums,
 )
 from scvi_fast.module._vae import VAE, LossOutput, fp32, kl_weight, posterior_variance, sample_z
@@ -19,6 +20,6 @@ from scvi_fast.module._vae import VAE, LossOutput, fp32, kl_weight, posterior_va
 __all__ = [
     "VAE", "LossOutput", "kl_weight", "SparseInputLinear", "CovariateLinear", "DenseBlock",
     "fp32", "posterior_variance", "sample_z",
-    "StateMismatchError", "check_state", "state_checksums", "verify_checksums",
+    "StateMismatchError", "check_state", "state_checksums", "tensor_crc32", "verify_checksums",
     "FREEZE_DEFAULTS", "keep_eval_mode", "load_reference_state", "set_online_update",
 ]

@@ -92,8 +92,12 @@ def set_online_update(module: nn.Module, *, unfrozen: bool = False, freeze_dropo
                     else set())
     if not freeze_batchnorm_decoder:
         trainable_bn |= {id(p) for bn in bn_dec for p in bn.parameters()}
+    # the library encoder trains whole, without hooks, frozen BatchNorm or removed dropout
+    # (scvi-tools' ``mod_no_hooks_yes_grad``)
+    l_enc = getattr(module, "l_encoder", None)
+    library = {id(p) for p in l_enc.parameters()} if l_enc is not None else set()
     for p in module.parameters():
-        p.requires_grad_(id(p) in hidden or id(p) in trainable_bn)
+        p.requires_grad_(id(p) in hidden or id(p) in trainable_bn or id(p) in library)
     hooked = enc[0 if freeze_expression else 1:] + dec[0 if freeze_decoder_first_layer else 1:]
     for layer in hooked:
         # only the one-hot columns (weight_cov) train in a hooked layer, as scvi-tools' hook
@@ -134,7 +138,9 @@ def load_reference_state(module: nn.Module, reference_state: dict, n_reference_b
     gets a zero row for that category. (scvi-tools pads the whole concatenated weight at its
     end instead, which shifts the columns of a covariate that follows one that gained
     categories; with new categories in the last categorical only, e.g. a batch-only model,
-    the two agree.)
+    the two agree.) Other tensors sized by the batches (a ``"gene-batch"`` ``px_r``, the library
+    prior) keep the reference's entries in front and the module's own after them, as
+    scvi-tools pads them.
     """
     sizes = ([int(n_reference_batches), *getattr(module, "n_cats_per_cov", ())]
              if isinstance(n_reference_batches, int) else [int(k) for k in n_reference_batches])
@@ -147,8 +153,15 @@ def load_reference_state(module: nn.Module, reference_state: dict, n_reference_b
     for key, ref in reference_state.items():
         if key not in state:
             raise ValueError(f"reference tensor {key} has no place in the query model")
-        if not key.endswith("weight_cov"):
-            state[key] = ref.detach().cpu().clone()
+        if key.endswith("weight_cov"):
+            continue
+        ref = ref.detach().cpu()
+        if ref.shape != state[key].shape and ref.dim() == state[key].dim():
+            padded = state[key].clone()
+            padded[tuple(slice(0, n) for n in ref.shape)] = ref
+            state[key] = padded
+        else:
+            state[key] = ref.clone()
     for key in state:
         if key.endswith("weight_cov"):
             table = state[key].clone()

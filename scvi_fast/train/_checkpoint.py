@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from scvi_fast.module import tensor_crc32
+
 #: the entry of a saved dict that holds its checksums
 CHECKSUM_KEY = "_checksums"
 _ADVICE = ("Delete it (or pass resume=False, or another checkpoint_dir) to train from scratch, "
@@ -45,11 +47,7 @@ def _leaves(obj, path: str = "") -> Iterator[tuple[str, object]]:
 
 
 def _tensor_crc(t: torch.Tensor) -> int:
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
-    return zlib.crc32(raw.numpy()) if raw.numel() else 0
+    return int(tensor_crc32(t), 16)
 
 
 def checksums(obj: dict) -> dict:

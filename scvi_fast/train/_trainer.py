@@ -204,39 +204,16 @@ class Trainer:
         self.n_epochs_kl_warmup, self.n_steps_kl_warmup = n_epochs_kl_warmup, n_steps_kl_warmup
         self.max_kl_weight, self.min_kl_weight = max_kl_weight, min_kl_weight
         kl_weight_fn(0, n_epochs_kl_warmup, max_kl_weight, min_kl_weight)  # checks min <= max
-        if check_val_every_n_epoch is not None and int(check_val_every_n_epoch) < 1:
-            raise ValueError(f"check_val_every_n_epoch must be a positive integer or None; got "
-                             f"{check_val_every_n_epoch}")
-        self.check_val_every_n_epoch = check_val_every_n_epoch
-        self.early_stopping = early_stopping
-        self.patience, self.min_delta = early_stopping_patience, abs(early_stopping_min_delta)
-        self.monitor = early_stopping_monitor
-        if early_stopping_mode not in ("min", "max"):
-            raise ValueError(f"early_stopping_mode must be 'min' or 'max'; got {early_stopping_mode!r}")
-        self.mode, self.es_warmup = early_stopping_mode, int(early_stopping_warmup_epochs)
-        for on, metric, what in ((early_stopping, self.monitor, "early stopping"),
-                                 (reduce_lr_on_plateau, lr_scheduler_metric, "reduce_lr_on_plateau")):
-            if on and metric.endswith("_validation") and (val_loader is None
-                                                          or check_val_every_n_epoch is None):
-                raise ValueError(
-                    f"{what} monitors {metric!r} but there is no validation set (or "
-                    "check_val_every_n_epoch is None); use train_size < 1 or a training metric"
-                )
+        self._setup_monitoring(check_val_every_n_epoch, early_stopping, early_stopping_patience,
+                               early_stopping_min_delta, early_stopping_monitor,
+                               early_stopping_mode, early_stopping_warmup_epochs,
+                               reduce_lr_on_plateau, lr_scheduler_metric)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.seed = seed
         self.progress_bar = progress_bar
-        self.optimizer = make_adam(
-            [p for p in module.parameters() if p.requires_grad], lr, adam_eps, weight_decay,
-            capturable=on_cuda, optimizer=optimizer,
-        )
-        self.optimizer_name = optimizer
-        self.scheduler = None
-        self.lr_scheduler_metric = lr_scheduler_metric
-        if reduce_lr_on_plateau:
-            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizer, patience=lr_patience, factor=lr_factor, threshold=lr_threshold,
-                min_lr=lr_min, threshold_mode="abs")
+        self._setup_optimizer(lr, adam_eps, weight_decay, optimizer, on_cuda, reduce_lr_on_plateau,
+                              lr_factor, lr_patience, lr_threshold, lr_min, lr_scheduler_metric)
         self._setup_step(step_mode, compiled=compile_dense and on_cuda)
         self.history: dict[str, list[float]] = {}
         self.epoch = 0  # completed epochs
@@ -250,6 +227,46 @@ class Trainer:
         self.cells_trained = 0
         #: wall time of each training pass (excluding validation), seconds
         self.epoch_times: list[float] = []
+
+    def _setup_monitoring(self, check_val_every_n_epoch, early_stopping, patience, min_delta,
+                          monitor, mode, warmup_epochs, reduce_lr_on_plateau,
+                          lr_scheduler_metric) -> None:
+        """Validation frequency and early stopping, checked against the validation set."""
+        if check_val_every_n_epoch is not None and int(check_val_every_n_epoch) < 1:
+            raise ValueError(f"check_val_every_n_epoch must be a positive integer or None; got "
+                             f"{check_val_every_n_epoch}")
+        self.check_val_every_n_epoch = check_val_every_n_epoch
+        self.early_stopping = early_stopping
+        self.patience, self.min_delta = patience, abs(min_delta)
+        self.monitor = monitor
+        if mode not in ("min", "max"):
+            raise ValueError(f"early_stopping_mode must be 'min' or 'max'; got {mode!r}")
+        self.mode, self.es_warmup = mode, int(warmup_epochs)
+        for on, metric, what in ((early_stopping, self.monitor, "early stopping"),
+                                 (reduce_lr_on_plateau, lr_scheduler_metric, "reduce_lr_on_plateau")):
+            if on and metric.endswith("_validation") and (self.val_loader is None
+                                                               or check_val_every_n_epoch is None):
+                raise ValueError(
+                    f"{what} monitors {metric!r} but there is no validation set (or "
+                    "check_val_every_n_epoch is None); use train_size < 1 or a training metric"
+                )
+
+    def _setup_optimizer(self, lr, adam_eps, weight_decay, optimizer, on_cuda,
+                         reduce_lr_on_plateau, lr_factor, lr_patience, lr_threshold, lr_min,
+                         lr_scheduler_metric) -> None:
+        """Adam / AdamW over the trainable parameters (capturable on CUDA, so a captured step
+        updates them), and the plateau scheduler when asked for."""
+        self.optimizer = make_adam(
+            [p for p in self.module.parameters() if p.requires_grad], lr, adam_eps, weight_decay,
+            capturable=on_cuda, optimizer=optimizer,
+        )
+        self.optimizer_name = optimizer
+        self.scheduler = None
+        self.lr_scheduler_metric = lr_scheduler_metric
+        if reduce_lr_on_plateau:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer, patience=lr_patience, factor=lr_factor, threshold=lr_threshold,
+                min_lr=lr_min, threshold_mode="abs")
 
     def _setup_step(self, step_mode: str, compiled: bool) -> None:
         """The step runner, and the static device buffers its non-eager modes read."""

@@ -32,7 +32,7 @@ def kang():
     adata = anndata.read_h5ad(shared_file("kang_ctrlstim_muscat_example.h5ad"))
     scvi_fast.SCVI.setup_anndata(adata, batch_key="donor")
     # a quick model: 50 epochs of 6 minibatches (batch 256, lr 4e-3)
-    model = scvi_fast.SCVI(adata)
+    model = scvi_fast.SCVI(adata, gene_likelihood="nb")
     model.train(max_epochs=50, batch_size=256, lr=4e-3, seed=0, progress_bar=False)
     return adata, model
 

@@ -125,16 +125,29 @@ def _rewrite(src, dst, edit):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(gene_likelihood="zinb"), "gene_likelihood"),
-        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(dispersion="gene-batch"), "dispersion"),
-        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(latent_distribution="ln"), "latent_distribution"),
-        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(use_observed_lib_size=False), "use_observed_lib_size"),
+        (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(gene_likelihood="normal"), "gene_likelihood"),
         (lambda c: c["attr_dict"]["registry_"].update(model_name="SCANVI"), "SCANVI"),
     ],
 )
 def test_unsupported_configurations_are_refused(tmp_path, edit, match):
     _rewrite(_folder("nobatch") / "model.pt", tmp_path / "m", edit)
     with pytest.raises(NotImplementedError, match=match):
+        scvi_fast.SCVI.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("option, value, missing", [
+    ("gene_likelihood", "zinb", "px_dropout_decoder"),
+    ("use_observed_lib_size", False, "l_encoder"),
+])
+def test_options_that_the_weights_contradict_are_refused(tmp_path, option, value, missing):
+    """Supported options whose tensors the file lacks (an NB file claiming ZINB...): a clear
+    error naming the missing tensor, nothing loaded."""
+    def edit(c):
+        c["attr_dict"]["init_params_"]["non_kwargs"][option] = value
+        c["model_state_dict"] = {k: v for k, v in c["model_state_dict"].items()
+                                 if not k.startswith(("decoder.px_dropout", "l_encoder"))}
+    _rewrite(_folder("nobatch") / "model.pt", tmp_path / "m", edit)
+    with pytest.raises(ValueError, match=missing):
         scvi_fast.SCVI.load(tmp_path / "m")
 
 

@@ -17,9 +17,10 @@ def _string_dtype_strings():
     if int(pd.__version__.split(".")[0]) >= 3:
         return contextlib.nullcontext()
     try:
-        return pd.option_context("future.infer_string", True)
+        pd.get_option("future.infer_string")
     except (KeyError, pd.errors.OptionError):
-        pytest.skip(f"pandas {pd.__version__} has no string dtype inference")
+        pytest.skip(f"pandas {pd.__version__} has no string dtype inference to write")
+    return pd.option_context("future.infer_string", True)
 
 
 def _adata(rng):

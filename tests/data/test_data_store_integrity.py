@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from scvi_fast.data import CSRLoader, CSRStore, StoreCorruptError, is_store
 from scvi_fast.data._atomic import LEGACY_AGE_S, clean_stale
 from scvi_fast.data._checksum import crc32c, crc32c_numba
-from scvi_fast.data._store import manifest_crc
+from scvi_fast.data._store_checks import manifest_crc
 from _data_helpers import random_counts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def test_chunk_checksums_cover_every_byte_through_upcasts(rng, tmp_path, chunk_r
 
 def test_empty_store_opens_and_verifies(tmp_path):
     store = CSRStore.create(tmp_path / "s", sp.csr_matrix((0, 5), dtype=np.float32))
-    assert store.n_cells == 0 and store._checked.size == 0
+    assert store.n_cells == 0 and store._chunks.checked.size == 0
     CSRStore.open(tmp_path / "s", verify=True).verify()
 
 
@@ -129,14 +129,14 @@ def test_flipped_counts_fail_before_a_minibatch(rng, tmp_path, name, stage):
 def test_a_chunk_is_checked_once_and_the_first_epoch_checks_all(rng, tmp_path, monkeypatch):
     X, store, _ = _store(rng, tmp_path)
     calls = []
-    real = store._check_run
-    monkeypatch.setattr(store, "_check_run", lambda a, b: (calls.append((a, b)), real(a, b)))
+    real = store._chunks._check_run
+    monkeypatch.setattr(store._chunks, "_check_run", lambda a, b: (calls.append((a, b)), real(a, b)))
     for _ in range(2):
         for mb in CSRLoader(store, batch_size=64, block_size=8, buffer_size=128):
             assert (mb.to_scipy() != X[mb.obs_idx]).nnz == 0
     checked = np.concatenate([np.arange(a, b) for a, b in calls])
-    np.testing.assert_array_equal(np.sort(checked), np.arange(store._checked.size))
-    assert store._n_unchecked == 0
+    np.testing.assert_array_equal(np.sort(checked), np.arange(store._chunks.checked.size))
+    assert store._chunks.n_unchecked == 0
 
 
 def test_checks_can_be_turned_off(rng, tmp_path):
@@ -331,7 +331,7 @@ def _read_all(path: str, seed: int, queue) -> None:
         for mb in CSRLoader(store, batch_size=64, seed=seed, block_size=8, buffer_size=256):
             digest.append(zlib.crc32(mb.obs_idx.tobytes() + mb.indices.tobytes()
                                      + mb.values.tobytes() + mb.batch.tobytes()))
-        queue.put(("ok", digest, int(store._n_unchecked)))
+        queue.put(("ok", digest, int(store._chunks.n_unchecked)))
     except BaseException as err:  # noqa: BLE001 - reported to the parent
         queue.put(("error", repr(err), -1))
 

@@ -2,8 +2,9 @@
 
 Fixtures: ``tests/fixtures/scvi_cov_<name>.npz`` (``make_scvi_covariate_fixtures.py``, scvi-tools
 1.4.2): batch + two categorical covariates (8 and 3 categories) + two continuous ones, with
-``encode_covariates`` and ``deeply_inject_covariates`` each True and False, and ``sf`` with a
-``size_factor_key``. Tolerance: float64 against scvi-tools' float64 outputs to 1e-9 relative
+``encode_covariates`` and ``deeply_inject_covariates`` each True and False, ``sf`` with a
+``size_factor_key``, and ``zinb_lenc`` with ZINB, ``dispersion="gene-batch"`` and the library
+encoder (which reads the encoded covariates too; its noise fixed as ``eps_library``). Tolerance: float64 against scvi-tools' float64 outputs to 1e-9 relative
 (the same math in another operation order: a sparse first layer, gathered one-hot columns
 instead of a concatenated GEMM), as ``test_parity_scvi_tools.py``.
 """
@@ -16,7 +17,7 @@ import torch
 
 from tests.helpers import csr_batch, load_fixture
 
-CONFIGS = ["enc_deep", "enc_shallow", "dec_deep", "dec_shallow", "sf"]
+CONFIGS = ["enc_deep", "enc_shallow", "dec_deep", "dec_shallow", "sf", "zinb_lenc"]
 
 
 def covariate_vae(name: str, impl: str = "torch", dtype=torch.float64):
@@ -34,11 +35,16 @@ def covariate_vae(name: str, impl: str = "torch", dtype=torch.float64):
         encode_covariates=cfg["encode_covariates"],
         deeply_inject_covariates=cfg["deeply_inject_covariates"],
     )
-    mod_state, _, arch = scvi_tools_state_to_module(state, covs)
+    # the NB fixtures predate the recorded options: NB, per-gene dispersion, observed library
+    options = {k: cfg.get(k, d) for k, d in (("gene_likelihood", "nb"), ("dispersion", "gene"),
+                                            ("use_observed_lib_size", True))}
+    mod_state, _, arch = scvi_tools_state_to_module(state, **options, covariates=covs)
     vae = VAE(arch["n_input"], n_batch=arch["n_batch"], n_hidden=arch["n_hidden"],
               n_latent=arch["n_latent"], n_layers=arch["n_layers"],
               dropout_rate=cfg["dropout_rate"], impl=impl,
-              use_size_factor_key=cfg["size_factor_key"] is not None, **covs)
+              library_log_means=mod_state.get("library_log_means"),
+              library_log_vars=mod_state.get("library_log_vars"),
+              use_size_factor_key=cfg["size_factor_key"] is not None, **options, **covs)
     vae.load_state_dict(mod_state)
     return vae.to(dtype).eval(), arrays, cfg
 
@@ -52,20 +58,32 @@ def covariate_batch(arrays, dtype=torch.float64):
     return x
 
 
-def _outputs(vae, x, eps):
+def _outputs(vae, x, eps, eps_library=None):
     with torch.no_grad():
-        inf = vae.inference(x, eps_noise=eps)
+        inf = vae.inference(x, eps_noise=eps, eps_library=eps_library)
         gen = vae.generative(inf["z"], x.batch, logits=True, **vae.covariates_of(x))
         out = vae.loss(x, inf, gen)
         scale = vae.px_scale(gen["logits"])
-    return {
+    ours = {
         "q_m": inf["q_m"], "q_v": inf["q_v"], "z": inf["z"],
-        # scvi-tools' inference library is the observed one; a size factor scales the rate
-        "library": torch.log(x.library).reshape(-1, 1), "px_scale": scale,
+        # scvi-tools' inference library is the observed one (or the library encoder's draw);
+        # a size factor scales the rate
+        "library": (torch.log(x.library) if vae.l_encoder is None
+                    else inf["library"]).reshape(-1, 1),
+        "px_scale": scale,
         "px_rate": torch.exp(inf["library"]).reshape(-1, 1) * scale,
         "px_r": torch.exp(gen["px_r"]),
         "reconst_loss": out.reconstruction_loss, "kl": out.kl_local,
     }
+    if vae.px_dropout_decoder is not None:
+        ours["px_dropout"] = gen["px_dropout"]
+    return ours
+
+
+def _eps(arrays):
+    return {"eps": torch.from_numpy(arrays["eps"]).double(),
+            "eps_library": (torch.from_numpy(arrays["eps_library"]).double()
+                            if "eps_library" in arrays else None)}
 
 
 @pytest.mark.parametrize("impl", ["torch", "native"])
@@ -77,7 +95,8 @@ def test_float64_matches_scvi_tools(name, impl):
         pytest.skip("the native extension is not built")
     vae, arrays, _ = covariate_vae(name, impl)
     x = covariate_batch(arrays)
-    ours = _outputs(vae, x, torch.from_numpy(arrays["eps"]).double())
+    ours = _outputs(vae, x, **_eps(arrays))
+    assert {f"{k}_f64" for k in ours} | {"loss_f64"} == {k for k in arrays if k.endswith("_f64")}
     for key, val in ours.items():
         ref = arrays[f"{key}_f64"]
         # 1e-9 relative: float64 evaluations of the same function, only the order differs
@@ -91,7 +110,9 @@ def test_loss_gradients_reach_covariate_weights(name):
     vae, arrays, _ = covariate_vae(name)
     vae.train()
     x = covariate_batch(arrays)
-    _, _, loss = vae(x, eps_noise=torch.from_numpy(arrays["eps"]).double())
+    e = _eps(arrays)
+    inf = vae.inference(x, eps_noise=e["eps"], eps_library=e["eps_library"])
+    loss = vae.loss(x, inf, vae.generative(inf["z"], x.batch, **vae.covariates_of(x)))
     loss.loss.backward()
     names = [n for n, _ in vae.named_parameters() if "weight_co" in n]
     assert names

@@ -45,7 +45,10 @@ def store(tmp_path_factory) -> Path:
 def _torchrun(cfg: dict, max_restarts: int = 0) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            f"--max-restarts={max_restarts}", "--monitor-interval=0.2", str(WORKER), json.dumps(cfg)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # the worker script's folder is its sys.path[0]: put this checkout first, so the ranks run
+    # the scvi_fast under test and not another installed copy
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -44,20 +44,26 @@ def _covariate_source(adata):
 
 def _loaders(adata, batch_size=64, covariates=False):
     codes = adata.obs["batch"].cat.codes.to_numpy().astype(np.int64)
+    labels = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
     rng = np.random.default_rng(0)
     perm = rng.permutation(adata.n_obs)
     train, val = np.sort(perm[:190]), np.sort(perm[190:])
-    kw = dict(batch_codes=codes, prefetch=False)
+    kw = dict(batch_codes=codes, labels_codes=labels, prefetch=False)
     data = _covariate_source(adata) if covariates else adata
     return (CSRLoader(data, batch_size=batch_size, shuffle=True, seed=3, indices=train, **kw),
             CSRLoader(data, batch_size=128, shuffle=False, indices=val, **kw))
 
 
-def _fit(adata, impl, step_mode, epochs=3, covariates=False, **kw):
+def _uses_covariates(options: dict) -> bool:
+    return bool(options.get("n_cats_per_cov") or options.get("n_continuous_cov"))
+
+
+def _fit(adata, impl, step_mode, epochs=3, options=None, **kw):
     torch.manual_seed(0)
-    module = VAE(adata.n_vars, n_batch=3, n_hidden=16, n_latent=4, n_layers=2, impl=impl,
-                 **(COVARIATE_MODEL if covariates else {}))
-    train, val = _loaders(adata, covariates=covariates)
+    options = options or {"gene_likelihood": "nb"}
+    module = VAE(adata.n_vars, n_batch=3, n_labels=3, n_hidden=16, n_latent=4, n_layers=2,
+                 impl=impl, **options)
+    train, val = _loaders(adata, covariates=_uses_covariates(options))
     trainer = Trainer(module, train, val, device="cpu", progress_bar=False, seed=5,
                       n_epochs_kl_warmup=2, step_mode=step_mode, **kw)
     trainer.fit(epochs)
@@ -83,8 +89,8 @@ def test_static_step_equals_eager(adata, impl):
 def test_static_step_equals_eager_with_covariates(adata):
     """The same with categorical and continuous covariates and size factors: the static
     buffers carry them (``(cells, width)`` slots), and the runs agree bit for bit."""
-    eager = _fit(adata, "torch", "eager", covariates=True)
-    static = _fit(adata, "torch", "static", covariates=True)
+    eager = _fit(adata, "torch", "eager", options={"gene_likelihood": "nb", **COVARIATE_MODEL})
+    static = _fit(adata, "torch", "static", options={"gene_likelihood": "nb", **COVARIATE_MODEL})
     assert set(static._batches.covariates) == {"cat_covs", "cont_covs", "size_factor"}
     _assert_same_run(eager, static)
 
@@ -99,6 +105,41 @@ def _assert_same_run(eager, static):
     for i in e_opt:
         for name in e_opt[i]:
             assert torch.equal(torch.as_tensor(e_opt[i][name]), torch.as_tensor(s_opt[i][name]))
+
+
+#: every gene likelihood, dispersion, latent distribution and library model at least once
+OPTION_SETS = [
+    {"gene_likelihood": "zinb"},
+    {"gene_likelihood": "poisson", "latent_distribution": "ln"},
+    {"gene_likelihood": "nb", "dispersion": "gene-batch", "use_observed_lib_size": False,
+     "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]]},
+    {"gene_likelihood": "zinb", "dispersion": "gene-label", "latent_distribution": "ln"},
+    {"gene_likelihood": "zinb", "dispersion": "gene-cell", "use_observed_lib_size": False,
+     "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]]},
+    # covariates with the options: the library encoder reads the encoded covariates; with
+    # size factors it only adds its KL (the rate reads the size factors)
+    {"gene_likelihood": "zinb", "dispersion": "gene-batch", "use_observed_lib_size": False,
+     "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]],
+     **{**COVARIATE_MODEL, "use_size_factor_key": False}},
+    {"gene_likelihood": "poisson", "latent_distribution": "ln", "use_observed_lib_size": False,
+     "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]],
+     **{**COVARIATE_MODEL, "deeply_inject_covariates": False}},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS,
+                         ids=lambda o: "-".join(str(v) for k, v in o.items()
+                                                if not k.startswith("library_")))
+def test_static_step_equals_eager_every_option(adata, options):
+    """The static step gives the eager step's parameters, buffers and history bit for bit for
+    every likelihood, dispersion, latent distribution and the library encoder (its noise and
+    KL are part of the captured body)."""
+    eager = _fit(adata, "torch", "eager", epochs=2, options=options)
+    static = _fit(adata, "torch", "static", epochs=2, options=options)
+    for k, v in eager.module.state_dict().items():
+        assert torch.equal(v, static.module.state_dict()[k]), k
+    assert eager.history == static.history
+    assert np.isfinite(eager.history["elbo_train"]).all()
 
 
 def test_static_resume_mid_epoch_equals_uninterrupted(adata, tmp_path, monkeypatch):
@@ -122,7 +163,8 @@ def test_static_resume_mid_epoch_equals_uninterrupted(adata, tmp_path, monkeypat
         _fit(adata, "torch", "static", checkpoint_dir=tmp_path, checkpoint_every_n_steps=1)
     monkeypatch.setattr(torch.optim.Adam, "step", real_step)
     torch.manual_seed(123)  # the checkpoint's RNG state must win over whatever is current
-    module = VAE(adata.n_vars, n_batch=3, n_hidden=16, n_latent=4, n_layers=2, impl="torch")
+    module = VAE(adata.n_vars, n_batch=3, n_labels=3, n_hidden=16, n_latent=4, n_layers=2,
+                 impl="torch", gene_likelihood="nb")
     train, val = _loaders(adata)
     resumed = Trainer(module, train, val, device="cpu", progress_bar=False, seed=5,
                       n_epochs_kl_warmup=2, step_mode="static", checkpoint_dir=tmp_path,
@@ -172,16 +214,19 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("covariates", [False, True], ids=["plain", "covariates"])
-def test_step_body_has_no_host_synchronisation(adata, covariates):
+@pytest.mark.parametrize("options", [{"gene_likelihood": "nb"}, *OPTION_SETS,
+                                     {"gene_likelihood": "nb", **COVARIATE_MODEL}],
+                         ids=lambda o: "-".join(str(v) for k, v in o.items()
+                                                if not k.startswith("library_")))
+def test_step_body_has_no_host_synchronisation(adata, options):
     """The training and evaluation step bodies (what a CUDA graph captures) with the PyTorch
-    back-end: no op that would synchronise a GPU; the op count per step is what a profile of
-    launches starts from. With covariates too (codes offset into the stacked tables,
-    continuous terms, log size factors)."""
+    back-end, for every model option: no op that would synchronise a GPU; the op count per
+    step is what a profile of launches starts from. With covariates too (codes offset into
+    the stacked tables, continuous terms, log size factors, a library encoder reading them)."""
     torch.manual_seed(0)
-    module = VAE(adata.n_vars, n_batch=3, n_hidden=16, n_latent=4, n_layers=2, impl="torch",
-                 **(COVARIATE_MODEL if covariates else {}))
-    train, _ = _loaders(adata, covariates=covariates)
+    module = VAE(adata.n_vars, n_batch=3, n_labels=3, n_hidden=16, n_latent=4, n_layers=2,
+                 impl="torch", **options)
+    train, _ = _loaders(adata, covariates=_uses_covariates(options))
     opt = _NoStepAdam(module.parameters(), lr=1e-3, eps=0.01)
     runner = StepRunner(module, module, opt, torch.device("cpu"), mode="static")
     batches = StaticBatches(torch.device("cpu"), 64, max_batch_nnz(train), adata.n_vars)
