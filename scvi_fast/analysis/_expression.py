@@ -17,7 +17,7 @@ import torch
 
 from scvi_fast.module import sample_z
 
-from ._likelihood import has_library_encoder, library_draw
+from ._likelihood import has_library_encoder, library_draw, rate_library
 
 from ._checks import check_finite
 
@@ -34,12 +34,13 @@ def _batch_tensor(x_batch: torch.Tensor, code: int | None, n: int) -> torch.Tens
 def _posterior(module, x, library: bool = False, n_samples: int = 1, generator=None):
     """``(q_m, q_v)`` of a minibatch, and when asked its library: the observed one ``(B, 1)``
     (its size factors for a model with ``use_size_factor_key``), or for a library encoder
-    ``n_samples`` posterior draws ``(n_samples, B, 1)``."""
+    ``n_samples`` posterior draws ``(n_samples, B, 1)`` (the size factors repeated, with
+    ``use_size_factor_key``; the draws keep the noise stream as they are)."""
     q_m, q_v = module.posterior(x)
     if not library:
         return q_m, q_v, None
     if has_library_encoder(module):
-        lib = library_draw(module, x, max(n_samples, 1), generator)
+        lib = rate_library(module, x, library_draw(module, x, max(n_samples, 1), generator))
         return q_m, q_v, lib.to(q_m.dtype).unsqueeze(-1)
     lib = x.size_factor if getattr(module, "use_size_factor_key", False) else x.library
     return q_m, q_v, lib.to(q_m.dtype).reshape(-1, 1)

@@ -135,6 +135,16 @@ def has_library_encoder(module) -> bool:
     return getattr(module, "l_encoder", None) is not None
 
 
+def rate_library(module, x, lib: torch.Tensor) -> torch.Tensor:
+    """What scales the expression rate of cells whose library (or library draws) is ``lib``:
+    ``lib`` itself, or the size factors of a model with ``use_size_factor_key``, which
+    scvi-tools' ``generative`` reads even where a library encoder is trained (broadcast to
+    ``lib``'s shape)."""
+    if not getattr(module, "use_size_factor_key", False):
+        return lib
+    return torch.exp(module.log_library(x)).to(lib.dtype).expand_as(lib)
+
+
 def library_draw(module, x, n: int | None = None, generator: torch.Generator | None = None,
                  log: bool = False) -> torch.Tensor:
     """The library of each cell of a device minibatch, ``(B,)`` (``n`` None) or ``(n, B)``:
@@ -193,7 +203,7 @@ def likelihood_parameters(module, batches: Iterable, n_samples: int = 1, give_me
         z = z_fn(q_m, q_v, n)
         gen = decode(module, z, x.batch, getattr(x, "labels", None),
                      **module.covariates_of(x))
-        params = lik.parameters(module, gen, library_draw(module, x, n))
+        params = lik.parameters(module, gen, rate_library(module, x, library_draw(module, x, n)))
         for k in lik.public:
             parts.setdefault(k, []).append(params[k].float().cpu().numpy())
     out = {k: np.concatenate(v, axis=-2) for k, v in parts.items()}
@@ -230,7 +240,8 @@ def log_joint_terms(module, x, z: torch.Tensor, q_m, q_v, lik: Likelihood, n_gen
         zs = module.z_transformation(z[s0 : s0 + per])
         gen = module.generative(zs, x.batch, logits=True, labels=getattr(x, "labels", None),
                                  **module.covariates_of(x))
-        lib = library if log_library is None else torch.exp(log_library[s0 : s0 + per])
+        lib = rate_library(module, x, library if log_library is None
+                           else torch.exp(log_library[s0 : s0 + per]))
         log_px = lik.log_prob(counts, lik.parameters(module, gen, lib))
         log_pz = _log_normal(zs, torch.zeros_like(zs), torch.ones_like(zs))
         term = log_pz + log_px - _log_normal(zs, q_m, q_v)

@@ -131,3 +131,35 @@ def test_missing_covariates_are_refused():
     x.cont_covs = None
     with pytest.raises(ValueError, match="continuous covariates"):
         vae.posterior(x)
+
+
+def test_size_factors_scale_the_rate_of_a_library_encoder_model():
+    """With size factors and a library encoder, the loss and the analysis' likelihood
+    parameters read the size factors for the rate (as scvi-tools' ``generative``); the library
+    encoder adds only its KL. Checked on the ``sf`` fixture's data with a fresh ZINB module
+    (float64; the analysis returns float32 arrays, hence 1e-6 relative)."""
+    from scvi_fast.analysis import _likelihood
+    from scvi_fast.module import VAE
+
+    _, arrays, cfg = covariate_vae("sf")
+    x = covariate_batch(arrays)
+    torch.manual_seed(0)
+    vae = VAE(x.n_genes, n_batch=int(x.batch.max()) + 1, n_hidden=16, n_latent=4,
+              gene_likelihood="zinb", use_observed_lib_size=False,
+              library_log_means=np.full((1, int(x.batch.max()) + 1), 6.0),
+              library_log_vars=np.full((1, int(x.batch.max()) + 1), 0.5), impl="torch",
+              n_cats_per_cov=[len(cfg["categorical_covariate_categories"][k])
+                              for k in cfg["categorical_covariate_keys"]],
+              n_continuous_cov=2, encode_covariates=True,
+              use_size_factor_key=True).double().eval()
+    with torch.no_grad():
+        inf = vae.inference(x, give_mean=True)
+        assert torch.equal(inf["library"], torch.log(x.size_factor))
+        assert inf["kl_l"].shape == (x.batch.numel(),) and (inf["kl_l"] > 0).all()
+        out = vae.loss(x, inf, vae.generative(inf["z"], x.batch, **vae.covariates_of(x)))
+        assert torch.equal(out.kl_local, inf["kl"] + inf["kl_l"])
+        q_m, _ = vae.posterior(x)
+        want = x.size_factor.reshape(-1, 1) * vae.decode_scale(q_m, x.batch,
+                                                               **vae.covariates_of(x))
+    got = _likelihood.likelihood_parameters(vae, [(None, x)], z_fn=lambda q_m, q_v, n: q_m)
+    np.testing.assert_allclose(got["mean"], want.float().numpy(), rtol=1e-6)
