@@ -155,6 +155,14 @@ def _read_input(path: str, backed: bool = False):
     raise UsageError(f"unsupported input {path!r}: give an .h5ad file or a CSR store folder")
 
 
+def _covariate_setup(args) -> dict:
+    """``setup_anndata``'s covariate arguments given on the command line."""
+    return {k: v for k, v in dict(
+        categorical_covariate_keys=args.categorical_covariate_keys,
+        continuous_covariate_keys=args.continuous_covariate_keys,
+        size_factor_key=args.size_factor_key).items() if v}
+
+
 def _check_train(args) -> None:
     _existing(args.input)
     if args.input is not None:
@@ -162,6 +170,10 @@ def _check_train(args) -> None:
         if not (p.is_dir() or p.suffix == ".h5ad"):
             raise UsageError(f"unsupported input {args.input!r}: give an .h5ad file or a CSR "
                              "store folder")
+        if p.is_dir() and _covariate_setup(args):
+            raise UsageError("--categorical-covariate-keys, --continuous-covariate-keys and "
+                             "--size-factor-key need an .h5ad input (a CSR store records only "
+                             "its batch and labels)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; give a folder")
@@ -212,7 +224,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         model = scvi_fast.SCVI(adata, preset=args.preset, impl=args.impl, **_arch(args))
         n_cells = model._source().n_cells
     else:
-        scvi_fast.SCVI.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key, layer=args.layer)
+        scvi_fast.SCVI.setup_anndata(adata, batch_key=batch_key, labels_key=labels_key,
+                                     layer=args.layer, **_covariate_setup(args))
         model = scvi_fast.SCVI(adata, preset=args.preset, impl=args.impl, **_arch(args))
         n_cells = adata.n_obs
     print(f"{model.summary_string}; {n_cells} cells")
@@ -263,7 +276,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _arch(args) -> dict:
     given = dict(n_hidden=args.n_hidden, n_latent=args.n_latent, n_layers=args.n_layers,
                  gene_likelihood=args.gene_likelihood, dispersion=args.dispersion,
-                 latent_distribution=args.latent_distribution)
+                 latent_distribution=args.latent_distribution,
+                 encode_covariates=args.encode_covariates or None)
     if args.no_observed_lib_size:
         given["use_observed_lib_size"] = False
     return {k: v for k, v in given.items() if v is not None}
@@ -413,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-key", help="obs column of the batches (an .h5ad input)")
     t.add_argument("--labels-key", help="obs column of the cell labels (an .h5ad input)")
     t.add_argument("--layer", help="AnnData layer holding the counts (default: X)")
+    t.add_argument("--categorical-covariate-keys", nargs="+", metavar="KEY",
+                   help="obs columns of extra categorical covariates (an .h5ad input)")
+    t.add_argument("--continuous-covariate-keys", nargs="+", metavar="KEY",
+                   help="numeric obs columns of continuous covariates (an .h5ad input)")
+    t.add_argument("--size-factor-key",
+                   help="positive obs column of size factors; its log replaces the observed "
+                        "log library (an .h5ad input)")
+    t.add_argument("--encode-covariates", action="store_true",
+                   help="feed the batch and covariates to the encoder too")
     t.add_argument("--preset", choices=["census"],
                    help="census: the CZ CELLxGENE Census recipe (NB likelihood, 512 hidden, "
                    "50 latent, 2 layers, lr 1e-4, batch 1024, 100 epochs)")

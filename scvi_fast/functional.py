@@ -114,7 +114,10 @@ def sparse_linear(
     b
         ``(H,)`` bias or None.
     cov, W_cov
-        Optional ``(B,)`` category codes and ``(K, H)`` weights; adds ``W_cov[cov]``.
+        Optional category codes and ``(K, H)`` weights: ``(B,)`` codes add ``W_cov[cov]``;
+        ``(B, C)`` codes (C categorical covariates offset into one stacked table) add
+        ``sum_c W_cov[cov[:, c]]``. The fast back-ends gather the first column inside their
+        kernel and the others with :func:`scvi_fast.reference.covariate_rows`.
     transform
         Applied to the stored values on the fly: ``"log1p"`` (scVI's encoder) or ``"identity"``.
     impl

@@ -214,6 +214,30 @@ def test_the_installed_command_exits_2_without_a_traceback(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_train_with_covariates(capsys, tmp_path):
+    ad = synthetic_anndata(n_cells=120, n_genes=30, n_batches=2, n_cell_types=2, seed=3)
+    ad = ad[np.asarray(ad.X.sum(axis=1)).ravel() > 0].copy()
+    ad.obs["score"] = np.linspace(0, 1, ad.n_obs)
+    write_h5ad(ad, tmp_path / "c.h5ad")
+    rc = main(["train", str(tmp_path / "c.h5ad"), "--batch-key", "batch",
+               "--categorical-covariate-keys", "cell_type", "--continuous-covariate-keys",
+               "score", "--encode-covariates", "--max-epochs", "1", "--quiet",
+               "--device", "cpu", "--out", str(tmp_path / "o")])
+    assert rc == 0, capsys.readouterr().err
+    model = scvi_fast.SCVI.load(tmp_path / "o" / "model")
+    assert model.registry.categorical_covariate_keys == ("cell_type",)
+    assert model.registry.continuous_covariate_keys == ("score",)
+    assert model.init_params_["encode_covariates"]
+    _fails(capsys, ["train", str(tmp_path / "c.h5ad"), "--continuous-covariate-keys", "nope",
+                    "--out", str(tmp_path / "o2")], "'nope'")
+
+
+def test_covariate_options_refuse_a_store(capsys, tmp_path, h5ad):
+    CSRStore.create(tmp_path / "s", h5ad, batch_key="batch")
+    _fails(capsys, ["train", str(tmp_path / "s"), "--size-factor-key", "sf",
+                    "--out", str(tmp_path / "o")], "need an .h5ad input")
+
+
 def test_train_takes_the_model_options(capsys, tmp_path, h5ad):
     """--gene-likelihood, --dispersion, --latent-distribution and --no-observed-lib-size reach
     the model and its saved config; a store trains with a library encoder too (its prior

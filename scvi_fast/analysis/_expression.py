@@ -17,7 +17,7 @@ import torch
 
 from scvi_fast.module import sample_z
 
-from ._likelihood import has_library_encoder, library_draw
+from ._likelihood import has_library_encoder, library_draw, rate_library
 
 from ._checks import check_finite
 
@@ -32,15 +32,30 @@ def _batch_tensor(x_batch: torch.Tensor, code: int | None, n: int) -> torch.Tens
 
 
 def _posterior(module, x, library: bool = False, n_samples: int = 1, generator=None):
-    """``(q_m, q_v)`` of a minibatch, and when asked its library: the observed one ``(B, 1)``,
-    or for a library encoder ``n_samples`` posterior draws ``(n_samples, B, 1)``."""
+    """``(q_m, q_v)`` of a minibatch, and when asked its library: the observed one ``(B, 1)``
+    (its size factors for a model with ``use_size_factor_key``), or for a library encoder
+    ``n_samples`` posterior draws ``(n_samples, B, 1)`` (the size factors repeated, with
+    ``use_size_factor_key``; the draws keep the noise stream as they are)."""
     q_m, q_v = module.posterior(x)
     if not library:
         return q_m, q_v, None
     if has_library_encoder(module):
-        lib = library_draw(module, x, max(n_samples, 1), generator)
+        lib = rate_library(module, x, library_draw(module, x, max(n_samples, 1), generator))
         return q_m, q_v, lib.to(q_m.dtype).unsqueeze(-1)
-    return q_m, q_v, x.library.to(q_m.dtype).reshape(-1, 1)
+    lib = x.size_factor if getattr(module, "use_size_factor_key", False) else x.library
+    return q_m, q_v, lib.to(q_m.dtype).reshape(-1, 1)
+
+
+def _covariates(x, rows=None) -> dict:
+    """The extra covariates of minibatch ``x`` (of cells ``rows``: a slice or an index
+    tensor), as :meth:`~scvi_fast.module.VAE.decode_scale` takes them beside the batch."""
+    out = {}
+    for name in ("cat_covs", "cont_covs"):
+        t = getattr(x, name, None)
+        if t is not None and rows is not None:
+            t = t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+        out[name] = t
+    return out
 
 
 def _as_index(gene_idx) -> torch.Tensor | None:
@@ -98,7 +113,7 @@ def normalized_expression(
             expr = None
             for code in transform_codes:
                 codes = _batch_tensor(x.batch[c0:c1], code, c1 - c0).repeat(rows // (c1 - c0))
-                e = module.decode_scale(z, codes)
+                e = module.decode_scale(z, codes, **_covariates(x, slice(c0, c1)))
                 if gidx is not None:
                     e = e.index_select(-1, gidx.to(e.device))
                 expr = e if expr is None else expr.add_(e)
@@ -169,7 +184,8 @@ def sample_scales(
                              generator=generator)
                 codes = (x.batch.reshape(-1).index_select(0, local) if transform_code is None
                          else _batch_tensor(x.batch, transform_code, len(pair)))
-                out[pair] = module.decode_scale(z, codes).float().cpu().numpy()
+                rho = module.decode_scale(z, codes, **_covariates(x, local))
+                out[pair] = rho.float().cpu().numpy()
         pos += b
     if pos != n_cells:
         raise RuntimeError(f"the minibatches held {pos} cells, expected {n_cells}")
@@ -210,7 +226,7 @@ def posterior_predictive(
         for code in transform_codes:
             codes = _batch_tensor(x.batch, code, b).repeat(n_samples)
             gen = module.generative(module.z_transformation(z), codes, logits=True,
-                                    labels=labels)
+                                    labels=labels, **_covariates(x))
             pick = (lambda t: t) if gidx is None else (
                 lambda t: t.index_select(-1, gidx.to(t.device)))
             mu = lib * pick(module.px_scale(gen["logits"]).reshape(n_samples, b, -1))

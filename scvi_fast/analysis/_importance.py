@@ -83,7 +83,8 @@ def importance_sample(module, iter_batches: Callable, rows: np.ndarray, n_sample
         b = int(mb.n_cells)
         codes = (x.batch.reshape(-1)[:b] if transform_code is None
                  else torch.full((b,), int(transform_code), dtype=torch.int64, device=q_m.device))
-        gen = module.generative(z, codes, logits=True, labels=getattr(x, "labels", None))
+        gen = module.generative(z, codes, logits=True, labels=getattr(x, "labels", None),
+                                **module.covariates_of(x))
         scale = lik.scale(module, gen)  # (S, B, G)
         params = lik.parameters(module, gen, torch.ones_like(observed_library(x)))
         expr = (observed_library(x).reshape(1, -1, 1) * scale if library_size == "latent"

@@ -135,13 +135,24 @@ def has_library_encoder(module) -> bool:
     return getattr(module, "l_encoder", None) is not None
 
 
+def rate_library(module, x, lib: torch.Tensor) -> torch.Tensor:
+    """What scales the expression rate of cells whose library (or library draws) is ``lib``:
+    ``lib`` itself, or the size factors of a model with ``use_size_factor_key``, which
+    scvi-tools' ``generative`` reads even where a library encoder is trained (broadcast to
+    ``lib``'s shape)."""
+    if not getattr(module, "use_size_factor_key", False):
+        return lib
+    return torch.exp(module.log_library(x)).to(lib.dtype).expand_as(lib)
+
+
 def library_draw(module, x, n: int | None = None, generator: torch.Generator | None = None,
                  log: bool = False) -> torch.Tensor:
     """The library of each cell of a device minibatch, ``(B,)`` (``n`` None) or ``(n, B)``:
     the observed total counts, or for a model with a library encoder ``exp(l)`` with ``l``
     drawn from its posterior ``N(ql_m, ql_v)`` (``log``: ``l`` itself)."""
     if not has_library_encoder(module):
-        lib = observed_library(x)
+        # the observed total counts, or the size factors of a model that reads them
+        lib = torch.exp(module.log_library(x)) if hasattr(module, "log_library") else observed_library(x)
         lib = lib if n is None else lib.expand(n, -1)
         return torch.log(lib) if log else lib
     ql_m, ql_v = module.library_posterior(x)
@@ -151,9 +162,11 @@ def library_draw(module, x, n: int | None = None, generator: torch.Generator | N
     return l if log else torch.exp(l)
 
 
-def decode(module, z: torch.Tensor, batch, labels=None) -> dict:
-    """``module.generative`` of posterior draws ``z`` of the normal (transformed first)."""
-    return module.generative(module.z_transformation(z), batch, logits=True, labels=labels)
+def decode(module, z: torch.Tensor, batch, labels=None, **covariates) -> dict:
+    """``module.generative`` of posterior draws ``z`` of the normal (transformed first);
+    ``covariates``: the minibatch's ``cat_covs`` / ``cont_covs`` (``module.covariates_of``)."""
+    return module.generative(module.z_transformation(z), batch, logits=True, labels=labels,
+                             **covariates)
 
 
 def dense_counts(x, n_genes: int) -> torch.Tensor:
@@ -188,8 +201,9 @@ def likelihood_parameters(module, batches: Iterable, n_samples: int = 1, give_me
         q_m, q_v = module.posterior(x)
         n = None if n_samples == 1 else n_samples
         z = z_fn(q_m, q_v, n)
-        gen = decode(module, z, x.batch, getattr(x, "labels", None))
-        params = lik.parameters(module, gen, library_draw(module, x, n))
+        gen = decode(module, z, x.batch, getattr(x, "labels", None),
+                     **module.covariates_of(x))
+        params = lik.parameters(module, gen, rate_library(module, x, library_draw(module, x, n)))
         for k in lik.public:
             parts.setdefault(k, []).append(params[k].float().cpu().numpy())
     out = {k: np.concatenate(v, axis=-2) for k, v in parts.items()}
@@ -224,8 +238,10 @@ def log_joint_terms(module, x, z: torch.Tensor, q_m, q_v, lik: Likelihood, n_gen
     out = []
     for s0 in range(0, z.shape[0], per):
         zs = module.z_transformation(z[s0 : s0 + per])
-        gen = module.generative(zs, x.batch, logits=True, labels=getattr(x, "labels", None))
-        lib = library if log_library is None else torch.exp(log_library[s0 : s0 + per])
+        gen = module.generative(zs, x.batch, logits=True, labels=getattr(x, "labels", None),
+                                 **module.covariates_of(x))
+        lib = rate_library(module, x, library if log_library is None
+                           else torch.exp(log_library[s0 : s0 + per]))
         log_px = lik.log_prob(counts, lik.parameters(module, gen, lib))
         log_pz = _log_normal(zs, torch.zeros_like(zs), torch.ones_like(zs))
         term = log_pz + log_px - _log_normal(zs, q_m, q_v)
@@ -330,7 +346,7 @@ def denoised_samples(module, batches: Iterable, n_samples: int, rna_size_factor:
         b = int(mb.n_cells)
         codes = (x.batch.reshape(-1)[:b] if transform_code is None
                  else torch.full((b,), int(transform_code), dtype=torch.int64, device=q_m.device))
-        gen = decode(module, z, codes, getattr(x, "labels", None))
+        gen = decode(module, z, codes, getattr(x, "labels", None), **module.covariates_of(x))
         params = lik.parameters(module, gen, torch.ones_like(observed_library(x)))
         if "dispersions" not in params:
             raise NotImplementedError("denoised samples need a dispersion (NB or ZINB)")

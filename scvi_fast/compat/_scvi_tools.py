@@ -43,8 +43,6 @@ _OPTIONS = {
 }
 #: scvi-tools constructor arguments scvi_fast implements only at this value
 _REQUIRED = {
-    "encode_covariates": False,
-    "deeply_inject_covariates": True,
     "log_variational": True,
     "batch_representation": "one-hot",
     "use_batch_norm": "both",
@@ -55,7 +53,8 @@ _REQUIRED = {
 #: arguments that change nothing scvi_fast computes (the library prior is read from the
 #: weights; autotune payloads are bookkeeping)
 _IGNORED = {"library_log_means", "library_log_vars", "extra_payload_autotune", "n_batch", "n_labels"}
-_ARCH = ("n_hidden", "n_latent", "n_layers", "dropout_rate")
+_ARCH = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "encode_covariates",
+         "deeply_inject_covariates")
 #: SCVI.__init__ defaults in scvi-tools 1.x, for checkpoints that omit an argument
 _SCVI_DEFAULTS = {
     "n_hidden": 128, "n_latent": 10, "n_layers": 1, "dropout_rate": 0.1,
@@ -96,9 +95,9 @@ def _check_supported(params: dict, setup_args: dict, where: str) -> None:
     }
     if unknown:
         problems.append(f"constructor arguments scvi_fast does not know: {sorted(unknown)}")
-    for key in ("categorical_covariate_keys", "continuous_covariate_keys", "size_factor_key"):
-        if setup_args.get(key):
-            problems.append(f"setup_anndata({key}={setup_args[key]!r}) (scvi_fast models batch only)")
+    for key in ("encode_covariates", "deeply_inject_covariates"):
+        if key in params and not isinstance(params[key], (bool, np.bool_)):
+            problems.append(f"{key}={params[key]!r} (True or False)")
     if problems:
         raise NotImplementedError(
             f"{where} is an scvi-tools SCVI configuration scvi_fast does not implement: "
@@ -151,10 +150,20 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
     state = {k: v for k, v in ckpt["model_state_dict"].items() if isinstance(v, torch.Tensor)}
     options = {k: params[k] for k in _OPTIONS}
     options["use_observed_lib_size"] = bool(options["use_observed_lib_size"])
-    module_state, passthrough, arch = scvi_tools_state_to_module(
-        state, options["gene_likelihood"], options["dispersion"],
-        options["use_observed_lib_size"])
     fields = registry.get("field_registries", {})
+    covariates = _covariate_setup(setup_args, fields, str(path))
+    encode = bool(params.get("encode_covariates", False))
+    deep = bool(params.get("deeply_inject_covariates", True))
+    try:
+        module_state, passthrough, arch = scvi_tools_state_to_module(
+            state, options["gene_likelihood"], options["dispersion"],
+            options["use_observed_lib_size"], covariates={
+                "n_cats_per_cov": [len(c) for c in
+                                   covariates["categorical_covariate_categories"]],
+                "n_continuous_cov": len(covariates["continuous_covariate_keys"]),
+                "encode_covariates": encode, "deeply_inject_covariates": deep})
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
     batch_cats = _mapping(fields, "batch")
     labels_cats = _mapping(fields, "labels")
     if max(len(batch_cats), 1) != max(arch["n_batch"], 1) and not (
@@ -180,6 +189,7 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
             "init_params": {
                 "n_hidden": arch["n_hidden"], "n_latent": arch["n_latent"],
                 "n_layers": arch["n_layers"], "dropout_rate": float(params["dropout_rate"]),
+                "encode_covariates": encode, "deeply_inject_covariates": deep,
                 **options,
             },
             "is_trained": bool(attr.get("is_trained_", True)),
@@ -198,7 +208,31 @@ def read_scvi_tools_folder(dir_path: str | os.PathLike) -> dict:
             "batch_categories": batch_cats,
             "labels_categories": labels_cats,
             "var_names": var_names,
+            **covariates,
         },
+    }
+
+
+def _covariate_setup(setup_args: dict, fields: dict, where: str) -> dict:
+    """The registry's covariate entries of an scvi-tools setup: keys, each categorical
+    covariate's categories (its recorded mapping), the size factor key."""
+    cat_keys = [str(k) for k in setup_args.get("categorical_covariate_keys") or []]
+    cont_keys = [str(k) for k in setup_args.get("continuous_covariate_keys") or []]
+    mappings = fields.get("extra_categorical_covs", {}).get("state_registry", {}).get("mappings", {})
+    missing = [k for k in cat_keys if k not in mappings]
+    if missing:
+        raise ValueError(f"{where}: the registry has no categories for the categorical "
+                         f"covariates {missing}")
+    columns = fields.get("extra_continuous_covs", {}).get("state_registry", {}).get("columns")
+    if cont_keys and (columns is None or [str(c) for c in np.asarray(columns)] != cont_keys):
+        raise ValueError(f"{where}: the registry's continuous covariate columns do not match "
+                         f"continuous_covariate_keys={cont_keys}")
+    return {
+        "categorical_covariate_keys": cat_keys,
+        "categorical_covariate_categories": [
+            [str(c) for c in np.asarray(mappings[k]).tolist()] for k in cat_keys],
+        "continuous_covariate_keys": cont_keys,
+        "size_factor_key": setup_args.get("size_factor_key") or "",
     }
 
 
@@ -260,12 +294,27 @@ def scvi_tools_registry(model, n_obs: int) -> dict:
                                          "n_batch", original.get("batch"))
     fields["labels"] = _categorical_field(reg.labels_key, reg.labels_categories, "_scvi_labels",
                                           "n_labels", original.get("labels"))
-    fields["size_factor"] = {"data_registry": {}, "state_registry": {}, "summary_stats": {}}
+    fields["size_factor"] = (
+        {"data_registry": {"attr_name": "obs", "attr_key": reg.size_factor_key},
+         "state_registry": {}, "summary_stats": {}} if reg.size_factor_key else
+        {"data_registry": {}, "state_registry": {}, "summary_stats": {}})
+    cat_keys, cont_keys = list(reg.categorical_covariate_keys), list(reg.continuous_covariate_keys)
     fields["extra_categorical_covs"] = {
         "data_registry": {}, "state_registry": {}, "summary_stats": {"n_extra_categorical_covs": 0},
+    } if not cat_keys else {
+        "data_registry": {"attr_name": "obsm", "attr_key": "_scvi_extra_categorical_covs"},
+        "state_registry": {
+            "mappings": {k: np.asarray(list(c), dtype=object)
+                         for k, c in zip(cat_keys, reg.categorical_covariate_categories)},
+            "field_keys": cat_keys, "n_cats_per_key": list(reg.n_cats_per_cov)},
+        "summary_stats": {"n_extra_categorical_covs": len(cat_keys)},
     }
     fields["extra_continuous_covs"] = {
         "data_registry": {}, "state_registry": {}, "summary_stats": {"n_extra_continuous_covs": 0},
+    } if not cont_keys else {
+        "data_registry": {"attr_name": "obsm", "attr_key": "_scvi_extra_continuous_covs"},
+        "state_registry": {"columns": np.asarray(cont_keys, dtype=object)},
+        "summary_stats": {"n_extra_continuous_covs": len(cont_keys)},
     }
     return {
         "scvi_version": SCVI_TOOLS_FORMAT_VERSION,
@@ -274,9 +323,9 @@ def scvi_tools_registry(model, n_obs: int) -> dict:
             "layer": layer,
             "batch_key": reg.batch_key,
             "labels_key": reg.labels_key,
-            "size_factor_key": None,
-            "categorical_covariate_keys": None,
-            "continuous_covariate_keys": None,
+            "size_factor_key": reg.size_factor_key,
+            "categorical_covariate_keys": cat_keys or None,
+            "continuous_covariate_keys": cont_keys or None,
         },
         "field_registries": fields,
         "setup_method_name": "setup_anndata",
@@ -301,7 +350,9 @@ def scvi_tools_state(model) -> dict[str, torch.Tensor]:
     module_state = {k: v.detach().cpu() for k, v in vae.state_dict().items()}
     options = (vae.gene_likelihood, vae.dispersion, vae.use_observed_lib_size)
     own = set(module_state_to_scvi_tools(module_state, {}, vae.n_layers, *options))
-    heads = unused_scvi_tools_heads(vae.n_input, vae.n_hidden, vae.n_layers, vae.n_batch)
+    first = vae.encoder.first
+    heads = unused_scvi_tools_heads(vae.n_input, vae.n_hidden, vae.n_layers, vae.n_batch,
+                                    n_encoder_input=first.n_in + first.n_cov + first.n_cont)
     passthrough = {k: v.detach().cpu() for k, v in model.passthrough.items() if k not in own}
     for k, v in heads.items():
         if k in own:
@@ -316,6 +367,16 @@ def scvi_tools_state(model) -> dict[str, torch.Tensor]:
     state = module_state_to_scvi_tools(module_state, passthrough, vae.n_layers, *options)
     ordered = sorted(state, key=_rank)  # stable: keeps the per-layer order within a group
     return {k: state[k] for k in ordered}
+
+
+def _covariate_kwargs(model) -> dict:
+    """The covariate switches as scvi-tools records keyword arguments: both, when the model has
+    covariates or a switch off its default; none otherwise (a default SCVI(adata))."""
+    arch = model.init_params_
+    flags = {k: bool(arch.get(k, d)) for k, d in (("encode_covariates", False),
+                                                   ("deeply_inject_covariates", True))}
+    default = not flags["encode_covariates"] and flags["deeply_inject_covariates"]
+    return {} if default and not model.registry.has_covariates else flags
 
 
 def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
@@ -339,7 +400,7 @@ def save_scvi_tools(model, folder: str | os.PathLike) -> Path:
         "get_normalized_function_name_": "get_normalized_expression",
         "history_": history,
         "init_params_": {
-            "kwargs": {"kwargs": {}},
+            "kwargs": {"kwargs": _covariate_kwargs(model)},
             "non_kwargs": {
                 "n_hidden": int(arch["n_hidden"]),
                 "n_latent": int(arch["n_latent"]),

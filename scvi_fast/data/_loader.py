@@ -33,6 +33,10 @@ from ._sampler import BlockShuffleSampler
 from ._source import Source
 
 
+#: the optional per-cell model inputs a minibatch may carry (see :class:`CSRMinibatch`)
+COVARIATE_FIELDS = ("cat_covs", "cont_covs", "size_factor")
+
+
 @dataclass
 class CSRMinibatch:
     """A minibatch of cells as CSR arrays on the host (never densified).
@@ -46,6 +50,9 @@ class CSRMinibatch:
     library : float32 (n_cells,) total counts per cell (row sums)
     obs_idx : int64 (n_cells,) source row of each cell
     n_genes : int
+    cat_covs : int64 (n_cells, n_cat) extra categorical covariate codes, or None
+    cont_covs : float32 (n_cells, n_cont) continuous covariates, or None
+    size_factor : float32 (n_cells,) size factors, or None
     """
 
     indptr: np.ndarray
@@ -56,6 +63,9 @@ class CSRMinibatch:
     library: np.ndarray
     obs_idx: np.ndarray
     n_genes: int
+    cat_covs: np.ndarray | None = None
+    cont_covs: np.ndarray | None = None
+    size_factor: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -97,14 +107,16 @@ class CSRMinibatch:
         TorchMinibatch
             The same fields as tensors: ``indptr`` int64, ``indices`` int64 (or
             ``indices_dtype``), ``values`` float32, ``batch``/``labels`` int64, ``library``
-            float32, ``obs_idx`` int64. On the CPU, tensors share memory with the arrays
-            where dtypes allow.
+            float32, ``obs_idx`` int64, and the covariates the minibatch carries
+            (``cat_covs``, ``cont_covs``, ``size_factor``; None where absent). On the CPU,
+            tensors share memory with the arrays where dtypes allow.
         """
         import torch
 
         device = torch.device(device)
         idt = torch.int64 if indices_dtype is None else indices_dtype
-        fields = ("indptr", "indices", "values", "batch", "labels", "library", "obs_idx")
+        fields = ("indptr", "indices", "values", "batch", "labels", "library", "obs_idx") + tuple(
+            f for f in COVARIATE_FIELDS if getattr(self, f) is not None)
         out = {}
         if device.type == "cpu":
             for f in fields:
@@ -135,6 +147,9 @@ class TorchMinibatch:
     library: object
     obs_idx: object
     n_genes: int
+    cat_covs: object = None
+    cont_covs: object = None
+    size_factor: object = None
 
     @property
     def n_cells(self) -> int:
@@ -293,6 +308,8 @@ class BufferFetcher:
                     offsets_ready=True)
         batch = self.source.batch_codes[obs]
         labels = self.source.labels_codes[obs]
+        covs = {f: getattr(self.source, f) for f in COVARIATE_FIELDS}
+        covs = {f: v[obs] for f, v in covs.items() if v is not None}
         out = []
         bs = self.batch_size
         for a in range(0, n, bs):
@@ -307,6 +324,7 @@ class BufferFetcher:
                 library=library[a:b],
                 obs_idx=obs[a:b],
                 n_genes=self.source.n_genes,
+                **{f: v[a:b] for f, v in covs.items()},
             ))
         return out
 

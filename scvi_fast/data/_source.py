@@ -40,8 +40,30 @@ def _codes(codes, n: int, what: str) -> np.ndarray:
     return codes.astype(np.int64, copy=False)
 
 
+def _covariate_array(values, n: int, what: str, integer: bool) -> np.ndarray:
+    """``(n, k)`` int64 codes or float32 values of per-cell covariates, checked."""
+    a = np.asarray(values)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2 or a.shape[0] != n:
+        raise ValueError(f"{what} must have one row per cell ({n}), got shape {a.shape}")
+    if integer:
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"{what} must be integer codes, got dtype {a.dtype}")
+        return np.ascontiguousarray(a, dtype=np.int64)
+    if a.dtype.kind not in "iuf" or not np.isfinite(a).all():
+        raise ValueError(f"{what} must be finite numbers")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
 class Source:
-    """Base class of row sources (see the module docstring)."""
+    """Base class of row sources (see the module docstring).
+
+    Beside the batch and label codes a source may carry per-cell model inputs that minibatches
+    then hold: ``cat_covs`` (``(n_cells, n_cat)`` int64 codes of extra categorical
+    covariates), ``cont_covs`` (``(n_cells, n_cont)`` float32) and ``size_factor``
+    (``(n_cells,)`` float32, positive); None where absent (see :meth:`with_covariates`).
+    """
 
     n_cells: int
     n_genes: int
@@ -51,6 +73,9 @@ class Source:
     labels_codes: np.ndarray
     batch_categories: list | None = None
     labels_categories: list | None = None
+    cat_covs: np.ndarray | None = None
+    cont_covs: np.ndarray | None = None
+    size_factor: np.ndarray | None = None
     #: int64/int32 row pointers held in memory; None for stream-only sources
     indptr: np.ndarray | None = None
     indices_dtype = np.dtype(np.int32)
@@ -107,6 +132,22 @@ class Source:
         if labels_codes is not None:
             out.labels_codes = _codes(labels_codes, self.n_cells, "labels_codes")
             out.labels_categories = None
+        return out
+
+    def with_covariates(self, cat_covs=None, cont_covs=None, size_factor=None) -> Source:
+        """A shallow copy carrying per-cell covariates (see the class docstring); None leaves
+        that input as it is."""
+        out = copy.copy(self)
+        n = self.n_cells
+        if cat_covs is not None:
+            out.cat_covs = _covariate_array(cat_covs, n, "cat_covs", integer=True)
+        if cont_covs is not None:
+            out.cont_covs = _covariate_array(cont_covs, n, "cont_covs", integer=False)
+        if size_factor is not None:
+            sf = _covariate_array(size_factor, n, "size_factor", integer=False)[:, 0]
+            if sf.size and not (sf > 0).all():
+                raise ValueError("size factors must be positive (the library is their log)")
+            out.size_factor = sf
         return out
 
     def _set_meta(self, var_names, obs_names, batch_codes, labels_codes):

@@ -29,7 +29,8 @@ PRESETS: dict[str, dict] = {
 #: scvi-tools' defaults, used where neither the call nor a preset says otherwise
 MODEL_DEFAULTS = {"n_hidden": 128, "n_latent": 10, "n_layers": 1, "dropout_rate": 0.1,
                   "dispersion": "gene", "gene_likelihood": "zinb",
-                  "latent_distribution": "normal", "use_observed_lib_size": True}
+                  "latent_distribution": "normal", "use_observed_lib_size": True,
+                  "encode_covariates": False, "deeply_inject_covariates": True}
 TRAIN_DEFAULTS = {"lr": 1e-3, "batch_size": 128, "max_epochs": None, "n_epochs_kl_warmup": 400}
 #: cells per minibatch when a model reads data for inference
 INFERENCE_BATCH_SIZE = 1024
@@ -41,9 +42,10 @@ def check_preset(preset: str | None) -> None:
 
 
 def architecture(preset: str | None = None, **given) -> dict:
-    """``n_hidden``, ``n_latent``, ``n_layers``, ``dropout_rate`` and the generative options
-    (``dispersion``, ``gene_likelihood``, ``latent_distribution``, ``use_observed_lib_size``):
-    the call's values where given (not None), else the preset's, else scvi-tools' defaults."""
+    """``n_hidden``, ``n_latent``, ``n_layers``, ``dropout_rate``, the generative options
+    (``dispersion``, ``gene_likelihood``, ``latent_distribution``, ``use_observed_lib_size``)
+    and the covariate options (``encode_covariates``, ``deeply_inject_covariates``): the call's
+    values where given (not None), else the preset's, else scvi-tools' defaults."""
     check_preset(preset)
     arch = dict(MODEL_DEFAULTS)
     if preset:
@@ -73,6 +75,10 @@ ARCH_BOUNDS = {
 
 def check_arch_value(name: str, value) -> None:
     """Raise a clear ``ValueError`` unless ``value`` is a valid ``name`` (type and range)."""
+    if name not in ARCH_BOUNDS:  # the covariate switches
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
+        return
     lo, hi = ARCH_BOUNDS[name]
     is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     is_num = is_int or isinstance(value, (float, np.floating))

@@ -29,6 +29,7 @@ def source_for(registry: Registry, data, trusted: bool = False) -> _data.Source:
         raise ValueError("this model holds no data; pass adata=...")
     data = open_data(data)
     registry.check_genes(data.var_names)
+    covariates = registry.covariates_of(data)  # a store is refused here if it needs them
     if isinstance(data, _data.CSRStore):
         return _data.as_source(data, batch_codes=_store_codes(registry, data, "batch"),
                                labels_codes=_store_codes(registry, data, "labels"))
@@ -36,9 +37,10 @@ def source_for(registry: Registry, data, trusted: bool = False) -> _data.Source:
     labels = registry.codes_of(data, "labels")
     if not trusted and not getattr(data, "isbacked", False):
         _data.check_counts(data, layer=registry.layer)
-    return _data.as_source(data, layer=registry.layer,
-                           batch_codes=_zeros_if_none(batch, data.n_obs),
-                           labels_codes=_zeros_if_none(labels, data.n_obs))
+    src = _data.as_source(data, layer=registry.layer,
+                          batch_codes=_zeros_if_none(batch, data.n_obs),
+                          labels_codes=_zeros_if_none(labels, data.n_obs))
+    return src.with_covariates(**covariates) if registry.has_covariates else src
 
 
 def _store_codes(registry: Registry, store, which) -> np.ndarray | None:
@@ -63,6 +65,7 @@ def register(registry: Registry, data):
         return data
     registry.check_genes(data.var_names)
     registry.codes_of(data, "batch")  # raises on a missing column or unknown batches
+    registry.covariates_of(data)  # and on missing or unknown covariates
     registry.write_setup(data)
     return data
 

@@ -26,7 +26,8 @@ def latent(model, adata, indices, give_mean, batch_size, return_dist, out, progr
     batch_size = batch_size or analysis.default_batch_size(model.device)
     source = model._source(adata)
     ctx = _distributed.active()
-    if ctx is not None:
+    # an encoder that reads covariates needs whole minibatches, not the CSR-only fast path
+    if ctx is not None or model.module.encode_covariates:
         rows = (np.arange(source.n_cells) if indices is None
                 else np.asarray(indices, dtype=np.int64))
         Z = model.module.n_latent
@@ -269,6 +270,10 @@ def setup_summary(registry, data=None, hide_state_registries: bool = False) -> s
         for field, key, cats in (("batch", registry.batch_key, registry.batch_categories),
                                  ("labels", registry.labels_key, registry.labels_categories)):
             lines.append(f"{field} State Registry ({'adata.obs[' + repr(key) + ']' if key else 'none'})")
+            lines += [f"  {c!s:<26} {i}" for i, c in enumerate(cats)]
+        for key, cats in zip(registry.categorical_covariate_keys,
+                             registry.categorical_covariate_categories):
+            lines.append(f"extra_categorical_covs State Registry (adata.obs[{key!r}])")
             lines += [f"  {c!s:<26} {i}" for i, c in enumerate(cats)]
     return "\n".join(lines)
 

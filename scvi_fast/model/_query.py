@@ -154,7 +154,8 @@ def load_query_data(cls, adata, reference, device, flags: dict, inplace_subset_q
         means, variances = _access.library_size_prior(registry, adata)
         model.module.library_log_means.copy_(torch.as_tensor(means))
         model.module.library_log_vars.copy_(torch.as_tensor(variances))
-    load_reference_state(model.module, ref.module.state_dict(), reg.n_batch)
+    load_reference_state(model.module, ref.module.state_dict(),
+                         [reg.n_batch, *reg.n_cats_per_cov])
     model.passthrough = {k: v.detach().cpu().clone() for k, v in ref.passthrough.items()}
     model.scvi_tools_mappings = dict(ref.scvi_tools_mappings)
     model.query_flags_ = {**FREEZE_DEFAULTS, **flags}
@@ -177,6 +178,11 @@ def _check_query(adata, reg: Registry, inplace_subset_query_vars: bool) -> None:
                 "SCVI.prepare_query_anndata(adata, reference_model) first (it reorders genes and "
                 "fills missing ones with zeros)"
             )
+    for key in (*reg.categorical_covariate_keys, *reg.continuous_covariate_keys,
+                *([reg.size_factor_key] if reg.size_factor_key else [])):
+        if key not in adata.obs:
+            raise KeyError(f"the reference was set up with obs column {key!r}, which is not a "
+                           "column of the query's obs")
     if reg.batch_key and reg.batch_key not in adata.obs:
         raise KeyError(
             f"the reference was trained with batch_key={reg.batch_key!r}, which is not a "

@@ -11,6 +11,9 @@ input:
 * a value the model does not know is an error, for batches and labels alike, from an AnnData
   or a store; a missing batch column is an error, a missing labels column codes every cell 0
   (scVI's NB likelihood does not read labels);
+* extra categorical covariates (``categorical_covariate_keys``) are coded like the batch, each
+  in its own recorded categories; continuous covariates and size factors are float columns
+  (finite; size factors positive);
 * ``transform_batch`` / ``batchid`` values are category names (matched by their ``str`` form,
   as scvi-tools matches them to its mapping), never positions.
 """
@@ -37,9 +40,9 @@ Field = Literal["batch", "labels"]
 class Registry:
     """A model's setup: gene names, covariate keys and their categories, the counts' layer.
 
-    Keys are None when a covariate is absent; its categories are then ``("0",)``. The
-    covariate and size-factor fields are recorded for the likelihood settings to come and are
-    always empty today (``setup_anndata`` refuses them).
+    Keys are None when a covariate is absent; its categories are then ``("0",)``.
+    ``categorical_covariate_categories`` holds one tuple of categories per key of
+    ``categorical_covariate_keys``.
     """
 
     var_names: tuple[str, ...]
@@ -56,9 +59,16 @@ class Registry:
     # ---------------------------------------------------------------- making one --
     @classmethod
     def from_setup(cls, adata, batch_key: str | None = None, labels_key: str | None = None,
-                   layer: str | None = None) -> Registry:
-        """The registry ``setup_anndata`` records: keys checked, categories coded."""
-        for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key")):
+                   layer: str | None = None, categorical_covariate_keys=None,
+                   continuous_covariate_keys=None, size_factor_key: str | None = None) -> Registry:
+        """The registry ``setup_anndata`` records: keys checked, categories coded, the
+        continuous columns and size factors checked."""
+        cat_keys = _key_list(categorical_covariate_keys, "categorical_covariate_keys")
+        cont_keys = _key_list(continuous_covariate_keys, "continuous_covariate_keys")
+        for key, what in ((batch_key, "batch_key"), (labels_key, "labels_key"),
+                          *((k, "categorical_covariate_keys") for k in cat_keys),
+                          *((k, "continuous_covariate_keys") for k in cont_keys),
+                          (size_factor_key, "size_factor_key")):
             if key is not None and key not in adata.obs:
                 raise KeyError(
                     f"{what}={key!r} is not a column of adata.obs; available: "
@@ -70,9 +80,14 @@ class Registry:
         def categories(key):
             return tuple(_data.categorize(adata.obs[key], key)[1]) if key else NO_CATEGORIES
 
-        return cls(var_names=_names(adata.var_names), batch_key=batch_key,
-                   batch_categories=categories(batch_key), labels_key=labels_key,
-                   labels_categories=categories(labels_key), layer=layer)
+        registry = cls(var_names=_names(adata.var_names), batch_key=batch_key,
+                       batch_categories=categories(batch_key), labels_key=labels_key,
+                       labels_categories=categories(labels_key), layer=layer,
+                       categorical_covariate_keys=cat_keys,
+                       categorical_covariate_categories=tuple(categories(k) for k in cat_keys),
+                       continuous_covariate_keys=cont_keys, size_factor_key=size_factor_key)
+        registry.covariates_of(adata)  # checks the float columns now, before any training
+        return registry
 
     @classmethod
     def from_anndata(cls, adata) -> Registry:
@@ -132,8 +147,9 @@ class Registry:
             labels_categories=names(d.get("labels_categories"), NO_CATEGORIES),
             layer=key("layer"),
             categorical_covariate_keys=names(d.get("categorical_covariate_keys")),
-            categorical_covariate_categories=tuple(
-                names(c) for c in d.get("categorical_covariate_categories") or ()),
+            categorical_covariate_categories=_per_key(
+                d.get("categorical_covariate_categories"), names(d.get("categorical_covariate_keys")),
+                names),
             continuous_covariate_keys=names(d.get("continuous_covariate_keys")),
             size_factor_key=key("size_factor_key"),
         )
@@ -141,8 +157,15 @@ class Registry:
     def write_setup(self, adata) -> None:
         """Record this setup in ``adata.uns`` (what ``setup_anndata`` leaves behind)."""
         d = self.to_dict()
-        adata.uns[SETUP_KEY] = {k: d[k] for k in (
-            "batch_key", "labels_key", "layer", "batch_categories", "labels_categories")}
+        keys = ["batch_key", "labels_key", "layer", "batch_categories", "labels_categories"]
+        if self.has_covariates:  # (a setup without them keeps its earlier, smaller record)
+            keys += ["categorical_covariate_keys", "categorical_covariate_categories",
+                     "continuous_covariate_keys", "size_factor_key"]
+        setup = {k: d[k] for k in keys}
+        if self.has_covariates:  # ragged lists do not fit in an .h5ad: one entry per key
+            setup["categorical_covariate_categories"] = dict(zip(
+                self.categorical_covariate_keys, d["categorical_covariate_categories"]))
+        adata.uns[SETUP_KEY] = setup
 
     # --------------------------------------------------------------------- coding --
     def key_of(self, which: Field) -> str | None:
@@ -184,6 +207,57 @@ class Registry:
                            "does not have (an obs column, or a store's batch)")
         return self.codes_for(column, which)
 
+    @property
+    def has_covariates(self) -> bool:
+        """Whether minibatches carry extra covariates or size factors for this model."""
+        return bool(self.categorical_covariate_keys or self.continuous_covariate_keys
+                    or self.size_factor_key)
+
+    def covariates_of(self, data) -> dict:
+        """Every cell's extra covariates as a :class:`~scvi_fast.data.Source` takes them
+        (:meth:`~scvi_fast.data.Source.with_covariates`): ``cat_covs`` ``(n, n_cat)`` codes in
+        the recorded categories (unknown values refused), ``cont_covs`` ``(n, n_cont)`` and
+        ``size_factor`` ``(n,)``; None where the model has none.
+
+        ``data`` is an AnnData; a CSR store records only its batch and labels, so a model with
+        covariates refuses one.
+        """
+        if not self.has_covariates:
+            return {"cat_covs": None, "cont_covs": None, "size_factor": None}
+        if isinstance(data, _data.CSRStore):
+            raise ValueError(
+                "this model was set up with covariates or size factors "
+                f"({self._covariate_summary()}), which a CSR store does not record (it keeps "
+                "the batch and labels only); train and embed from the AnnData instead")
+        obs = data.obs
+        for key in (*self.categorical_covariate_keys, *self.continuous_covariate_keys,
+                    *([self.size_factor_key] if self.size_factor_key else [])):
+            if key not in obs:
+                raise KeyError(f"the model was set up with obs column {key!r}, which this data "
+                               "does not have")
+        cat = cont = sf = None
+        if self.categorical_covariate_keys:
+            cat = np.stack([_data.codes_for(obs[k], cats, k) for k, cats in zip(
+                self.categorical_covariate_keys, self.categorical_covariate_categories)], 1)
+        if self.continuous_covariate_keys:
+            cont = np.stack([_float_column(obs[k], k) for k in self.continuous_covariate_keys], 1)
+        if self.size_factor_key:
+            sf = _float_column(obs[self.size_factor_key], self.size_factor_key)
+            if not (sf > 0).all():
+                raise ValueError(f"obs[{self.size_factor_key!r}] holds size factors <= 0 (first "
+                                 f"at cell {int(np.argmax(~(sf > 0)))}); the library is their log")
+        return {"cat_covs": cat, "cont_covs": cont, "size_factor": sf}
+
+    def _covariate_summary(self) -> str:
+        return ", ".join(f"{what}={v!r}" for what, v in (
+            ("categorical_covariate_keys", list(self.categorical_covariate_keys)),
+            ("continuous_covariate_keys", list(self.continuous_covariate_keys)),
+            ("size_factor_key", self.size_factor_key)) if v)
+
+    @property
+    def n_cats_per_cov(self) -> tuple[int, ...]:
+        return tuple(len(c) for c in self.categorical_covariate_categories)
+
     def check_genes(self, var_names) -> None:
         """Refuse data whose genes are not the model's, in the model's order."""
         theirs = _names(var_names)
@@ -211,8 +285,19 @@ class Registry:
             seen = set(known)
             return known + tuple(c for c in present if c not in seen)
 
+        def extended_covariate(key, known):
+            if key not in adata.obs:
+                return known
+            seen = set(known)
+            present = _data.categorize(adata.obs[key], key)[1]
+            return known + tuple(c for c in present if c not in seen)
+
         return replace(self, batch_categories=extended("batch"),
-                       labels_categories=extended("labels"))
+                       labels_categories=extended("labels"),
+                       categorical_covariate_categories=tuple(
+                           extended_covariate(k, c) for k, c in zip(
+                               self.categorical_covariate_keys,
+                               self.categorical_covariate_categories)))
 
     @property
     def n_batch(self) -> int:
@@ -228,6 +313,43 @@ def open_data(data):
     if isinstance(data, (str, os.PathLike)):
         return _data.CSRStore.open(data)
     return data
+
+
+def _per_key(categories, keys, names) -> tuple[tuple[str, ...], ...]:
+    """Categories per categorical covariate, from a list of lists (``config.json``) or a dict
+    keyed by covariate (``adata.uns``, where ragged lists cannot be written)."""
+    if categories is None or len(categories) == 0:
+        return ()
+    if isinstance(categories, dict):
+        return tuple(names(categories[k]) for k in keys)
+    return tuple(names(c) for c in categories)
+
+
+def _key_list(keys, what: str) -> tuple[str, ...]:
+    """``categorical_covariate_keys`` etc. as a tuple of distinct column names."""
+    if keys is None:
+        return ()
+    if isinstance(keys, str):
+        raise TypeError(f"{what} must be a list of obs columns, e.g. [{keys!r}]; got a string")
+    keys = tuple(str(k) for k in keys)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{what} repeats a column: {list(keys)}")
+    return keys
+
+
+def _float_column(values, key: str) -> np.ndarray:
+    """A numeric obs column as float32, refusing text, missing and infinite values."""
+    import pandas as pd
+
+    if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+        raise TypeError(f"obs[{key!r}] must be numeric to be a continuous covariate or size "
+                        f"factor; it is {getattr(values, 'dtype', type(values))}")
+    a = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        raise ValueError(f"obs[{key!r}] has {int(bad.sum())} missing or infinite values (first "
+                         f"at cell {int(np.argmax(bad))}); fill or drop those cells")
+    return a.astype(np.float32)
 
 
 def _names(values) -> tuple[str, ...]:

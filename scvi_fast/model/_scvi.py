@@ -61,6 +61,12 @@ class SCVI:
         Back-end of the fused ops: ``"auto" | "triton" | "native" | "torch"``.
     seed
         Seed of the weight initialisation.
+    encode_covariates
+        Feed the batch and the covariates of ``setup_anndata`` to the encoder too
+        (scvi-tools' default False).
+    deeply_inject_covariates
+        Inject the categorical covariates into every hidden layer, not only the first
+        (scvi-tools' default True).
 
     Attributes
     ----------
@@ -82,14 +88,18 @@ class SCVI:
                  use_observed_lib_size: bool = True,
                  latent_distribution: Literal["normal", "ln"] = "normal",
                  preset: Literal["census"] | None = None,
-                 impl: Literal["auto", "triton", "native", "torch"] = "auto", seed: int = 0):
+                 impl: Literal["auto", "triton", "native", "torch"] = "auto", seed: int = 0,
+                 encode_covariates: bool | None = None,
+                 deeply_inject_covariates: bool | None = None):
         if adata is None:
             raise ValueError("pass an AnnData registered with SCVI.setup_anndata, or a store")
         arch = architecture(preset, n_hidden=n_hidden, n_latent=n_latent, n_layers=n_layers,
                             dropout_rate=dropout_rate, dispersion=dispersion,
                             gene_likelihood=gene_likelihood,
                             latent_distribution=latent_distribution,
-                            use_observed_lib_size=use_observed_lib_size)
+                            use_observed_lib_size=use_observed_lib_size,
+                            encode_covariates=encode_covariates,
+                            deeply_inject_covariates=deeply_inject_covariates)
         registry = adata if isinstance(adata, Registry) else Registry.from_data(adata)
         library = None
         if not arch["use_observed_lib_size"]:
@@ -115,7 +125,10 @@ class SCVI:
             torch.manual_seed(seed)
             self.module = VAE(n_input=len(registry.var_names), n_batch=registry.n_batch,
                               n_labels=registry.n_labels, impl=impl, library_log_means=means,
-                              library_log_vars=variances, **arch)
+                              library_log_vars=variances,
+                              n_cats_per_cov=registry.n_cats_per_cov,
+                              n_continuous_cov=len(registry.continuous_covariate_keys),
+                              use_size_factor_key=registry.size_factor_key is not None, **arch)
         self.init_params_ = {**arch, "preset": preset, "impl": impl}
         self.adata = None
         self.is_trained_ = False
@@ -162,14 +175,23 @@ class SCVI:
     # ------------------------------------------------------------------ setup --
     @classmethod
     def setup_anndata(cls, adata, batch_key: str | None = None, labels_key: str | None = None,
-                      layer: str | None = None) -> None:
+                      layer: str | None = None, size_factor_key: str | None = None,
+                      categorical_covariate_keys: Sequence[str] | None = None,
+                      continuous_covariate_keys: Sequence[str] | None = None) -> None:
         """Register an AnnData: which counts to model and which obs columns are covariates.
 
+        As scvi-tools: ``categorical_covariate_keys`` are one-hot injected into the decoder
+        (and the encoder with ``encode_covariates=True``) after the batch, each with its
+        categories decided here; ``continuous_covariate_keys`` are numeric columns concatenated
+        to the first layer's input; ``size_factor_key`` a positive column whose log replaces the
+        observed log library (the expression scale is then a softplus, as scvi-tools').
         Validates that the counts are non-negative integers with no NaN/Inf and no empty
-        cells, before any training starts.
+        cells, and the covariate columns, before any training starts.
         """
-        registry = Registry.from_setup(adata, batch_key=batch_key, labels_key=labels_key,
-                                       layer=layer)
+        registry = Registry.from_setup(
+            adata, batch_key=batch_key, labels_key=labels_key, layer=layer,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys, size_factor_key=size_factor_key)
         _data.check_counts(adata, layer=layer)
         registry.write_setup(adata)
 

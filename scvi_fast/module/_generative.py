@@ -11,7 +11,8 @@ as they are:
   (``(G,)``, ``(G, n_batch)``, ``(G, n_labels)``, or the decoder head ``px_r_decoder``) and
   the log inverse dispersion of each cell (``(G,)`` or ``(..., G)``);
 * :func:`reconstruction_loss`: the per-cell negative log-likelihood of each gene likelihood,
-  through the fused ops of :mod:`scvi_fast.functional`;
+  through the fused ops of :mod:`scvi_fast.functional`; :func:`rate_reconstruction_loss`
+  the same from a given rate (the softplus scale of ``use_size_factor_key``);
 * :func:`z_transformation`: identity, or the softmax of the logistic normal (``"ln"``);
 * :func:`normal_kl`, :func:`library_prior` and :func:`init_library_size`: the library
   encoder's KL against scvi-tools' per-batch log-normal prior, computed from the data as
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from scvi_fast import functional as F_ops
+from scvi_fast.reference import log_nb_positive, log_zinb_positive
 
 GENE_LIKELIHOODS = ("zinb", "nb", "poisson")
 DISPERSIONS = ("gene", "gene-batch", "gene-label", "gene-cell")
@@ -147,4 +149,25 @@ def reconstruction_loss(likelihood: str, scale, hidden: torch.Tensor, log_librar
                                           impl=impl)
     if likelihood == "poisson":
         return -F_ops.poisson_softmax_loglik(logits, log_library, x, impl=impl)
+    raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}; got {likelihood!r}")
+
+
+def rate_reconstruction_loss(likelihood: str, counts: torch.Tensor, mu: torch.Tensor,
+                             px_r: torch.Tensor | None,
+                             dropout_logits: torch.Tensor | None) -> torch.Tensor:
+    """Per-cell ``-sum_g log p(x_bg | mu_bg, ...)`` of dense ``counts``
+    ``(B, G)`` under a given rate ``mu`` ``(B, G)``, unfused (the fused ops take logits of a
+    softmax; scvi-tools' ``use_size_factor_key`` scales a softplus instead).
+
+    ``px_r``: log inverse dispersion ``(G,)`` or ``(B, G)`` (NB, ZINB); ``dropout_logits``:
+    the zero-inflation logits ``(B, G)`` (ZINB). The densities are scvi-tools'
+    ``log_nb_positive`` / ``log_zinb_positive`` and ``Poisson.log_prob``.
+    """
+    if likelihood == "poisson":
+        return -(torch.xlogy(counts, mu) - mu - torch.lgamma(counts + 1)).sum(-1)
+    theta = torch.exp(px_r).to(mu.dtype)
+    if likelihood == "nb":
+        return -log_nb_positive(counts, mu, theta).sum(-1)
+    if likelihood == "zinb":
+        return -log_zinb_positive(counts, mu, theta, dropout_logits.to(mu.dtype)).sum(-1)
     raise ValueError(f"gene_likelihood must be one of {GENE_LIKELIHOODS}; got {likelihood!r}")

@@ -2,9 +2,12 @@
 
 scvi-tools builds every hidden layer as ``Linear -> BatchNorm1d(eps=1e-3,
 momentum=0.01) -> ReLU -> Dropout`` and injects the batch as a one-hot
-concatenated after the layer input. Here the first encoder layer reads the CSR
-counts directly (gene-major weight, ``(G, H)``) and the batch columns of a
-decoder layer are a separate ``(K, H)`` table that is gathered, not multiplied.
+concatenated after the layer input (and, in the first layer, the continuous
+covariates before them: ``[h, cont, onehot(batch), onehot(cat_1), ...]``). Here the
+first encoder layer reads the CSR counts directly (gene-major weight, ``(G, H)``),
+the one-hot columns of every categorical covariate are one stacked ``(K, H)`` table
+that is gathered, not multiplied (codes offset into it, see :func:`covariate_rows`),
+and the continuous columns are an ordinary dense term.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from scvi_fast import functional as F_ops
+from scvi_fast.reference import covariate_rows
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
@@ -36,52 +40,85 @@ class SparseInputLinear(nn.Module):
     ``weight = linear.weight.T``; ``f`` is ``log1p`` for scVI's encoder. ``method`` is
     :func:`scvi_fast.functional.sparse_linear`'s (``"auto"``: a densified batch and a GEMM
     on a GPU, a gather over the stored entries on the CPU).
+
+    With covariates (scvi-tools' ``encode_covariates=True``) ``weight_cont`` ``(n_cont,
+    n_out)`` multiplies the continuous covariates and ``weight_cov`` ``(n_cov, n_out)`` holds
+    the stacked one-hot columns of the categorical ones, gathered by the fused op.
     """
 
     def __init__(self, n_in: int, n_out: int, transform: str = "log1p", impl: str = "auto",
-                 method: str = "auto"):
+                 method: str = "auto", n_cov: int = 0, n_cont: int = 0):
         super().__init__()
         self.n_in, self.n_out, self.transform, self.impl = n_in, n_out, transform, impl
-        self.method = method
+        self.method, self.n_cov, self.n_cont = method, n_cov, n_cont
+        fan_in = n_in + n_cov + n_cont
         self.weight = nn.Parameter(torch.empty(n_in, n_out))
         self.bias = nn.Parameter(torch.empty(n_out))
-        _linear_init_(self.weight, self.bias, n_in)
+        _linear_init_(self.weight, self.bias, fan_in)
+        _covariate_params_(self, n_out, n_cov, n_cont, fan_in, cont_shape=(n_cont, n_out))
 
-    def forward(self, x) -> torch.Tensor:
-        return F_ops.sparse_linear(
+    def forward(self, x, cov: torch.Tensor | None = None,
+                cont: torch.Tensor | None = None) -> torch.Tensor:
+        _check_covariates(self, cov, cont)
+        y = F_ops.sparse_linear(
             x.indptr, x.indices, x.values, self.weight, self.bias,
+            cov=cov if self.weight_cov is not None else None, W_cov=self.weight_cov,
             transform=self.transform, impl=self.impl, method=self.method,
         )
+        if self.weight_cont is not None:
+            y = y + (cont.to(self.weight_cont.dtype) @ self.weight_cont).to(y.dtype)
+        return y
+
+
+def _covariate_params_(layer: nn.Module, n_out: int, n_cov: int, n_cont: int, fan_in: int,
+                       cont_shape: tuple[int, int]) -> None:
+    """``weight_cov`` ``(n_cov, n_out)`` and ``weight_cont`` (``cont_shape``), or None each."""
+    if n_cov > 0:
+        layer.weight_cov = nn.Parameter(torch.empty(n_cov, n_out))
+        _linear_init_(layer.weight_cov, None, fan_in)
+    else:
+        layer.register_parameter("weight_cov", None)
+    if n_cont > 0:
+        layer.weight_cont = nn.Parameter(torch.empty(*cont_shape))
+        _linear_init_(layer.weight_cont, None, fan_in)
+    else:
+        layer.register_parameter("weight_cont", None)
+
+
+def _check_covariates(layer: nn.Module, cov, cont) -> None:
+    if layer.weight_cov is not None and cov is None:
+        raise ValueError("this layer was built with categorical covariates; pass their codes")
+    if layer.weight_cont is not None and cont is None:
+        raise ValueError("this layer was built with continuous covariates; pass their values")
 
 
 class CovariateLinear(nn.Module):
-    """``y = h @ weight.T + bias + weight_cov[cov]``: a Linear on ``[h, onehot(cov)]``.
+    """``y = h @ weight.T + cont @ weight_cont.T + bias + sum_c weight_cov[cov[:, c]]``: a
+    Linear on ``[h, cont, onehot(cov_1), onehot(cov_2), ...]``.
 
-    ``weight`` is ``(n_out, n_in)`` as in ``nn.Linear``; ``weight_cov`` is
-    ``(n_cov, n_out)`` (the one-hot columns of scvi-tools' weight, transposed so
-    each category's vector is contiguous). With ``n_cov == 0`` it is a plain Linear.
+    ``weight`` is ``(n_out, n_in)`` as in ``nn.Linear``, ``weight_cont`` ``(n_out, n_cont)``
+    (the continuous columns of scvi-tools' weight); ``weight_cov`` is ``(n_cov, n_out)`` (the
+    one-hot columns, transposed so each category's vector is contiguous; several categorical
+    covariates are stacked, their codes offset). Without covariates it is a plain Linear.
     """
 
-    def __init__(self, n_in: int, n_out: int, n_cov: int = 0):
+    def __init__(self, n_in: int, n_out: int, n_cov: int = 0, n_cont: int = 0):
         super().__init__()
-        self.n_in, self.n_out, self.n_cov = n_in, n_out, n_cov
+        self.n_in, self.n_out, self.n_cov, self.n_cont = n_in, n_out, n_cov, n_cont
+        fan_in = n_in + n_cov + n_cont
         self.weight = nn.Parameter(torch.empty(n_out, n_in))
         self.bias = nn.Parameter(torch.empty(n_out))
-        _linear_init_(self.weight, self.bias, n_in + n_cov)
-        if n_cov > 0:
-            self.weight_cov = nn.Parameter(torch.empty(n_cov, n_out))
-            _linear_init_(self.weight_cov, None, n_in + n_cov)
-        else:
-            self.register_parameter("weight_cov", None)
+        _linear_init_(self.weight, self.bias, fan_in)
+        _covariate_params_(self, n_out, n_cov, n_cont, fan_in, cont_shape=(n_out, n_cont))
 
-    def forward(self, h: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cov: torch.Tensor | None = None,
+                cont: torch.Tensor | None = None) -> torch.Tensor:
+        _check_covariates(self, cov, cont)
         y = torch.nn.functional.linear(h, self.weight, self.bias)
+        if self.weight_cont is not None:
+            y = y + torch.nn.functional.linear(cont.to(h.dtype), self.weight_cont)
         if self.weight_cov is not None:
-            if cov is None:
-                raise ValueError("this layer was built with covariates; pass their codes")
-            # A row gather of the (K, H) table; embedding's backward is a sorted
-            # segment sum, far faster on the CPU than index_select's scatter.
-            y = y + torch.nn.functional.embedding(cov.reshape(-1), self.weight_cov)
+            y = y + covariate_rows(cov, self.weight_cov)
         return y
 
 

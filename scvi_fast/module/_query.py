@@ -1,8 +1,8 @@
 """Reference mapping (scArches, as scvi-tools' ``load_query_data``): which weights of a query
 model train.
 
-A query model's decoder has one more gathered batch row per new batch category, all else the
-reference's (:func:`load_reference_state`). :func:`set_online_update` then applies scvi-tools'
+A query model's decoder has one more gathered row per new batch (or categorical covariate)
+category, all else the reference's (:func:`load_reference_state`). :func:`set_online_update` then applies scvi-tools'
 ``freeze_*`` flags with scvi-tools 1.4.2's semantics (``_set_params_online_update``):
 
 * parameters of the hidden layers (every encoder and decoder ``Linear``, batch rows included)
@@ -100,8 +100,12 @@ def set_online_update(module: nn.Module, *, unfrozen: bool = False, freeze_dropo
         p.requires_grad_(id(p) in hidden or id(p) in trainable_bn or id(p) in library)
     hooked = enc[0 if freeze_expression else 1:] + dec[0 if freeze_decoder_first_layer else 1:]
     for layer in hooked:
+        # only the one-hot columns (weight_cov) train in a hooked layer, as scvi-tools' hook
+        # keeps the gradient of the categorical columns only (continuous ones included)
         layer.weight.register_hook(_zero_like)
         layer.bias.register_hook(_times_zero)
+        if getattr(layer, "weight_cont", None) is not None:
+            layer.weight_cont.register_hook(_zero_like)
     for bn in (bn_enc if freeze_batchnorm_encoder else []) + (bn_dec if freeze_batchnorm_decoder else []):
         bn.momentum = 0.0
     if freeze_dropout:
@@ -110,16 +114,41 @@ def set_online_update(module: nn.Module, *, unfrozen: bool = False, freeze_dropo
     return module
 
 
-@torch.no_grad()
-def load_reference_state(module: nn.Module, reference_state: dict, n_reference_batches: int) -> None:
-    """Copy a reference VAE's ``state_dict`` into ``module``, a VAE with more batch rows.
+def _blocks(sizes) -> list[tuple[int, int, int]]:
+    """``(categorical index, first row, rows)`` of each one-hot block of a stacked table: the
+    batch, then each categorical covariate, those of one category having none."""
+    out, start = [], 0
+    for i, k in enumerate(sizes):
+        if k > 1:
+            out.append((i, start, k))
+            start += k
+    return out
 
-    Every tensor is the reference's except the batch rows from ``n_reference_batches`` on,
-    which keep ``module``'s own (seeded, ``nn.Linear``-style) initialisation; a reference
-    without batch columns (one category) gets a zero row for that category. Other tensors
-    sized by the batches (a ``"gene-batch"`` ``px_r``, the library prior) keep the
-    reference's entries in front and the module's own after them, as scvi-tools pads them.
+
+@torch.no_grad()
+def load_reference_state(module: nn.Module, reference_state: dict, n_reference_batches) -> None:
+    """Copy a reference VAE's ``state_dict`` into ``module``, a VAE with more category rows.
+
+    ``n_reference_batches`` is the reference's number of batch categories, or the category
+    counts of its batch and of each categorical covariate (``[n_batch, *n_cats_per_cov]``).
+    Every tensor is the reference's except, in every stacked ``weight_cov`` table, the rows of
+    categories the reference does not have: each covariate's block keeps the reference's rows
+    first and its new categories' rows after them, from ``module``'s own (seeded,
+    ``nn.Linear``-style) initialisation. A reference covariate of one category (no columns)
+    gets a zero row for that category. (scvi-tools pads the whole concatenated weight at its
+    end instead, which shifts the columns of a covariate that follows one that gained
+    categories; with new categories in the last categorical only, e.g. a batch-only model,
+    the two agree.) Other tensors sized by the batches (a ``"gene-batch"`` ``px_r``, the library
+    prior) keep the reference's entries in front and the module's own after them, as
+    scvi-tools pads them.
     """
+    sizes = ([int(n_reference_batches), *getattr(module, "n_cats_per_cov", ())]
+             if isinstance(n_reference_batches, int) else [int(k) for k in n_reference_batches])
+    query_sizes = [int(module.n_batch), *getattr(module, "n_cats_per_cov", ())]
+    if len(sizes) != len(query_sizes) or any(r > q for r, q in zip(sizes, query_sizes)):
+        raise ValueError(f"the query's categories {query_sizes} do not extend the reference's "
+                         f"{sizes}")
+    ref_blocks = {i: (start, k) for i, start, k in _blocks(sizes)}
     state = module.state_dict()
     for key, ref in reference_state.items():
         if key not in state:
@@ -137,6 +166,11 @@ def load_reference_state(module: nn.Module, reference_state: dict, n_reference_b
         if key.endswith("weight_cov"):
             table = state[key].clone()
             ref = reference_state.get(key)
-            table[:n_reference_batches] = 0 if ref is None else ref.detach().cpu()
+            for i, start, _ in _blocks(query_sizes):
+                if i in ref_blocks and ref is not None:
+                    r0, k = ref_blocks[i]
+                    table[start:start + k] = ref[r0:r0 + k].detach().cpu()
+                else:
+                    table[start:start + sizes[i]] = 0
             state[key] = table
     module.load_state_dict(state)

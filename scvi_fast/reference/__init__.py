@@ -25,7 +25,13 @@ from scvi_fast.reference._nb import (
 from scvi_fast.reference._zinb import log_zinb_positive, poisson_softmax_loglik, zinb_softmax_loglik
 from scvi_fast.reference._reparam import reparam_kl, VAR_EPS
 from scvi_fast.reference._sparse_linear import METHODS as SPARSE_LINEAR_METHODS
-from scvi_fast.reference._sparse_linear import resolve_method, sparse_linear
+from scvi_fast.reference._sparse_linear import (
+    check_cov,
+    covariate_rows,
+    resolve_method,
+    sparse_linear,
+    split_cov,
+)
 
 
 def is_available() -> bool:

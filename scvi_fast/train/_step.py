@@ -42,16 +42,23 @@ _FIELDS = (
     ("indices", torch.int32, "entries"),
     ("values", torch.float32, "entries"),
 )
+#: optional per-cell fields (the minibatch's covariates): ``name -> dtype``; each gets a
+#: ``(cells, width)`` buffer (``(cells,)`` for the size factor) once a minibatch carries it
+_COVARIATE_FIELDS = {"cat_covs": torch.int64, "cont_covs": torch.float32,
+                     "size_factor": torch.float32}
 STEP_MODES = ("auto", "eager", "static", "graph")
 
 
 class DeviceBatch:
     """A minibatch as device tensors (the attributes the VAE reads), views of static buffers."""
 
-    __slots__ = ("indptr", "indices", "values", "batch", "labels", "library", "n_genes")
+    __slots__ = ("indptr", "indices", "values", "batch", "labels", "library", "n_genes",
+                 *_COVARIATE_FIELDS)
 
     def __init__(self, n_genes: int, **fields: torch.Tensor):
         self.n_genes = n_genes
+        for name in _COVARIATE_FIELDS:
+            setattr(self, name, None)
         for name, t in fields.items():
             setattr(self, name, t)
 
@@ -96,32 +103,46 @@ class StaticBatches:
             self.copy_stream = torch.cuda.Stream(self.device)
             self._ready = [torch.cuda.Event() for _ in range(self.n_slots)]
             self._free = [torch.cuda.Event() for _ in range(self.n_slots)]
+        #: covariate fields held: ``name -> trailing shape`` (``()`` or ``(width,)``)
+        self.covariates: dict[str, tuple[int, ...]] = {}
         self._allocate(int(max_cells), max(1, int(capacity)))
+
+    def _fields(self):
+        yield from ((name, dt, by, ()) for name, dt, by in _FIELDS)
+        for name, tail in self.covariates.items():
+            yield name, _COVARIATE_FIELDS[name], "cells", tail
 
     def _allocate(self, max_cells: int, capacity: int) -> None:
         self.max_cells, self.capacity = max_cells, capacity
         size = {"cells": max_cells, "entries": capacity}
         self.slots = [
-            {name: torch.zeros(size[by] + (name == "indptr"), dtype=dt, device=self.device)
-             for name, dt, by in _FIELDS}
+            {name: torch.zeros((size[by] + (name == "indptr"), *tail), dtype=dt,
+                               device=self.device)
+             for name, dt, by, tail in self._fields()}
             for _ in range(self.n_slots)
         ]
         # pinned host mirrors: a copy from pageable memory would make the host wait for the
         # copy stream (and so for the step that last read the slot); arrays that are already
         # pinned (the loader's entries with pin_memory=True) are copied directly
         self.host_slots = [
-            {name: torch.empty(size[by] + (name == "indptr"), dtype=dt, pin_memory=True)
-             for name, dt, by in _FIELDS}
+            {name: torch.empty((size[by] + (name == "indptr"), *tail), dtype=dt,
+                               pin_memory=True)
+             for name, dt, by, tail in self._fields()}
             for _ in range(self.n_slots)
         ] if self.cuda else None
 
     def _grow(self, n_cells: int, nnz: int) -> None:
-        """Reallocate every slot larger (rare: the initial capacity is an upper bound)."""
+        """Reallocate every slot larger (rare: the initial capacity is an upper bound), or
+        with the covariate fields of :attr:`covariates` (once, at the first minibatch)."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
         self._held = [None] * self.n_slots
         self._allocate(max(n_cells, self.max_cells), max(int(nnz * 1.25) + 1, self.capacity))
         self.generation += 1
+
+    def _covariates_of(self, mb) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(np.shape(v)[1:]) for name in _COVARIATE_FIELDS
+                if (v := getattr(mb, name, None)) is not None}
 
     def load(self, mb) -> tuple[int, DeviceBatch]:
         """Copy host minibatch ``mb`` (a :class:`~scvi_fast.data.CSRMinibatch`) into the next
@@ -129,7 +150,11 @@ class StaticBatches:
         afterwards sees the copied data; call :meth:`release` once the step that reads the slot
         has been queued."""
         n, nnz = mb.n_cells, mb.nnz
-        if n > self.max_cells or nnz > self.capacity:
+        covs = self._covariates_of(mb)
+        if covs != self.covariates:
+            self.covariates = covs
+            self._grow(n, nnz)
+        elif n > self.max_cells or nnz > self.capacity:
             self._grow(n, nnz)
         slot = self._next
         self._next = (slot + 1) % self.n_slots
@@ -143,6 +168,9 @@ class StaticBatches:
             "indptr": mb.indptr, "batch": mb.batch, "labels": mb.labels,
             "library": mb.library, "indices": mb.indices, "values": mb.values,
         }
+        for name in self.covariates:
+            views[name] = bufs[name][:n]
+            sources[name] = getattr(mb, name)
         if self.cuda:
             # the host arrays of this slot's previous minibatch may go back to the loader once
             # their copy has finished (queued two loads ago: normally long done)

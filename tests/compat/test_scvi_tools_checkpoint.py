@@ -126,9 +126,6 @@ def _rewrite(src, dst, edit):
     "edit, match",
     [
         (lambda c: c["attr_dict"]["init_params_"]["non_kwargs"].update(gene_likelihood="normal"), "gene_likelihood"),
-        (lambda c: c["attr_dict"]["init_params_"]["kwargs"]["kwargs"].update(encode_covariates=True), "encode_covariates"),
-        (lambda c: c["attr_dict"]["registry_"]["setup_args"].update(categorical_covariate_keys=["x"]), "categorical_covariate_keys"),
-        (lambda c: c["attr_dict"]["registry_"]["setup_args"].update(continuous_covariate_keys=["y"]), "continuous_covariate_keys"),
         (lambda c: c["attr_dict"]["registry_"].update(model_name="SCANVI"), "SCANVI"),
     ],
 )

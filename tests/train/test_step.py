@@ -26,22 +26,44 @@ def adata():
                              seed=11)
 
 
-def _loaders(adata, batch_size=64):
+#: the covariate model of the covariate tests: two categorical covariates (4 and 2
+#: categories), two continuous ones, size factors, encoded and deeply injected
+COVARIATE_MODEL = dict(n_cats_per_cov=(4, 2), n_continuous_cov=2, encode_covariates=True,
+                       deeply_inject_covariates=True, use_size_factor_key=True)
+
+
+def _covariate_source(adata):
+    from scvi_fast.data import as_source
+
+    rng = np.random.default_rng(1)
+    n = adata.n_obs
+    return as_source(adata, batch_codes=adata.obs["batch"].cat.codes.to_numpy()).with_covariates(
+        cat_covs=np.stack([rng.integers(0, 4, n), rng.integers(0, 2, n)], 1),
+        cont_covs=rng.normal(size=(n, 2)), size_factor=rng.uniform(0.5, 2, n))
+
+
+def _loaders(adata, batch_size=64, covariates=False):
     codes = adata.obs["batch"].cat.codes.to_numpy().astype(np.int64)
     labels = adata.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
     rng = np.random.default_rng(0)
     perm = rng.permutation(adata.n_obs)
     train, val = np.sort(perm[:190]), np.sort(perm[190:])
     kw = dict(batch_codes=codes, labels_codes=labels, prefetch=False)
-    return (CSRLoader(adata, batch_size=batch_size, shuffle=True, seed=3, indices=train, **kw),
-            CSRLoader(adata, batch_size=128, shuffle=False, indices=val, **kw))
+    data = _covariate_source(adata) if covariates else adata
+    return (CSRLoader(data, batch_size=batch_size, shuffle=True, seed=3, indices=train, **kw),
+            CSRLoader(data, batch_size=128, shuffle=False, indices=val, **kw))
+
+
+def _uses_covariates(options: dict) -> bool:
+    return bool(options.get("n_cats_per_cov") or options.get("n_continuous_cov"))
 
 
 def _fit(adata, impl, step_mode, epochs=3, options=None, **kw):
     torch.manual_seed(0)
+    options = options or {"gene_likelihood": "nb"}
     module = VAE(adata.n_vars, n_batch=3, n_labels=3, n_hidden=16, n_latent=4, n_layers=2,
-                 impl=impl, **(options or {"gene_likelihood": "nb"}))
-    train, val = _loaders(adata)
+                 impl=impl, **options)
+    train, val = _loaders(adata, covariates=_uses_covariates(options))
     trainer = Trainer(module, train, val, device="cpu", progress_bar=False, seed=5,
                       n_epochs_kl_warmup=2, step_mode=step_mode, **kw)
     trainer.fit(epochs)
@@ -61,6 +83,19 @@ def test_static_step_equals_eager(adata, impl):
             pytest.skip(f"native extension unavailable: {native.unavailable_reason()}")
     eager = _fit(adata, impl, "eager")
     static = _fit(adata, impl, "static")
+    _assert_same_run(eager, static)
+
+
+def test_static_step_equals_eager_with_covariates(adata):
+    """The same with categorical and continuous covariates and size factors: the static
+    buffers carry them (``(cells, width)`` slots), and the runs agree bit for bit."""
+    eager = _fit(adata, "torch", "eager", options={"gene_likelihood": "nb", **COVARIATE_MODEL})
+    static = _fit(adata, "torch", "static", options={"gene_likelihood": "nb", **COVARIATE_MODEL})
+    assert set(static._batches.covariates) == {"cat_covs", "cont_covs", "size_factor"}
+    _assert_same_run(eager, static)
+
+
+def _assert_same_run(eager, static):
     assert static.step_mode == "static" and eager.step_mode == "eager"
     assert static._batches.capacity >= max(mb.nnz for mb in static.train_loader)
     for k, v in eager.module.state_dict().items():
@@ -81,6 +116,14 @@ OPTION_SETS = [
     {"gene_likelihood": "zinb", "dispersion": "gene-label", "latent_distribution": "ln"},
     {"gene_likelihood": "zinb", "dispersion": "gene-cell", "use_observed_lib_size": False,
      "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]]},
+    # covariates with the options: the library encoder reads the encoded covariates; with
+    # size factors it only adds its KL (the rate reads the size factors)
+    {"gene_likelihood": "zinb", "dispersion": "gene-batch", "use_observed_lib_size": False,
+     "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]],
+     **{**COVARIATE_MODEL, "use_size_factor_key": False}},
+    {"gene_likelihood": "poisson", "latent_distribution": "ln", "use_observed_lib_size": False,
+     "library_log_means": [[5.0, 5.5, 6.0]], "library_log_vars": [[0.3, 0.5, 0.2]],
+     **{**COVARIATE_MODEL, "deeply_inject_covariates": False}},
 ]
 
 
@@ -171,17 +214,19 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("options", [{"gene_likelihood": "nb"}, *OPTION_SETS],
+@pytest.mark.parametrize("options", [{"gene_likelihood": "nb"}, *OPTION_SETS,
+                                     {"gene_likelihood": "nb", **COVARIATE_MODEL}],
                          ids=lambda o: "-".join(str(v) for k, v in o.items()
                                                 if not k.startswith("library_")))
 def test_step_body_has_no_host_synchronisation(adata, options):
     """The training and evaluation step bodies (what a CUDA graph captures) with the PyTorch
     back-end, for every model option: no op that would synchronise a GPU; the op count per
-    step is what a profile of launches starts from."""
+    step is what a profile of launches starts from. With covariates too (codes offset into
+    the stacked tables, continuous terms, log size factors, a library encoder reading them)."""
     torch.manual_seed(0)
     module = VAE(adata.n_vars, n_batch=3, n_labels=3, n_hidden=16, n_latent=4, n_layers=2,
                  impl="torch", **options)
-    train, _ = _loaders(adata)
+    train, _ = _loaders(adata, covariates=_uses_covariates(options))
     opt = _NoStepAdam(module.parameters(), lr=1e-3, eps=0.01)
     runner = StepRunner(module, module, opt, torch.device("cpu"), mode="static")
     batches = StaticBatches(torch.device("cpu"), 64, max_batch_nnz(train), adata.n_vars)
@@ -216,6 +261,19 @@ def test_static_batches_copy_and_views(adata):
         assert torch.equal(x.library, torch.from_numpy(mb.library))
         batches.release(slot)
     assert batches.generation == 0
+
+
+def test_static_batches_carry_covariates(adata):
+    train, _ = _loaders(adata, batch_size=64, covariates=True)
+    batches = StaticBatches(torch.device("cpu"), 64, max_batch_nnz(train), adata.n_vars)
+    for i, mb in enumerate(train):
+        slot, x = batches.load(mb)
+        for name in ("cat_covs", "cont_covs", "size_factor"):
+            assert torch.equal(getattr(x, name), torch.from_numpy(getattr(mb, name))), name
+        batches.release(slot)
+    # the buffers were laid out once, at the first minibatch
+    assert batches.generation == 1 and batches.covariates == {
+        "cat_covs": (2,), "cont_covs": (2,), "size_factor": ()}
 
 
 def test_static_batches_grow_when_a_minibatch_exceeds_capacity(adata):

@@ -63,25 +63,26 @@ def sparse_linear(
     """
     if transform not in _TRANSFORM_CODES:
         raise ValueError(f"transform must be one of {tuple(_TRANSFORM_CODES)}; got {transform!r}")
-    if cov is not None and W_cov is None:
-        raise ValueError("cov was given without W_cov")
+    reference.check_cov(cov, W_cov, indptr.numel() - 1)
     if reference.resolve_method(method, W.device) == "dense":
         return reference.sparse_linear(indptr, indices, values, W, b, cov, W_cov, transform,
                                        method="dense")
+    cov, extra = reference.split_cov(cov)
     if cov is None:
         W_cov = None
     else:
         cov = cov.reshape(-1).to(torch.int64).contiguous()
-        W_cov = W_cov.contiguous()
     if indices.dtype not in (torch.int32, torch.int64):
         indices = indices.to(torch.int64)
-    return SparseLinearFunction.apply(
+    y = SparseLinearFunction.apply(
         W.contiguous(),
         b.contiguous() if b is not None else None,
-        W_cov,
+        W_cov.contiguous() if W_cov is not None else None,
         indptr.to(torch.int64).contiguous(),
         indices.contiguous(),
         values.to(W.dtype).contiguous(),
         cov,
         _TRANSFORM_CODES[transform],
     )
+    # further categorical covariates: one row gather each, into the same stacked table
+    return y if extra is None else y + reference.covariate_rows(extra, W_cov).to(y.dtype)

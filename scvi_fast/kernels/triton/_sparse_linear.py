@@ -58,6 +58,7 @@ from scvi_fast.kernels.triton._common import (
 from scvi_fast.kernels.triton._configs import choose, unique
 from scvi_fast.kernels.triton._csr import entry_genes, row_span
 from scvi_fast.kernels.triton._math import log1p
+from scvi_fast import reference
 from scvi_fast.reference import csr_row_ids, csr_valid, resolve_method
 
 # whether the kernels below are interpreted (fixed when triton.jit decorates them)
@@ -347,8 +348,8 @@ def sparse_linear(
     """
     if transform not in _TRANSFORMS:
         raise ValueError(f"transform must be one of {_TRANSFORMS}; got {transform!r}")
-    if cov is not None and W_cov is None:
-        raise ValueError("cov was given without W_cov")
+    reference.check_cov(cov, W_cov, indptr.numel() - 1)
+    cov, extra = reference.split_cov(cov)
     method = resolve_method(method, W.device)
     check_tensors(
         "sparse_linear", _INTERPRETED, indptr=indptr, indices=indices, values=values, W=W, b=b,
@@ -376,9 +377,12 @@ def sparse_linear(
     args = (indptr.contiguous(), indices.contiguous(), values.contiguous())
     with on_device(W):
         if method == "dense":
-            return DenseLinear.apply(
+            y = DenseLinear.apply(
                 *args, W, b, cov, W_cov, transform == "log1p", _gemm_dtype(W)
             )
-        return SparseLinear.apply(
-            *args, _contiguous_rows(W), b, cov, W_cov, transform == "log1p"
-        )
+        else:
+            y = SparseLinear.apply(
+                *args, _contiguous_rows(W), b, cov, W_cov, transform == "log1p"
+            )
+        # further categorical covariates: one row gather each, into the same stacked table
+        return y if extra is None else y + reference.covariate_rows(extra, W_cov).to(y.dtype)
