@@ -16,7 +16,8 @@ from ._counts import CountChecker, check_counts
 from ._csr import gather_rows, row_offsets
 from ._h5ad import write_h5ad
 from ._hvg import highly_variable_genes
-from ._loader import BufferFetcher, CSRLoader, CSRMinibatch, TorchMinibatch
+from ._loader import BufferFetcher, CSRLoader
+from ._minibatch import CSRMinibatch, TorchMinibatch
 from ._sampler import BlockShuffleSampler, shard_range
 from ._open import as_source
 from ._readers import read_10x_h5_source, read_mtx_source, soma_source

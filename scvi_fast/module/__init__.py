@@ -15,7 +15,8 @@ from scvi_fast.module._state import (
     tensor_crc32,
     verify_checksums,
 )
-from scvi_fast.module._vae import VAE, LossOutput, fp32, kl_weight, posterior_variance, sample_z
+from scvi_fast.module._posterior import LossOutput, fp32, kl_weight, posterior_variance, sample_z
+from scvi_fast.module._vae import VAE
 
 __all__ = [
     "VAE", "LossOutput", "kl_weight", "SparseInputLinear", "CovariateLinear", "DenseBlock",

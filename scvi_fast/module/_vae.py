@@ -14,7 +14,6 @@ Loss: per-cell ``-log p(x | exp(l) softmax, ...)`` of the gene likelihood, the a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,155 +21,10 @@ from torch import nn
 
 from scvi_fast import functional as F_ops
 from scvi_fast.module import _generative as gen_opts
-from scvi_fast.module._layers import CovariateLinear, DenseBlock, OutputLinear, SparseInputLinear
-from scvi_fast.reference import VAR_EPS, csr_masked, csr_to_dense
-
-
-def fp32(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` in float32 when autocast made it a 16-bit float (bf16 GEMMs); else as it is.
-
-    Sampling, the KL, the softmax and the likelihood always run in float32 or better.
-    """
-    if t is not None and t.dtype in (torch.bfloat16, torch.float16):
-        return t.float()
-    return t
-
-
-def posterior_variance(raw: torch.Tensor) -> torch.Tensor:
-    """``q_v = exp(raw) + VAR_EPS``: the encoder's variance head made a variance."""
-    return torch.exp(raw) + VAR_EPS
-
-
-def sample_z(q_m: torch.Tensor, q_v: torch.Tensor, n: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """``z = q_m + sqrt(q_v) * eps`` with ``eps ~ N(0, I)`` drawn from ``generator``.
-
-    Parameters
-    ----------
-    q_m, q_v
-        Posterior means and variances, ``(B, Z)`` (from :meth:`VAE.posterior`).
-    n
-        Samples per cell: None gives ``(B, Z)``, an integer ``(n, B, Z)``.
-    generator
-        torch generator of the noise (None: torch's global generator).
-    """
-    shape = q_m.shape if n is None else (n, *q_m.shape)
-    eps = torch.randn(shape, dtype=q_m.dtype, device=q_m.device, generator=generator)
-    return q_m + torch.sqrt(q_v) * eps
-
-
-def kl_weight(
-    epoch: int,
-    n_epochs_kl_warmup: int | None,
-    max_kl_weight: float = 1.0,
-    min_kl_weight: float = 0.0,
-    step: int = 0,
-    n_steps_kl_warmup: int | None = None,
-) -> float:
-    """KL annealing weight at (0-based) ``epoch`` and global ``step``, as scvi-tools'
-    training plan (``_compute_kl_weight``, same arithmetic).
-
-    Rises linearly from ``min_kl_weight`` to ``max_kl_weight`` over ``n_epochs_kl_warmup``
-    epochs, or, when that is None (or 0), over ``n_steps_kl_warmup`` optimiser steps;
-    constant ``max_kl_weight`` without warm-up.
-    """
-    if min_kl_weight > max_kl_weight:
-        raise ValueError(f"min_kl_weight={min_kl_weight} is larger than max_kl_weight={max_kl_weight}.")
-    slope = max_kl_weight - min_kl_weight
-    if n_epochs_kl_warmup:
-        if epoch < n_epochs_kl_warmup:
-            return slope * (epoch / n_epochs_kl_warmup) + min_kl_weight
-    elif n_steps_kl_warmup:
-        if step < n_steps_kl_warmup:
-            return slope * (step / n_steps_kl_warmup) + min_kl_weight
-    return max_kl_weight
-
-
-def _tile(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Per-cell rows ``t`` repeated (whole, in order) to ``n`` rows: the inputs of cells decoded
-    for several samples of ``z`` at once (``(S, B, Z)`` flattened sample-major)."""
-    if t.shape[0] == n:
-        return t
-    return t.repeat(n // t.shape[0], *([1] * (t.dim() - 1)))
-
-
-@dataclass
-class LossOutput:
-    """Per-cell loss terms of a minibatch and the weighted scalar to optimise."""
-
-    loss: torch.Tensor  #: mean over cells of ``reconst + kl_weight * kl_z + kl_l``
-    reconstruction_loss: torch.Tensor  #: ``(B,)`` negative log-likelihood
-    kl_local: torch.Tensor  #: ``(B,)`` ``kl_z + kl_l`` (scvi-tools' summed ``kl_local``)
-    kl_z: torch.Tensor | None = None  #: ``(B,)`` KL(q(z|x) || N(0, I))
-    kl_l: torch.Tensor | None = None  #: ``(B,)`` KL(q(l|x) || p(l)); None: observed library
-
-    @property
-    def n_obs(self) -> int:
-        return int(self.reconstruction_loss.shape[0])
-
-
-class Encoder(nn.Module):
-    """``x -> log1p -> [Linear BN ReLU Dropout] x n_layers -> (q_m, raw q_v)``.
-
-    With ``n_cov`` / ``n_cont`` (scvi-tools' ``encode_covariates=True``) the first layer also
-    reads the categorical codes and the continuous covariates; the later layers read the codes
-    when ``deep`` (``deeply_inject_covariates``).
-    """
-
-    def __init__(self, n_input, n_latent, n_hidden, n_layers, dropout_rate, impl,
-                 n_cov: int = 0, n_cont: int = 0, deep: bool = True):
-        super().__init__()
-        self.first = SparseInputLinear(n_input, n_hidden, transform="log1p", impl=impl,
-                                       n_cov=n_cov, n_cont=n_cont)
-        self.linears = nn.ModuleList(
-            [CovariateLinear(n_hidden, n_hidden, n_cov if deep else 0)
-             for _ in range(n_layers - 1)]
-        )
-        self.blocks = nn.ModuleList(
-            [DenseBlock(n_hidden, dropout_rate, impl=impl) for _ in range(n_layers)]
-        )
-        self.mean = nn.Linear(n_hidden, n_latent)
-        self.var = nn.Linear(n_hidden, n_latent)
-
-    def forward(self, x, need_var: bool = True, cov: torch.Tensor | None = None,
-                cont: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.blocks[0](self.first(x, cov, cont))
-        for linear, block in zip(self.linears, self.blocks[1:]):
-            h = block(linear(h, cov))
-        return self.mean(h), (self.var(h) if need_var else None)
-
-
-class Decoder(nn.Module):
-    """``[z, cont, onehot(batch), onehot(cat_1)...] -> [Linear BN ReLU] x n_layers -> logits``.
-
-    The categorical one-hots enter every layer when ``deep`` (``deeply_inject_covariates``),
-    else the first only; the continuous covariates enter the first layer only (scvi-tools
-    concatenates them to ``z``).
-    """
-
-    def __init__(self, n_latent, n_output, n_hidden, n_layers, n_cov, n_cont: int = 0,
-                 deep: bool = True):
-        super().__init__()
-        dims = [n_latent] + [n_hidden] * n_layers
-        self.linears = nn.ModuleList(
-            [CovariateLinear(dims[i], dims[i + 1], n_cov if (i == 0 or deep) else 0,
-                             n_cont if i == 0 else 0) for i in range(n_layers)]
-        )
-        self.blocks = nn.ModuleList([DenseBlock(n_hidden, 0.0) for _ in range(n_layers)])
-        self.scale = OutputLinear(n_hidden, n_output)  # column-major weight, see there
-
-    def hidden(self, z: torch.Tensor, batch: torch.Tensor | None,
-               cont: torch.Tensor | None = None) -> torch.Tensor:
-        """The last hidden layer, the input of the output layer ``scale``. ``batch``: the
-        (offset, stacked) categorical codes, ``cont``: the continuous covariates."""
-        h = z
-        for i, (linear, block) in enumerate(zip(self.linears, self.blocks)):
-            h = block(linear(h, batch, cont if i == 0 else None))
-        return h
-
-    def forward(self, z: torch.Tensor, batch: torch.Tensor | None,
-                cont: torch.Tensor | None = None) -> torch.Tensor:
-        return self.scale(self.hidden(z, batch, cont))
+from scvi_fast.module._layers import OutputLinear
+from scvi_fast.module._networks import Decoder, Encoder
+from scvi_fast.module._posterior import LossOutput, _tile, fp32, posterior_variance, sample_z
+from scvi_fast.reference import csr_masked, csr_to_dense
 
 
 class VAE(nn.Module):

@@ -21,7 +21,6 @@ LAZY_ONLY = {
 }
 #: imports inside functions that belong at the top of their module: (file, module) -> why
 ALLOWED_LAZY = {
-    ("_loader.py", "scipy.sparse"): "CSRMinibatch.to_scipy; from when data avoided scipy at import",
     ("_loader.py", "numba"): "the loader's thread count; numba is imported at the top anyway",
     ("_synthetic.py", "anndata"): "synthetic_anndata; from when data avoided anndata at import",
     ("_synthetic.py", "pandas"): "synthetic_anndata; from when data avoided pandas at import",

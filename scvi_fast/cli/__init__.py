@@ -12,147 +12,29 @@ before any work starts and ends the command with exit status 2 and one line on s
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from scvi_fast.cli._checks import (
+    UsageError,
+    _device,
+    _existing,
+    _is_file,
+    _is_model,
+    _leiden_iterations,
+    _model_format,
+    _non_negative,
+    _Parser,
+    _positive,
+    _positive_float,
+    _read_input,
+    _replaceable,
+    _writable_folder,
+)
+
 SYNTHETIC_DEFAULT = {"n_cells": 6000, "n_genes": 2000, "n_batches": 3, "n_cell_types": 6}
-
-
-class UsageError(ValueError):
-    """A command line that cannot run as given (reported in one line, exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (and exits 2), without the usage."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# ---------------------------------------------------------------- argument types --
-def _int_at_least(low: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is not {what}")
-        return value
-
-    return parse
-
-
-_positive = _int_at_least(1, "positive")
-_non_negative = _int_at_least(0, "0 or more")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _leiden_iterations(text: str) -> int:
-    value = _int_at_least(-1, "-1 or more")(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 passes do nothing: give -1 (until stable) or 1 or more")
-    return value
-
-
-def _device(text: str) -> str:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine."""
-    if text in ("auto", "cpu"):
-        return text
-    import torch
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use auto, cpu, cuda, "
-                                         "cuda:N or mps")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch was built without CUDA" if torch.version.cuda is None
-                   else "torch sees no CUDA device")
-            raise argparse.ArgumentTypeError(f"{text!r}: no GPU is available here ({why}); use "
-                                             "--device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: there are {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here")
-    return text
-
-
-# ------------------------------------------------------------------ input, output --
-def _existing(path: str | None, what: str = "input") -> None:
-    if path is not None and not Path(path).exists():
-        raise UsageError(f"{what} {path} does not exist")
-
-
-def _writable_folder(folder: Path, flag: str) -> None:
-    """Create ``folder`` if needed and check a file can be written in it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UsageError(f"cannot write to {flag} {folder}: {err.strerror or err}") from None
-
-
-def _model_format(path: Path) -> str | None:
-    """``"scvi_fast"`` or ``"scvi-tools"`` when ``path`` is a model folder, else None."""
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        try:
-            if json.loads((path / "config.json").read_text()).get("format") == "scvi_fast":
-                return "scvi_fast"
-        except (OSError, ValueError, AttributeError):
-            pass
-        return None
-    if (path / "model.pt").is_file():
-        return "scvi-tools"
-    return None
-
-
-def _replaceable(dest: Path, overwrite: bool, recognise, what: str) -> None:
-    from scvi_fast.data import check_destination
-
-    try:
-        check_destination(dest, overwrite, recognise, what, flag="--overwrite")
-    except FileExistsError as err:
-        raise UsageError(str(err)) from None
-
-
-def _is_model(path: Path) -> bool:
-    return _model_format(path) is not None
-
-
-def _is_file(path: Path) -> bool:
-    return path.is_file()
-
-
-def _read_input(path: str, backed: bool = False):
-    """An AnnData from ``.h5ad`` (or a CSR store folder, returned as a path)."""
-    p = Path(path)
-    if p.is_dir():
-        return str(p)
-    if p.suffix == ".h5ad":
-        import anndata
-
-        return anndata.read_h5ad(p, backed="r" if backed else None)
-    raise UsageError(f"unsupported input {path!r}: give an .h5ad file or a CSR store folder")
 
 
 def _covariate_setup(args) -> dict:
@@ -189,19 +71,12 @@ def _check_train(args) -> None:
     _writable_folder(out, "--out")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train_inputs(args):
+    """``(data, model, n_cells)`` of ``scvi-fast train``: the input (or the built-in synthetic
+    data set) set up with the command's keys, and the untrained model on it."""
     import scvi_fast
-    from scvi_fast.data import synthetic_anndata, write_h5ad
-    from scvi_fast.train import _distributed
+    from scvi_fast.data import synthetic_anndata
 
-    # Under torchrun every rank runs this command; rank 0 alone reports and writes.
-    ranked = _distributed.env_world_size() > 1
-    main = _distributed.is_main_process()
-    if not main:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank
-    _check_train(args)
-    out = Path(args.out)
-    t0 = time.perf_counter()
     if args.input is None:
         cfg = dict(SYNTHETIC_DEFAULT)
         if args.n_cells:
@@ -228,6 +103,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
                                      layer=args.layer, **_covariate_setup(args))
         model = scvi_fast.SCVI(adata, preset=args.preset, impl=args.impl, **_arch(args))
         n_cells = adata.n_obs
+    return adata, model, n_cells
+
+
+def _report(model, latent, written) -> None:
+    """What ``scvi-fast train`` prints once done."""
+    import scvi_fast
+
+    h, t_train = model.history_, model.trainer.train_time_s
+    msg = (
+        f"Trained {len(h['elbo_train'])} epochs in {t_train:.1f} s "
+        f"({model.trainer.cells_trained / max(t_train, 1e-9):,.0f} cells/s, "
+        f"back-end {scvi_fast.functional.resolve_impl(model.module.impl, model.device)}, "
+        f"device {model.device}); final ELBO per cell: train {h['elbo_train'][-1]:.2f}"
+    )
+    if "elbo_validation" in h:
+        msg += f", validation {h['elbo_validation'][-1]:.2f}"
+    print(msg)
+    print(f"Latent representation: {latent.shape[0]} x {latent.shape[1]} (obsm['X_scVI'])")
+    for w in written:
+        print(f"Wrote {w}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import scvi_fast
+    from scvi_fast.data import write_h5ad
+    from scvi_fast.train import _distributed
+
+    # Under torchrun every rank runs this command; rank 0 alone reports and writes.
+    ranked = _distributed.env_world_size() > 1
+    main = _distributed.is_main_process()
+    if not main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this rank
+    _check_train(args)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    adata, model, n_cells = _train_inputs(args)
     print(f"{model.summary_string}; {n_cells} cells")
     train_kwargs = {
         k: v
@@ -240,8 +151,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         strategy="ddp" if ranked or args.nproc_per_node else "auto",
         devices=args.nproc_per_node or "auto", max_restarts=args.max_restarts,
     )
-    h = model.history_
-    t_train = model.trainer.train_time_s
     if main:
         _replaceable(out / "model", True, _is_model, "model folder")  # again, just before
         model.save(out / "model", overwrite=True)
@@ -257,18 +166,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         written.append(out / "adata_scvi.h5ad")
     else:
         written.append(out / "X_scVI.npy")
-    msg = (
-        f"Trained {len(h['elbo_train'])} epochs in {t_train:.1f} s "
-        f"({model.trainer.cells_trained / max(t_train, 1e-9):,.0f} cells/s, "
-        f"back-end {scvi_fast.functional.resolve_impl(model.module.impl, model.device)}, "
-        f"device {model.device}); final ELBO per cell: train {h['elbo_train'][-1]:.2f}"
-    )
-    if "elbo_validation" in h:
-        msg += f", validation {h['elbo_validation'][-1]:.2f}"
-    print(msg)
-    print(f"Latent representation: {latent.shape[0]} x {latent.shape[1]} (obsm['X_scVI'])")
-    for w in written:
-        print(f"Wrote {w}")
+    _report(model, latent, written)
     print(f"Total {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -411,17 +309,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from scvi_fast import __version__
-
-    p = _Parser(prog="scvi-fast", description=__doc__.splitlines()[0])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                   help="print the version of scvi_fast and exit")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                           help="train, embed, convert or evaluate")
-    device_help = ("auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N or mps "
-                   "(default: auto)")
-
+def _add_train(sub, device_help) -> None:
+    """The ``train`` command's arguments."""
     t = sub.add_parser("train", help="train scVI (no INPUT: a built-in synthetic data set)")
     t.add_argument("input", nargs="?", help=".h5ad file or CSR store folder")
     t.add_argument("--batch-key", help="obs column of the batches (an .h5ad input)")
@@ -477,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="scvi_fast_out", help="output folder (default: scvi_fast_out)")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_embed(sub, device_help) -> None:
+    """The ``embed`` command's arguments."""
     e = sub.add_parser("embed", help="latent representation of new data with a trained model")
     e.add_argument("model", help="model folder (scvi_fast or scvi-tools)")
     e.add_argument("input", help=".h5ad file or CSR store folder")
@@ -488,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=_cmd_embed)
 
+
+def _add_convert(sub) -> None:
+    """The ``convert`` command's arguments."""
     c = sub.add_parser(
         "convert",
         help="write a CSR store from .h5ad / 10x / another store, or convert a model folder "
@@ -506,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shuffle", action="store_true", help="pre-shuffle rows at write time")
     c.set_defaults(func=_cmd_convert)
 
+
+def _add_evaluate(sub, device_help) -> None:
+    """The ``evaluate`` command's arguments."""
     v = sub.add_parser("evaluate", help="integration metrics (scib / Census benchmark) of an embedding")
     v.add_argument("input", help="a model folder, or an .h5ad holding the embedding in obsm")
     v.add_argument("--label-key", required=True, help="obs column of cell types (bio conservation)")
@@ -523,6 +421,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--overwrite", action="store_true",
                    help="replace metrics.csv and metrics.png in --out")
     v.set_defaults(func=_cmd_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from scvi_fast import __version__
+
+    p = _Parser(prog="scvi-fast", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                   help="print the version of scvi_fast and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="train, embed, convert or evaluate")
+    device_help = ("auto (a CUDA GPU when present, else the CPU), cpu, cuda, cuda:N or mps "
+                   "(default: auto)")
+
+    _add_train(sub, device_help)
+    _add_embed(sub, device_help)
+    _add_convert(sub)
+    _add_evaluate(sub, device_help)
     return p
 
 
@@ -547,5 +462,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
