@@ -49,7 +49,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Literal
 
 import numpy as np

@@ -29,7 +29,6 @@ from scvi_fast.model import _inference, _io, _query, _train_args, _training
 from scvi_fast.model._config import architecture
 from scvi_fast.model._registry import Registry
 from scvi_fast.module import VAE, check_state
-from scvi_fast.train import resolve_device
 
 
 class SCVI:

@@ -10,7 +10,6 @@ machinery are ignored with one warning that names them.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass

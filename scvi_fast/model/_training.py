@@ -12,7 +12,6 @@ import warnings
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 from scvi_fast import data as _data
 from scvi_fast.model import _io, _train_args

@@ -45,6 +45,9 @@ def unavailable_reason() -> None:
 
 
 __all__ = [
+    "check_cov",
+    "covariate_rows",
+    "split_cov",
     "csr_masked",
     "csr_parts",
     "csr_row_ids",
