@@ -2,8 +2,9 @@
 
 Both scVI implementations train with scvi-tools' default shape and recipe (n_hidden 128,
 n_latent 10, 1 layer, dropout 0.1, batch 128, lr 1e-3, Adam eps 0.01, weight decay 1e-6, 90/10
-split, KL warm-up over 400 epochs, ``--epochs`` epochs), a negative-binomial likelihood on both
-sides (``gene_likelihood="nb"`` for scvi-tools) and, by default, no batch key (one batch), for
+split, KL warm-up over 400 epochs, ``--epochs`` epochs), the same likelihood on both sides
+(``--gene-likelihood``: ``nb`` by default, ``zinb`` is scvi-tools' default) and, by default, no
+batch key (one batch), for
 each of ``--seeds`` (the seed fixes the split, the initial weights and the shuffling on each
 side; the two sides use the same split for the same seed). Per run it records:
 
@@ -64,7 +65,7 @@ torch.set_num_threads(spec["threads"])
 scvi.settings.seed = spec["seed"]
 adata = anndata.read_h5ad(spec["data"])
 scvi.model.SCVI.setup_anndata(adata, batch_key=spec["batch_key"])
-model = scvi.model.SCVI(adata, gene_likelihood="nb")  # scvi_fast models NB counts
+model = scvi.model.SCVI(adata, gene_likelihood=spec.get("gene_likelihood", "nb"))
 t0 = time.perf_counter()
 model.train(max_epochs=spec["epochs"], batch_size=spec.get("batch_size", 128), accelerator="cpu",
             enable_progress_bar=False)
@@ -100,13 +101,14 @@ def run_scvi_tools(python: str, spec: dict) -> tuple[np.ndarray, dict]:
         return np.load(out / "latent.npy"), json.loads((out / "info.json").read_text())
 
 
-def run_scvi_fast(adata, batch_key, epochs: int, seed: int, out: Path) -> dict:
+def run_scvi_fast(adata, batch_key, epochs: int, seed: int, out: Path,
+                  gene_likelihood: str = "nb") -> dict:
     import scvi_fast
 
     scvi_fast.SCVI.setup_anndata(adata, batch_key=batch_key)
-    # NB on both sides whatever the default likelihood; the seed fixes the initial weights, as
-    # scvi.settings.seed does
-    model = scvi_fast.SCVI(adata, gene_likelihood="nb", seed=seed)
+    # the same likelihood on both sides (--gene-likelihood); the seed fixes the initial
+    # weights, as scvi.settings.seed does
+    model = scvi_fast.SCVI(adata, gene_likelihood=gene_likelihood, seed=seed)
     t0 = time.perf_counter()
     model.train(max_epochs=epochs, seed=seed, progress_bar=False)
     info = {"train_time_s": time.perf_counter() - t0, "version": scvi_fast.__version__,
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gene-likelihood", default="nb", choices=["nb", "zinb", "poisson"],
+                    help="the likelihood of both sides (zinb: scvi-tools' default); run folders "
+                    "of another than nb carry its name")
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     ap.add_argument("--tag", default="", help="suffix of scvi_fast's run folders (a rerun after "
                     "a change keeps the earlier runs)")
@@ -204,15 +209,19 @@ def main(argv=None) -> int:
             return 1
         for side in args.sides:
             folder = side + (f"_{args.tag}" if args.tag and side == "scvi_fast" else "")
+            if args.gene_likelihood != "nb":
+                folder += f"_{args.gene_likelihood}"
             out = work / name / f"{folder}_e{args.epochs}_s{seed}"
             info_path = out / "run.json"
             if not info_path.exists():
                 out.mkdir(parents=True, exist_ok=True)
                 adata = anndata.read_h5ad(path)
                 if side == "scvi_fast":
-                    info = run_scvi_fast(adata, batch_key, args.epochs, seed, out)
+                    info = run_scvi_fast(adata, batch_key, args.epochs, seed, out,
+                                         args.gene_likelihood)
                 else:
                     spec = {"data": str(path), "batch_key": batch_key, "epochs": args.epochs,
+                            "gene_likelihood": args.gene_likelihood,
                             "seed": seed, "threads": args.threads, "out": str(out),
                             "save_model": True}
                     _, info = run_scvi_tools(args.scvi_python, spec)
@@ -232,6 +241,7 @@ def main(argv=None) -> int:
     for name in args.data:
         fname, label_key, batch_key = DATASETS[name]
         config = {"data": fname, "label_key": label_key, "batch_key": batch_key,
+                  "gene_likelihood": args.gene_likelihood,
                   "epochs": args.epochs, "batch_size": 128, "threads": args.threads,
                   "tag": args.tag, "recipe": "scvi-tools defaults, NB likelihood"}
         runs = {side: results.get((name, side), []) for side in SIDES}
