@@ -151,8 +151,7 @@ def library_draw(module, x, n: int | None = None, generator: torch.Generator | N
     the observed total counts, or for a model with a library encoder ``exp(l)`` with ``l``
     drawn from its posterior ``N(ql_m, ql_v)`` (``log``: ``l`` itself)."""
     if not has_library_encoder(module):
-        # the observed total counts, or the size factors of a model that reads them
-        lib = torch.exp(module.log_library(x)) if hasattr(module, "log_library") else observed_library(x)
+        lib = observed_library(x)  # size factors, where a model reads them: rate_library
         lib = lib if n is None else lib.expand(n, -1)
         return torch.log(lib) if log else lib
     ql_m, ql_v = module.library_posterior(x)
